@@ -1,0 +1,1 @@
+"""What the server and client daemons share: codec, sealing, TLS, constants."""
