@@ -1,0 +1,1 @@
+"""The hospital-side client daemon: identity, local DP training, privacy ledger."""

@@ -1,0 +1,1 @@
+"""The federated learning server: coordinator, aggregator, rounds, identity and trust."""
