@@ -1,0 +1,259 @@
+"""The one interface every aggregation strategy implements.
+
+A strategy sees *deltas* (a client's update minus the global model it started
+from) of the floating tensors only: integer and bool buffers (step counters,
+masks) have no meaningful average, so they keep the global value. The caller
+computes the deltas; this base class checks them, so a malformed update is
+refused with an error that names the client and tensor rather than silently
+corrupting the next global model.
+
+Two families share the interface:
+- *streaming* strategies fold each update into a running weighted sum as it is
+  accepted, so the server holds about one model whatever the number of clients;
+- the others (median, trimmed mean, Krum) need every update at once; they keep
+  references to the tensors they are given (memory-mapped spool files) and read
+  them back coordinate-wise in bounded slices (`coordinatewise.py`).
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, SupportsIndex
+
+import torch
+
+
+class StrategyError(ValueError):
+    """A strategy parameter, an update, or the round itself is not acceptable."""
+
+
+class NoUpdatesError(StrategyError):
+    """finish_round was called for a round that accepted no update."""
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 parameters keep their precision; everything narrower sums in float32.
+
+    Summing float16/bfloat16 deltas in their own dtype would lose most of the
+    signal after a handful of clients, so the running sums are never narrower
+    than float32.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_fraction(name: str, value: float, low: float, high: float, *, high_open: bool) -> float:
+    """Validates a real parameter in [low, high] or [low, high) with a message naming it."""
+    value = float(value)
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise StrategyError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Validates a non-negative (or strictly positive) real parameter."""
+    value = float(value)
+    if not (value >= 0.0 if allow_zero else value > 0.0) or value != value:
+        kind = "non-negative" if allow_zero else "positive"
+        raise StrategyError(f"{name} must be {kind}, got {value}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Accepts ints and integral floats (JSON configs carry numbers as floats)."""
+    if isinstance(value, bool):
+        raise StrategyError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise StrategyError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if not isinstance(value, SupportsIndex):
+        raise StrategyError(f"{name} must be an integer, got {value!r}")
+    result = operator.index(value)
+    if result < minimum:
+        raise StrategyError(f"{name} must be >= {minimum}, got {result}")
+    return result
+
+
+class Strategy(ABC):
+    """Turns one round's accepted deltas into the next global model.
+
+    Lifecycle per round: ``begin_round(global)``, ``accept(...)`` once per client
+    (possibly from several server threads: calls are serialised by a lock), then
+    ``finish_round()`` which returns the new global state and ends the round
+    whether it succeeds or raises (a failed aggregation must not leak the
+    previous round's spool references into the next).
+    """
+
+    name: ClassVar[str]
+    streaming: ClassVar[bool]
+    # Non-streaming strategies read all clients' values for this many bytes of
+    # coordinates at a time; a class attribute so tests can force many slices.
+    slice_bytes: int = 32 << 20
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._global: dict[str, torch.Tensor] | None = None
+        self._float_names: tuple[str, ...] = ()
+        self._client_ids: list[str] = []
+        self._examples: list[int] = []
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def num_accepted(self) -> int:
+        """Updates accepted in the current round."""
+        return len(self._client_ids)
+
+    def client_config(self) -> dict[str, float]:
+        """Extra training configuration the clients need (none for most strategies)."""
+        return {}
+
+    def begin_round(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        """Starts a round against ``global_state`` (held by reference, not copied)."""
+        with self._lock:
+            state: dict[str, torch.Tensor] = {}
+            for name, tensor in global_state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise StrategyError(
+                        f"global state entry {name!r} is {type(tensor).__name__}, not a tensor"
+                    )
+                state[name] = tensor
+            self._global = state
+            self._float_names = tuple(n for n, t in state.items() if t.is_floating_point())
+            self._client_ids = []
+            self._examples = []
+            self._on_begin()
+
+    def accept(self, client_id: str, delta: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        """Takes one client's delta into the round (folded, or referenced for later)."""
+        with self._lock:
+            if self._global is None:
+                raise StrategyError(f"accept({client_id!r}) called outside a round")
+            if client_id in self._client_ids:
+                raise StrategyError(f"client {client_id!r} already contributed to this round")
+            try:
+                examples = check_int("num_examples", num_examples, minimum=1)
+            except StrategyError as exc:
+                raise StrategyError(f"client {client_id!r}: {exc}") from None
+            checked = self._check_delta(client_id, delta)
+            self._fold(client_id, checked, examples)
+            self._client_ids.append(client_id)
+            self._examples.append(examples)
+
+    def finish_round(self) -> dict[str, torch.Tensor]:
+        """Returns the new global state: same names, dtypes, shapes and order as the old."""
+        with self._lock:
+            if self._global is None:
+                raise StrategyError("finish_round called outside a round")
+            global_state = self._global
+            try:
+                if not self._client_ids:
+                    raise NoUpdatesError(
+                        f"{self.name}: the round accepted no update, nothing to aggregate"
+                    )
+                step = self._aggregate()
+                new_state: dict[str, torch.Tensor] = {}
+                for name, g in global_state.items():
+                    if not g.is_floating_point():
+                        new_state[name] = g.clone()
+                        continue
+                    s = step.pop(name)
+                    s.add_(g)
+                    if not bool(torch.isfinite(s).all()):
+                        raise StrategyError(
+                            f"{self.name}: aggregated tensor {name!r} is not finite "
+                            "(overflow or non-finite server state); the round is not applied"
+                        )
+                    new_state[name] = s.to(g.dtype).reshape(g.shape)
+                self._commit()
+                return new_state
+            finally:
+                self._global = None
+                self._client_ids = []
+                self._examples = []
+                self._on_end()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Server optimiser state for checkpoints; stateless strategies have none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restores ``state_dict()`` output; stateless strategies accept only ``{}``."""
+        if state:
+            raise StrategyError(
+                f"{self.name} keeps no server state, but got entries {sorted(state)[:5]}"
+            )
+
+    # ------------------------------------------------------------ for subclasses
+    def _on_begin(self) -> None:
+        """Resets per-round buffers; the global state is available as ``self._global``."""
+        return None
+
+    def _on_end(self) -> None:
+        """Drops per-round buffers (and with them any memory-mapped spool references)."""
+        return None
+
+    @abstractmethod
+    def _fold(self, client_id: str, delta: dict[str, torch.Tensor], num_examples: int) -> None:
+        """Takes a checked delta (floating names only, in global order)."""
+
+    @abstractmethod
+    def _aggregate(self) -> dict[str, torch.Tensor]:
+        """The step to add to each floating global tensor, in its accumulation dtype.
+
+        Returned tensors are owned by the caller and modified in place.
+        """
+
+    def _commit(self) -> None:
+        """Called once the new global state is known to be valid (server state update)."""
+        return None
+
+    def _global_state(self) -> dict[str, torch.Tensor]:
+        assert self._global is not None
+        return self._global
+
+    @property
+    def _float_tensor_names(self) -> tuple[str, ...]:
+        return self._float_names
+
+    # --------------------------------------------------------------- validation
+    def _check_delta(
+        self, client_id: str, delta: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        global_state = self._global_state()
+        unknown = [n for n in delta if n not in global_state]
+        if unknown:
+            raise StrategyError(
+                f"client {client_id!r}: delta has tensors not in the global model: {unknown[:5]}"
+            )
+        missing = [n for n in self._float_names if n not in delta]
+        if missing:
+            raise StrategyError(f"client {client_id!r}: delta lacks floating tensors {missing[:5]}")
+        checked: dict[str, torch.Tensor] = {}
+        for name in self._float_names:
+            t = delta[name]
+            g = global_state[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                raise StrategyError(
+                    f"client {client_id!r}: delta {name!r} must be a floating tensor, got {kind}"
+                )
+            if t.shape != g.shape:
+                raise StrategyError(
+                    f"client {client_id!r}: delta {name!r} has shape {tuple(t.shape)}, "
+                    f"the global model has {tuple(g.shape)}"
+                )
+            # A sum is non-finite iff some element is (short of float32 overflow, which
+            # no real update approaches); cheaper than materialising isfinite() masks.
+            total = t.sum(dtype=accumulation_dtype(g.dtype))
+            if not bool(torch.isfinite(total)):
+                raise StrategyError(
+                    f"client {client_id!r}: delta {name!r} contains NaN, infinite, "
+                    "or overflowing values"
+                )
+            checked[name] = t
+        return checked

@@ -1,0 +1,62 @@
+"""FedAvg (McMahan et al. 2017): the example-weighted mean of the clients' deltas.
+
+Streaming: each delta is folded into a running sum ``sum_k n_k * delta_k`` the
+moment it is accepted (in place, float32 or float64), so memory stays one model
+in the accumulation dtype whatever the number of clients, and the update's own
+tensors (a spool file) can be released as soon as ``accept`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from fl_server.strategies.base import Strategy, accumulation_dtype
+
+
+class FedAvg(Strategy):
+    """x_{t+1} = x_t + sum_k n_k delta_k / sum_k n_k."""
+
+    name: ClassVar[str] = "fedavg"
+    streaming: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weight_total = 0.0
+
+    def _on_begin(self) -> None:
+        # Allocated lazily on the first accept: a round nobody reports to costs nothing.
+        self._sums = {}
+        self._weight_total = 0.0
+
+    def _on_end(self) -> None:
+        self._sums = {}
+        self._weight_total = 0.0
+
+    def _weight(self, client_id: str, delta: dict[str, torch.Tensor], num_examples: int) -> float:
+        """Multiplier of this delta in the running sum; overridden by norm bounding."""
+        return float(num_examples)
+
+    def _fold(self, client_id: str, delta: dict[str, torch.Tensor], num_examples: int) -> None:
+        alpha = self._weight(client_id, delta, num_examples)
+        global_state = self._global_state()
+        if not self._sums:
+            self._sums = {
+                name: torch.zeros(t.shape, dtype=accumulation_dtype(global_state[name].dtype))
+                for name, t in delta.items()
+            }
+        for name, t in delta.items():
+            self._sums[name].add_(t, alpha=alpha)
+        self._weight_total += float(num_examples)
+
+    def _mean_delta(self) -> dict[str, torch.Tensor]:
+        """The example-weighted mean delta; consumes the running sums."""
+        sums, self._sums = self._sums, {}
+        for t in sums.values():
+            t.div_(self._weight_total)
+        return sums
+
+    def _aggregate(self) -> dict[str, torch.Tensor]:
+        return self._mean_delta()
