@@ -1,0 +1,342 @@
+"""The hospital's client daemon:
+
+    python -m fl_client.client --client_id hospital_1 --server_url HOST:PORT \
+        --data_path /path/to/local/data --model_type pneumonia
+
+Joins over mTLS with the hospital's own key, keeps the task stream open, and for
+each pushed task fetches the sealed global model, trains it locally with Opacus
+(or evaluates it) and streams the update back sealed. It reconnects by itself
+(exponential backoff with jitter) and so survives a server restart; its privacy
+ledger survives its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
+from fl_core.logs import log_event, setup_logging
+from fl_core.tls import parse_server_url, target
+from fl_proto import coordinator_pb2 as cpb
+from fl_client.connection import ServerConnection, TransferError, backoff_delays
+from fl_client.identity import load_client_tls
+from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from fl_client.progress import Progress
+
+log = logging.getLogger("fl_client.client")
+
+DEFAULT_EPSILON_BUDGET = 10.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-client",
+        description="Federated learning client daemon for one hospital: trains the shared"
+                    " model on local data with differential privacy; only sealed model"
+                    " updates and metrics leave the site.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--client_id", required=True,
+                   help="this hospital's name; must equal the CN of its certificate")
+    p.add_argument("--server_url", required=True,
+                   help="server address: host:port, grpcs://host:port or https://host[:port]"
+                        " (always TLS)")
+    p.add_argument("--data_path", type=Path, required=True,
+                   help="folder with this hospital's data in a format the task loads")
+    p.add_argument("--model_type", required=True,
+                   help="breast_cancer, ecg, glaucoma, pneumonia or symptom")
+    p.add_argument("--keys_dir", type=Path, default=Path("keys"),
+                   help="folder with <client_id>.key, <client_id>.crt and ca.crt")
+    p.add_argument("--state_dir", type=Path, default=None,
+                   help="folder for the privacy ledger (default: client_state/<client_id>)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where to train; auto picks cuda when available")
+    p.add_argument("--target_epsilon", type=float, default=0.0,
+                   help="epsilon per round; overrides the server's setting when set")
+    p.add_argument("--noise_multiplier", type=float, default=0.0,
+                   help="DP noise multiplier; overrides the server's setting when set")
+    p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: the server's)")
+    p.add_argument("--max_grad_norm", type=float, default=0.0,
+                   help="per-sample clipping bound (0: the server's)")
+    p.add_argument("--epsilon_budget", type=float, default=DEFAULT_EPSILON_BUDGET,
+                   help="total epsilon this hospital will ever spend; tasks that would"
+                        " exceed it are refused")
+    p.add_argument("--allow_no_dp", action="store_true",
+                   help="permit training WITHOUT differential privacy when the server asks")
+    p.add_argument("--server_name", default=None,
+                   help="name to check in the server certificate when it differs from the"
+                        " URL's host")
+    p.add_argument("--keep_running", action="store_true",
+                   help="stay connected after the job ends, waiting for the next one")
+    p.add_argument("--max_reconnect_s", type=float, default=0.0,
+                   help="give up after this many seconds without a server (0: never)")
+    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    return p
+
+
+class ClientDaemon:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from fl_models.registry import get_task
+
+        self.args = args
+        self.client_id: str = args.client_id
+        self.task = get_task(args.model_type)
+        self.device = _device(args.device)
+        self.train_set = self.task.load_split(args.data_path, "train")
+        try:
+            self.test_set = self.task.load_split(args.data_path, "test")
+        except Exception as exc:  # a site without a local test split still trains
+            log.warning("no local test split in %s (%s): evaluation tasks will use the"
+                        " training data", args.data_path, exc)
+            self.test_set = self.train_set
+        host, port = parse_server_url(args.server_url)
+        ca, cert, key = load_client_tls(args.keys_dir, self.client_id)
+        self.conn = ServerConnection(target(host, port), ca, cert, key, self.client_id,
+                                     args.model_type, len(self.train_set),
+                                     server_name=args.server_name)
+        state_dir = args.state_dir or Path("client_state") / self.client_id
+        torch.manual_seed(0)
+        self.reference = self.task.build_model().state_dict()
+        self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
+                                    args.delta or self.task.hyperparams.delta)
+        self.stop = threading.Event()
+        self._call: Any = None
+        self.tasks_done = 0
+
+    # main loop ----------------------------------------------------------------------
+    def run(self) -> int:
+        delays = backoff_delays(RECONNECT_BASE_S, RECONNECT_MAX_S)
+        offline_since: float | None = None
+        while not self.stop.is_set():
+            try:
+                self.conn.connect()
+                self.conn.join()
+                offline_since = None
+                delays = backoff_delays(RECONNECT_BASE_S, RECONNECT_MAX_S)
+                log_event(log, "connected", client=self.client_id, server=self.conn.target,
+                          epsilon_spent=f"{self.ledger.spent():.3f}",
+                          epsilon_budget=self.args.epsilon_budget)
+                if self._serve_tasks():
+                    return 0
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                details = exc.details()  # type: ignore[attr-defined]
+                if self.stop.is_set():
+                    break
+                if code in (grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.FAILED_PRECONDITION) or (
+                        code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (details or "")):
+                    print(f"fl-client: error: the server refused this client: {code.name}:"
+                          f" {details}", file=sys.stderr)
+                    return 3
+                log_event(log, "disconnected", code=code.name, details=(details or "")[:200])
+            except TransferError as exc:
+                log_event(log, "transfer_failed", reason=str(exc)[:300])
+            offline_since = offline_since or time.monotonic()
+            if self.args.max_reconnect_s and \
+                    time.monotonic() - offline_since > self.args.max_reconnect_s:
+                print(f"fl-client: error: no server at {self.conn.target} for"
+                      f" {self.args.max_reconnect_s:.0f}s; giving up", file=sys.stderr)
+                return 4
+            delay = next(delays)
+            log_event(log, "reconnecting", in_s=f"{delay:.2f}")
+            self.stop.wait(delay)
+        log_event(log, "stopped", client=self.client_id, tasks_done=self.tasks_done)
+        return 0
+
+    def _serve_tasks(self) -> bool:
+        """Handle pushed tasks until the stream ends; True when the job is over."""
+        call = self.conn.tasks()
+        self._call = call
+        try:
+            for task in call:
+                if self.stop.is_set():
+                    return True
+                if task.kind == cpb.HEARTBEAT:
+                    continue
+                if task.kind == cpb.STOP:
+                    log_event(log, "job_finished", job=task.job_id,
+                              epsilon_spent=f"{self.ledger.spent():.3f}")
+                    if not self.args.keep_running:
+                        return True
+                    continue
+                self._handle(task)
+        finally:
+            self._call = None
+            call.cancel()
+        if self.stop.is_set():
+            return True
+        raise TransferError("task stream closed by the server")
+
+    def _handle(self, task: cpb.Task) -> None:
+        kind = cpb.TaskKind.Name(task.kind)
+        log_event(log, "task", kind=kind, job=task.job_id, round=task.round,
+                  task=task.task_id[:8])
+        try:
+            if task.kind == cpb.TRAIN:
+                self._train(task)
+            elif task.kind == cpb.EVALUATE:
+                self._evaluate(task)
+            self.tasks_done += 1
+        except TransferError as exc:
+            log_event(log, "task_failed", kind=kind, round=task.round, reason=str(exc)[:300])
+            self._report(task, cpb.FAILED, reason=str(exc)[:1000])
+        except LedgerError:
+            raise
+        except Exception as exc:  # training crash: tell the server, keep serving
+            log.exception("task %s failed", kind)
+            self._report(task, cpb.FAILED, reason=f"{type(exc).__name__}: {exc}"[:1000])
+
+    # tasks --------------------------------------------------------------------------
+    def _fetch(self, task: cpb.Task) -> dict[str, torch.Tensor]:
+        bar = Progress("download", task.model_manifest.chunk_count, " chunks")
+        try:
+            return self.conn.fetch_model(task, self.reference,
+                                         on_progress=lambda d, t: bar.update(d))
+        finally:
+            bar.close()
+
+    def _train(self, task: cpb.Task) -> None:
+        from fl_client.local_training import PrivacyRequired, train_round
+
+        config = cpb.TrainConfig()
+        config.CopyFrom(task.config)
+        self._apply_local_privacy(config)
+        global_state = self._fetch(task)
+        epochs = max(1, config.local_epochs)
+        bar = Progress("train", epochs, " epochs")
+
+        def on_progress(epoch: int, total: int, step: int, steps: int, loss: float) -> None:
+            bar.update(epoch if step >= steps else epoch - 1, f"loss={loss:.4f}")
+
+        try:
+            result = train_round(self.task, global_state, self.train_set, config, self.device,
+                                 self.ledger, self.args.allow_no_dp, on_progress=on_progress,
+                                 job_id=task.job_id, round=task.round)
+        except BudgetExceeded as exc:
+            log_event(log, "task_refused", round=task.round, reason=str(exc))
+            self._report(task, cpb.REFUSED, reason=str(exc))
+            return
+        except PrivacyRequired as exc:
+            log_event(log, "task_refused", round=task.round, reason=str(exc))
+            self._report(task, cpb.REFUSED, reason=str(exc))
+            return
+        finally:
+            bar.close()
+        metrics = dict(result.metrics)
+        metrics.update(epsilon_round=result.epsilon_round, epsilon_total=self.ledger.spent(),
+                       dp_enabled=1.0 if result.dp_enabled else 0.0,
+                       train_seconds=result.seconds)
+        metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        up = Progress("upload", 1, " chunks")
+        try:
+            receipt = self.conn.submit_update(
+                task, result.state, result.num_examples, metrics,
+                on_progress=lambda d, t: (setattr(up, "total", t), up.update(d)),
+                stop=self.stop)
+        finally:
+            up.close()
+        log_event(log, "update_sent", round=task.round, bytes=receipt.bytes_received,
+                  epsilon_round=f"{result.epsilon_round:.3f}",
+                  epsilon_total=f"{self.ledger.spent():.3f}", dp=result.dp_enabled)
+        self._report(task, cpb.OK, metrics=metrics, num_examples=result.num_examples,
+                     epsilon_round=result.epsilon_round, epsilon_total=self.ledger.spent(),
+                     dp_enabled=result.dp_enabled, delta=result.delta)
+
+    def _apply_local_privacy(self, config: cpb.TrainConfig) -> None:
+        """The hospital's own privacy flags override what the server asked for."""
+        a = self.args
+        if a.target_epsilon:
+            config.privacy.target_epsilon = a.target_epsilon
+        if a.noise_multiplier:
+            config.privacy.noise_multiplier = a.noise_multiplier
+            if not a.target_epsilon:
+                config.privacy.target_epsilon = 0.0
+        if a.delta:
+            config.privacy.delta = a.delta
+        if a.max_grad_norm:
+            config.privacy.max_grad_norm = a.max_grad_norm
+
+    def _evaluate(self, task: cpb.Task) -> None:
+        from fl_client.local_training import evaluate_state
+
+        state = self._fetch(task)
+        metrics = evaluate_state(self.task, state, self.test_set, self.device)
+        metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        log_event(log, "evaluated", round=task.round,
+                  **{k: f"{v:.4f}" for k, v in metrics.items()})
+        self._report(task, cpb.OK, metrics=metrics, num_examples=len(self.test_set))
+
+    def _report(self, task: cpb.Task, status: int, reason: str = "",
+                metrics: dict[str, float] | None = None, num_examples: int = 0,
+                epsilon_round: float = 0.0, epsilon_total: float | None = None,
+                dp_enabled: bool = False, delta: float = 0.0) -> None:
+        request = cpb.ReportRequest(
+            task_id=task.task_id, job_id=task.job_id, round=task.round, kind=task.kind,
+            status=status, reason=reason, metrics=metrics or {}, num_examples=num_examples,
+            epsilon_round=epsilon_round,
+            epsilon_total=self.ledger.spent() if epsilon_total is None else epsilon_total,
+            delta=delta, dp_enabled=dp_enabled)
+        try:
+            self.conn.report(request)
+        except grpc.RpcError as exc:
+            log_event(log, "report_not_delivered", code=exc.code().name,  # type: ignore[attr-defined]
+                      details=(exc.details() or "")[:200])  # type: ignore[attr-defined]
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("fl_client", args.log_level)
+    try:
+        daemon = ClientDaemon(args)
+    except (ValueError, OSError, LedgerError) as exc:
+        print(f"fl-client: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"fl-client: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log_event(log, "signal", signal=signal.Signals(signum).name)
+        daemon.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    except LedgerError as exc:
+        print(f"fl-client: error: privacy ledger: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        daemon.conn.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""One hospital's link to the server: the mTLS channel, the session (JWT and key
+agreement) and the two sealed transfers, each resumable after a cut.
+
+Kept apart from the daemon loop so tests and benchmarks can drive a real client
+connection without the training around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from fl_core.constants import RPC_TIMEOUT_S
+from fl_core.sealing import (
+    StreamContext,
+    StreamOpener,
+    StreamSealer,
+    generate_keypair,
+    manifest_digest,
+    session_secret,
+    stream_key,
+)
+from fl_core.stream_ids import download_stream_id, upload_stream_id
+from fl_core.tensor_codec import StreamAssembler, build_manifest, check_manifest, iter_chunks
+from fl_core.tls import channel_credentials, channel_options, target
+from fl_proto import aggregator_pb2 as apb
+from fl_proto import aggregator_pb2_grpc as apb_grpc
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import coordinator_pb2_grpc as cpb_grpc
+from fl_proto import tensors_pb2 as tpb
+
+log = logging.getLogger("fl_client.connection")
+
+# Statuses after which the same call may succeed on a fresh connection.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+                       grpc.StatusCode.UNKNOWN})
+TOKEN_REFRESH_MARGIN_S = 60
+TRANSFER_ATTEMPTS = 5
+
+ProgressFn = Callable[[int, int], None]
+
+
+class TransferError(Exception):
+    """A transfer the client gave up on, with the server's reason."""
+
+
+
+def backoff_delays(base_s: float, max_s: float, rng: random.Random | None = None):  # type: ignore[no-untyped-def]
+    """Exponential backoff with full jitter: 0..base*2^k, capped; endless generator."""
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        yield rng.uniform(0, min(max_s, base_s * (2 ** attempt)))
+        attempt = min(attempt + 1, 30)
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    token: str
+    expires: float
+    secret: bytes
+    job_id: str
+    client_id: str
+
+
+class ServerConnection:
+    def __init__(self, server_target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
+                 client_id: str, model_type: str, num_examples: int,
+                 server_name: str | None = None) -> None:
+        self.target = server_target
+        self.client_id = client_id
+        self.model_type = model_type
+        self.num_examples = num_examples
+        self._creds = channel_credentials(ca_pem, cert_pem, key_pem)
+        self._options = channel_options(server_name)
+        self._lock = threading.Lock()
+        self.channel: grpc.Channel | None = None
+        self.session: SessionInfo | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.resumes = 0
+
+    # connection and session ---------------------------------------------------------
+    def connect(self) -> None:
+        self.close()
+        self.channel = grpc.secure_channel(self.target, self._creds, options=self._options)
+        self.coordinator = cpb_grpc.CoordinatorStub(self.channel)
+        self.aggregator = apb_grpc.AggregatorStub(self.channel)
+        self.session = None
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def join(self) -> SessionInfo:
+        private, public = generate_keypair()
+        reply = self.coordinator.Join(
+            cpb.JoinRequest(x25519_public_key=public, model_type=self.model_type,
+                            num_examples=self.num_examples, client_version="fl.v1"),
+            timeout=RPC_TIMEOUT_S)
+        if reply.client_id != self.client_id:
+            raise TransferError(f"server says this certificate belongs to {reply.client_id!r},"
+                                f" not {self.client_id!r}")
+        secret = session_secret(private, bytes(reply.server_x25519_public_key),
+                                reply.session_id)
+        self.session = SessionInfo(reply.session_id, reply.token,
+                                   float(reply.token_expires_unix), secret, reply.job_id,
+                                   reply.client_id)
+        log.info("joined job=%s session=%s", reply.job_id, reply.session_id[:8])
+        return self.session
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Bearer token for the next call, re-joining first if it is about to expire."""
+        if self.session is None or self.session.expires - time.time() < TOKEN_REFRESH_MARGIN_S:
+            self.join()
+        assert self.session is not None
+        return (("authorization", f"Bearer {self.session.token}"),)
+
+    def tasks(self) -> grpc.Call:
+        return self.coordinator.Tasks(
+            cpb.TaskStreamRequest(session_id=self.session.session_id if self.session else ""),
+            metadata=self.metadata())
+
+    def report(self, request: cpb.ReportRequest) -> None:
+        self.coordinator.Report(request, metadata=self.metadata(), timeout=RPC_TIMEOUT_S)
+
+    # download ---------------------------------------------------------------------
+    def fetch_model(self, task: cpb.Task, expected: Mapping[str, torch.Tensor] | tpb.TensorManifest,
+                    on_progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:
+        """The task's global model, verified against `expected` before any chunk is
+        accepted and against every hash at the end; resumes a cut stream."""
+        check_manifest(task.model_manifest, expected)
+        assembler: StreamAssembler | None = None
+        opener: StreamOpener | None = None
+        session_id = ""
+        for attempt in range(TRANSFER_ATTEMPTS):
+            metadata = self.metadata()
+            assert self.session is not None
+            if assembler is not None and session_id != self.session.session_id:
+                assembler, opener = None, None  # a new session means new keys: start over
+            start = assembler.next_sequence if assembler is not None else 0
+            try:
+                stream = self.aggregator.FetchModel(
+                    apb.FetchModelRequest(job_id=task.job_id, round=task.round,
+                                          task_id=task.task_id, resume_from=start),
+                    metadata=metadata, timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
+                for msg in stream:
+                    if msg.HasField("header"):
+                        header = msg.header
+                        if header.stream_id != download_stream_id(
+                                task.job_id, task.round, task.task_id, self.session.session_id):
+                            raise TransferError(f"unexpected download stream {header.stream_id}")
+                        if header.manifest.SerializeToString(deterministic=True) != \
+                                task.model_manifest.SerializeToString(deterministic=True):
+                            raise TransferError("the model streamed is not the one the task"
+                                                " announced")
+                        if assembler is None:
+                            assembler = StreamAssembler(header.manifest, expected=expected)
+                            ctx = StreamContext(task.job_id, task.round, self.client_id, "down",
+                                                header.stream_id,
+                                                manifest_digest(header.manifest))
+                            opener = StreamOpener(stream_key(self.session.secret, ctx), ctx)
+                            session_id = self.session.session_id
+                        continue
+                    if assembler is None or opener is None:
+                        raise TransferError("the model stream did not start with its header")
+                    plain = opener.open(msg.chunk)
+                    assembler.add_chunk(msg.chunk.sequence, plain)
+                    self.bytes_received += len(msg.chunk.ciphertext)
+                    if on_progress:
+                        on_progress(assembler.next_sequence, header.manifest.chunk_count)
+                if assembler is None or opener is None:
+                    raise TransferError("the model stream was empty")
+                opener.finish()
+                return assembler.finish()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    self.session = None
+                elif code not in RETRYABLE or attempt == TRANSFER_ATTEMPTS - 1:
+                    raise TransferError(f"download refused: {code.name}:"
+                                        f" {exc.details()}") from exc  # type: ignore[attr-defined]
+                self.resumes += 1
+                log.warning("download interrupted (%s) at chunk %d; resuming", code.name,
+                            assembler.next_sequence if assembler else 0)
+                time.sleep(min(2.0, 0.2 * (attempt + 1)))
+        raise TransferError("download failed after retries")
+
+    # upload -----------------------------------------------------------------------
+    def submit_update(self, task: cpb.Task, state: Mapping[str, torch.Tensor],
+                      num_examples: int, metrics: Mapping[str, float],
+                      on_progress: ProgressFn | None = None,
+                      stop: threading.Event | None = None) -> apb.UpdateReceipt:
+        """Stream the update sealed; on a cut connection ask the server how far it got
+        and continue from there, not from zero."""
+        manifest = build_manifest(state)
+        count = manifest.chunk_count
+        resume_from = 0
+        session_id = ""
+        for attempt in range(TRANSFER_ATTEMPTS):
+            metadata = self.metadata()
+            assert self.session is not None
+            if session_id and session_id != self.session.session_id:
+                resume_from = 0  # new session, new keys, new stream
+            session_id = self.session.session_id
+            stream_id = upload_stream_id(task.job_id, task.round, task.task_id, session_id)
+            ctx = StreamContext(task.job_id, task.round, self.client_id, "up", stream_id,
+                                manifest_digest(manifest))
+            sealer = StreamSealer(stream_key(self.session.secret, ctx), ctx)
+            header = apb.UpdateStreamHeader(
+                job_id=task.job_id, round=task.round, task_id=task.task_id,
+                stream_id=stream_id, manifest=manifest, num_examples=num_examples,
+                resume_from=resume_from, metrics=dict(metrics))
+            first = resume_from
+
+            def messages() -> object:
+                yield apb.UpdateStreamMessage(header=header)
+                for seq, plain in enumerate(iter_chunks(state, manifest)):
+                    if seq < first:
+                        continue
+                    if stop is not None and stop.is_set():
+                        return
+                    chunk = sealer.seal(seq, plain, seq == count - 1)
+                    self.bytes_sent += len(chunk.ciphertext)
+                    yield apb.UpdateStreamMessage(chunk=chunk)
+                    if on_progress:
+                        on_progress(seq + 1, count)
+
+            try:
+                return self.aggregator.SubmitUpdate(
+                    messages(), metadata=metadata,  # type: ignore[arg-type]
+                    timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if stop is not None and stop.is_set():
+                    raise TransferError("upload abandoned: the client is stopping") from exc
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    self.session = None
+                    resume_from = 0
+                elif code not in RETRYABLE or attempt == TRANSFER_ATTEMPTS - 1:
+                    raise TransferError(f"upload refused: {code.name}:"
+                                        f" {exc.details()}") from exc  # type: ignore[attr-defined]
+                else:
+                    resume_from = self._upload_position(stream_id)
+                self.resumes += 1
+                log.warning("upload interrupted (%s); resuming at chunk %d of %d", code.name,
+                            resume_from, count)
+                time.sleep(min(2.0, 0.2 * (attempt + 1)))
+        raise TransferError("upload failed after retries")
+
+    def _upload_position(self, stream_id: str) -> int:
+        for _ in range(3):
+            try:
+                reply = self.aggregator.UploadStatus(
+                    apb.UploadStatusRequest(stream_id=stream_id), metadata=self.metadata(),
+                    timeout=RPC_TIMEOUT_S)
+                return int(reply.next_sequence)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    return 0
+                time.sleep(0.5)
+        return 0
+
+
+def _deadline_left(task: cpb.Task) -> float:
+    if not task.deadline_unix_ms:
+        return RPC_TIMEOUT_S
+    return max(5.0, task.deadline_unix_ms / 1000 - time.time() + 5.0)
+
+
+def server_target(host: str, port: int) -> str:
+    return target(host, port)

@@ -1,0 +1,323 @@
+"""Aggregator service: the global model down, updates up, as sealed chunk streams.
+
+Downloads are sealed on the fly from the one in-memory global model (no copy per
+client). Uploads are opened chunk by chunk into a spool file on disk; only a
+complete, verified, finite update reaches the strategy, so a client cut off
+mid-stream has no effect on the round and can resume where the server stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import torch
+
+from fl_core.logs import log_event
+from fl_core.sealing import (
+    SealError,
+    StreamContext,
+    StreamOpener,
+    StreamSealer,
+    manifest_digest,
+    stream_key,
+)
+from fl_core.stream_ids import download_stream_id, upload_stream_id
+from fl_core.tensor_codec import (
+    CodecError,
+    IntegrityError,
+    StreamAssembler,
+    check_manifest,
+    has_non_finite,
+    iter_chunks,
+)
+from fl_proto import aggregator_pb2 as apb
+from fl_proto import aggregator_pb2_grpc as apb_grpc
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
+from fl_server.auth import identity_of
+from fl_server.clients import ClientRegistry, Session
+from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
+from fl_server.validation import check_metrics, check_num_examples
+
+log = logging.getLogger("fl_server.aggregator")
+
+ERROR_DETAIL_KEY = "fl-error-bin"
+
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
+          detail_code: str = "", field: str = "") -> NoReturn:
+    """Abort with a status and a machine-readable ErrorDetail in trailing metadata."""
+    detail = tpb.ErrorDetail(code=detail_code or code.name, message=message, field=field)
+    context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
+    context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def abort_refusal(context: grpc.ServicerContext, refusal: RoundRefusal) -> NoReturn:
+    abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message)
+
+
+@dataclass
+class Upload:
+    """One update being received; kept across a cut connection so it can resume."""
+
+    client_id: str
+    task_id: str
+    round_state: RoundState
+    manifest: tpb.TensorManifest
+    assembler: StreamAssembler
+    opener: StreamOpener
+    spool_path: Path
+    lock: threading.Lock
+    context: Any = None
+
+
+class _DeltaView(Mapping[str, torch.Tensor]):
+    """Weights minus the global model, computed one tensor at a time on access, so a
+    WEIGHTS update never needs a second full model in memory."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor],
+                 global_state: Mapping[str, torch.Tensor]) -> None:
+        self._w = weights
+        self._g = global_state
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        w = self._w[key]
+        if not w.is_floating_point():
+            return w
+        return w - self._g[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._w)
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+
+class AggregatorService(apb_grpc.AggregatorServicer):
+    def __init__(self, engine: RoundEngine, registry: ClientRegistry, spool_dir: Path) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.spool_dir = spool_dir
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.spool_dir.glob("*.spool"):
+            stale.unlink(missing_ok=True)
+        self._uploads: dict[str, Upload] = {}
+        self._lock = threading.Lock()
+        engine.on_round_closed.append(self._round_closed)
+
+    # helpers -------------------------------------------------------------------
+    def _session(self, context: grpc.ServicerContext) -> tuple[str, Session]:
+        ident = identity_of(context)
+        session = self.registry.session(ident.client_id, ident.session_id)
+        if session is None:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED,
+                  "session unknown to this server (it may have restarted): join again")
+        self.registry.touch(ident.client_id)
+        return ident.client_id, session
+
+    def _round_closed(self, rs: RoundState) -> None:
+        """Cancel uploads still streaming into a closed round and drop their spools."""
+        with self._lock:
+            stale = [sid for sid, up in self._uploads.items() if up.round_state is rs]
+            uploads = [self._uploads.pop(sid) for sid in stale]
+        for up in uploads:
+            if up.context is not None:
+                up.context.cancel()
+            up.spool_path.unlink(missing_ok=True)
+
+    # FetchModel ------------------------------------------------------------------
+    def FetchModel(self, request: apb.FetchModelRequest,
+                   context: grpc.ServicerContext) -> Iterator[apb.ModelStreamMessage]:
+        client_id, session = self._session(context)
+        try:
+            rs, task = self.engine.task_of(client_id, request.task_id)
+            model = self.engine.current_model()
+        except RoundRefusal as refusal:
+            abort_refusal(context, refusal)
+        wanted_version = rs.round - 1 if task.kind == cpb.TRAIN else rs.round
+        if model.version != wanted_version or request.round != rs.round \
+                or request.job_id != rs.job_id:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"task {task.task_id} needs the model of job {rs.job_id} round {rs.round}")
+        count = model.manifest.chunk_count
+        if request.resume_from >= count:
+            abort(context, grpc.StatusCode.OUT_OF_RANGE,
+                  f"resume_from {request.resume_from} is past the last chunk ({count - 1})")
+        stream_id = download_stream_id(rs.job_id, rs.round, task.task_id, session.session_id)
+        ctx = StreamContext(rs.job_id, rs.round, client_id, "down", stream_id,
+                            manifest_digest(model.manifest))
+        sealer = StreamSealer(stream_key(session.secret, ctx), ctx)
+        yield apb.ModelStreamMessage(header=apb.ModelStreamHeader(
+            job_id=rs.job_id, round=rs.round, stream_id=stream_id, manifest=model.manifest))
+        start = request.resume_from
+        for seq, plain in enumerate(iter_chunks(model.state, model.manifest)):
+            if seq < start:
+                continue
+            yield apb.ModelStreamMessage(chunk=sealer.seal(seq, plain, seq == count - 1))
+
+    # UploadStatus ----------------------------------------------------------------
+    def UploadStatus(self, request: apb.UploadStatusRequest,
+                     context: grpc.ServicerContext) -> apb.UploadStatusReply:
+        client_id, _ = self._session(context)
+        with self._lock:
+            up = self._uploads.get(request.stream_id)
+        if up is None or up.client_id != client_id:
+            abort(context, grpc.StatusCode.NOT_FOUND,
+                  f"no upload in progress with stream id {request.stream_id!r}")
+        return apb.UploadStatusReply(stream_id=request.stream_id,
+                                     next_sequence=up.opener.next_sequence, complete=False)
+
+    # SubmitUpdate ----------------------------------------------------------------
+    def SubmitUpdate(self, request_iterator: Iterator[apb.UpdateStreamMessage],
+                     context: grpc.ServicerContext) -> apb.UpdateReceipt:
+        client_id, session = self._session(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  "an update stream must start with its header", "BAD_HEADER")
+        header = first.header
+        up = self._open_upload(client_id, session, header, context)
+        if not up.lock.acquire(blocking=False):
+            abort(context, grpc.StatusCode.ABORTED,
+                  "another stream is already sending this upload", "BUSY")
+        try:
+            up.context = context
+            return self._receive(up, header, request_iterator, context)
+        finally:
+            up.context = None
+            up.lock.release()
+
+    def _open_upload(self, client_id: str, session: Session, header: apb.UpdateStreamHeader,
+                     context: grpc.ServicerContext) -> Upload:
+        try:
+            rs = self.engine.check_update_allowed(client_id, header.task_id, header.job_id,
+                                                  header.round)
+            model = self.engine.current_model()
+        except RoundRefusal as refusal:
+            abort_refusal(context, refusal)
+        expected_id = upload_stream_id(rs.job_id, rs.round, header.task_id, session.session_id)
+        if header.stream_id != expected_id:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"stream id {header.stream_id!r} is not this task's upload stream",
+                  "WRONG_STREAM")
+        problem = check_num_examples(header.num_examples) or check_metrics(header.metrics)
+        if problem:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")
+        with self._lock:
+            up = self._uploads.get(expected_id)
+        if up is not None:
+            if header.manifest.SerializeToString(deterministic=True) != \
+                    up.manifest.SerializeToString(deterministic=True):
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      "a resumed upload must carry the same manifest", "MANIFEST_CHANGED")
+            if header.resume_from != up.opener.next_sequence:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"resume from chunk {up.opener.next_sequence}, not"
+                      f" {header.resume_from}", "RESUME_MISMATCH")
+            return up
+        if header.resume_from != 0:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  "no partial upload to resume: start from chunk 0", "RESUME_MISMATCH")
+        try:
+            check_manifest(header.manifest, model.manifest)
+        except CodecError as exc:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
+                  exc.code, getattr(exc, "field", ""))
+        ctx = StreamContext(rs.job_id, rs.round, client_id, "up", expected_id,
+                            manifest_digest(header.manifest))
+        spool = self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
+        try:
+            assembler = StreamAssembler(header.manifest, expected=model.manifest,
+                                        spool_path=spool)
+        except CodecError as exc:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
+                  exc.code, getattr(exc, "field", ""))
+        up = Upload(client_id, header.task_id, rs, header.manifest, assembler,
+                    StreamOpener(stream_key(session.secret, ctx), ctx), spool, threading.Lock())
+        with self._lock:
+            self._uploads[expected_id] = up
+        return up
+
+    def _drop(self, up: Upload, stream_id: str) -> None:
+        with self._lock:
+            if self._uploads.get(stream_id) is up:
+                del self._uploads[stream_id]
+        up.spool_path.unlink(missing_ok=True)
+
+    def _receive(self, up: Upload, header: apb.UpdateStreamHeader,
+                 messages: Iterator[apb.UpdateStreamMessage],
+                 context: grpc.ServicerContext) -> apb.UpdateReceipt:
+        stream_id = header.stream_id
+        final_seen = False
+        try:
+            for msg in messages:
+                if not msg.HasField("chunk"):
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          "only chunks may follow the header", "BAD_HEADER")
+                if final_seen:
+                    self._drop(up, stream_id)
+                    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                          "data after the final chunk", "AFTER_FINAL")
+                plain = up.opener.open(msg.chunk)
+                up.assembler.add_chunk(msg.chunk.sequence, plain)
+                if msg.chunk.final:
+                    final_seen = True
+        except SealError as exc:
+            status = grpc.StatusCode.INVALID_ARGUMENT
+            abort(context, status, f"chunk refused: {exc}", exc.code)
+        except CodecError as exc:
+            self._drop(up, stream_id)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"chunk refused: {exc}", exc.code,
+                  getattr(exc, "field", ""))
+        if not context.is_active():
+            abort(context, grpc.StatusCode.CANCELLED, "upload cancelled")
+        if not final_seen:
+            abort(context, grpc.StatusCode.ABORTED,
+                  f"stream ended before its final chunk: resume from chunk"
+                  f" {up.opener.next_sequence}", "TRUNCATED")
+        try:
+            up.opener.finish()
+            tensors = up.assembler.finish()
+        except (SealError, IntegrityError, CodecError) as exc:
+            self._drop(up, stream_id)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
+                  getattr(exc, "code", "INTEGRITY"))
+        bad = has_non_finite(tensors)
+        if bad is not None:
+            self._drop(up, stream_id)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"update refused: tensor {bad!r} holds NaN or Inf", "NON_FINITE", bad)
+        task_kind = up.round_state.tasks[up.client_id].config.update_kind
+        model = self.engine.current_model()
+        delta: Mapping[str, torch.Tensor] = tensors
+        if task_kind == cpb.WEIGHTS:
+            delta = _DeltaView(tensors, model.state)
+        metrics = dict(header.metrics)
+        try:
+            self.engine.accept_update(up.client_id, up.task_id, header.job_id, header.round,
+                                      delta, int(header.num_examples), metrics)
+        except RoundRefusal as refusal:
+            self._drop(up, stream_id)
+            abort_refusal(context, refusal)
+        finally:
+            if self.engine.strategy.streaming:
+                del tensors, delta
+        with self._lock:
+            self._uploads.pop(stream_id, None)
+        if self.engine.strategy.streaming:
+            up.spool_path.unlink(missing_ok=True)
+        log_event(log, "update_accepted", client=up.client_id, round=header.round,
+                  bytes=up.manifest.total_bytes, chunks=up.manifest.chunk_count,
+                  examples=header.num_examples)
+        return apb.UpdateReceipt(stream_id=stream_id, chunks_received=up.manifest.chunk_count,
+                                 bytes_received=up.manifest.total_bytes,
+                                 sha256=up.manifest.sha256)
+

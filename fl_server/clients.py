@@ -1,0 +1,182 @@
+"""Who is connected: sessions (keys and tokens) and each client's task feed.
+
+A client's pending task lives here, not in its stream, so a client that drops and
+reconnects is sent the same task again; only the newest task stream of a client is
+served, older ones end as soon as they notice they were superseded.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from fl_proto import coordinator_pb2 as cpb
+
+
+@dataclass
+class Session:
+    session_id: str
+    client_id: str
+    secret: bytes
+    created: float
+
+
+@dataclass
+class ClientEntry:
+    client_id: str
+    num_examples: int = 0
+    last_seen: float = 0.0
+    stream_generation: int = 0
+    streams_open: int = 0
+    pending: cpb.Task | None = None
+    epsilon_total: float = 0.0
+    last_status: str = ""
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+
+class ClientRegistry:
+    """Thread-safe registry; the round engine and the gRPC handlers share it."""
+
+    MAX_SESSIONS_PER_CLIENT = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._clients: dict[str, ClientEntry] = {}
+        self._closed = False
+
+    # sessions -----------------------------------------------------------------
+    def new_session(self, client_id: str, secret: bytes, num_examples: int,
+                    session_id: str | None = None) -> Session:
+        session = Session(session_id or uuid.uuid4().hex, client_id, secret, time.time())
+        with self._lock:
+            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry.num_examples = num_examples
+            entry.last_seen = time.time()
+            entry.sessions[session.session_id] = session
+            while len(entry.sessions) > self.MAX_SESSIONS_PER_CLIENT:
+                oldest = min(entry.sessions.values(), key=lambda s: s.created)
+                del entry.sessions[oldest.session_id]
+            self._lock.notify_all()
+        return session
+
+    def session(self, client_id: str, session_id: str | None) -> Session | None:
+        with self._lock:
+            entry = self._clients.get(client_id)
+            if entry is None or session_id is None:
+                return None
+            return entry.sessions.get(session_id)
+
+    def touch(self, client_id: str) -> None:
+        with self._lock:
+            entry = self._clients.get(client_id)
+            if entry is not None:
+                entry.last_seen = time.time()
+
+    # task feed ----------------------------------------------------------------
+    def assign(self, client_id: str, task: cpb.Task | None) -> None:
+        with self._lock:
+            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry.pending = task
+            self._lock.notify_all()
+
+    def clear_task(self, client_id: str, task_id: str) -> None:
+        with self._lock:
+            entry = self._clients.get(client_id)
+            if entry is not None and entry.pending is not None and entry.pending.task_id == task_id:
+                entry.pending = None
+
+    def pending_task(self, client_id: str) -> cpb.Task | None:
+        with self._lock:
+            entry = self._clients.get(client_id)
+            return entry.pending if entry else None
+
+    def broadcast(self, task_factory: Callable[[str], cpb.Task | None]) -> None:
+        with self._lock:
+            for entry in self._clients.values():
+                entry.pending = task_factory(entry.client_id)
+            self._lock.notify_all()
+
+    def task_stream(self, client_id: str, heartbeat_s: float,
+                    is_active: Callable[[], bool]) -> Iterator[cpb.Task]:
+        """Yields the client's pending task whenever it changes, heartbeats between."""
+        with self._lock:
+            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry.stream_generation += 1
+            entry.streams_open += 1
+            generation = entry.stream_generation
+            self._lock.notify_all()
+        sent_id = ""
+        last_yield = time.monotonic()
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if self._closed or entry.stream_generation != generation:
+                            return
+                        pending = entry.pending
+                        if pending is not None and pending.task_id != sent_id:
+                            break
+                        wait = heartbeat_s - (time.monotonic() - last_yield)
+                        if wait <= 0:
+                            pending = None
+                            break
+                        self._lock.wait(timeout=min(wait, 1.0))
+                        if not is_active():
+                            return
+                    entry.last_seen = time.time()
+                if pending is None:
+                    yield cpb.Task(kind=cpb.HEARTBEAT)
+                else:
+                    sent_id = pending.task_id
+                    yield pending
+                    if pending.kind == cpb.STOP:
+                        return
+                last_yield = time.monotonic()
+        finally:
+            with self._lock:
+                entry.streams_open -= 1
+                entry.last_seen = time.time()
+                self._lock.notify_all()
+
+    # views ----------------------------------------------------------------------
+    def connected(self) -> list[str]:
+        with self._lock:
+            return sorted(c.client_id for c in self._clients.values() if c.streams_open > 0)
+
+    def wait_for_connected(self, minimum: int, timeout_s: float,
+                           stop: threading.Event) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                ready = sorted(c.client_id for c in self._clients.values() if c.streams_open > 0)
+                remaining = deadline - time.monotonic()
+                if len(ready) >= minimum or remaining <= 0 or stop.is_set():
+                    return ready
+                self._lock.wait(timeout=min(remaining, 0.5))
+
+    def entries(self) -> list[ClientEntry]:
+        with self._lock:
+            return [ClientEntry(**{k: getattr(c, k) for k in (
+                "client_id", "num_examples", "last_seen", "stream_generation", "streams_open",
+                "pending", "epsilon_total", "last_status")}) for c in self._clients.values()]
+
+    def note_report(self, client_id: str, status: str, epsilon_total: float | None) -> None:
+        with self._lock:
+            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry.last_status = status
+            if epsilon_total is not None:
+                entry.epsilon_total = epsilon_total
+
+    def num_examples(self, client_id: str) -> int:
+        with self._lock:
+            entry = self._clients.get(client_id)
+            return entry.num_examples if entry else 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+

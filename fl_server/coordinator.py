@@ -1,0 +1,144 @@
+"""Coordinator service: Join, the pushed task feed, Report and the operator's Status.
+
+Authentication already happened in the interceptor; here the identity on the
+context (from the certificate, never from a request field) decides what a caller
+may see and do.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from fl_core.constants import HEARTBEAT_INTERVAL_S, ROLE_CLIENT
+from fl_core.logs import log_event
+from fl_core.sealing import SealError, generate_keypair, session_secret
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import coordinator_pb2_grpc as cpb_grpc
+from fl_server.aggregator import abort, abort_refusal
+from fl_server.auth import identity_of
+from fl_server.clients import ClientRegistry
+from fl_server.rounds import RoundEngine, RoundRefusal
+from fl_server.security import TokenService
+from fl_server.store import Store
+from fl_server.validation import MAX_REASON, check_epsilon, check_metrics, check_num_examples
+
+log = logging.getLogger("fl_server.coordinator")
+
+
+class CoordinatorService(cpb_grpc.CoordinatorServicer):
+    def __init__(self, engine: RoundEngine, registry: ClientRegistry, store: Store,
+                 tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.store = store
+        self.tokens = tokens
+        self.heartbeat_s = heartbeat_s
+
+    def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
+        ident = identity_of(context)
+        if ident.role != ROLE_CLIENT:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"only hospital (client) certificates can join; this one has role {ident.role}")
+        cfg = self.engine.cfg
+        if request.model_type != cfg.model_type:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"this server trains {cfg.model_type!r}; the client has"
+                  f" {request.model_type!r} data")
+        problem = check_num_examples(request.num_examples)
+        if problem:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")
+        private_key, public_bytes = generate_keypair()
+        session_id = _new_session_id()
+        try:
+            secret = session_secret(private_key, bytes(request.x25519_public_key), session_id)
+        except SealError as exc:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"key agreement failed: {exc}",
+                  exc.code)
+        self.registry.new_session(ident.client_id, secret, int(request.num_examples),
+                                  session_id=session_id)
+        token, expires = self.tokens.issue(ident.client_id, ident.role, ident.cert_sha256,
+                                           session_id)
+        self.store.upsert_client(ident.client_id, num_examples=int(request.num_examples))
+        log_event(log, "client_joined", client=ident.client_id, session=session_id[:8],
+                  examples=request.num_examples)
+        return cpb.JoinReply(session_id=session_id, token=token, token_expires_unix=expires,
+                             server_x25519_public_key=public_bytes, job_id=self.engine.job_id,
+                             model_type=cfg.model_type, client_id=ident.client_id)
+
+    def Tasks(self, request: cpb.TaskStreamRequest,
+              context: grpc.ServicerContext) -> Iterator[cpb.Task]:
+        ident = identity_of(context)
+        log_event(log, "task_stream_open", client=ident.client_id)
+        try:
+            yield from self.registry.task_stream(ident.client_id, self.heartbeat_s,
+                                                 context.is_active)
+        finally:
+            log_event(log, "task_stream_closed", client=ident.client_id)
+
+    def Report(self, request: cpb.ReportRequest,
+               context: grpc.ServicerContext) -> cpb.ReportReply:
+        ident = identity_of(context)
+        problem = (check_metrics(request.metrics)
+                   or check_epsilon(request.epsilon_round, request.epsilon_total)
+                   or (check_num_examples(request.num_examples)
+                       if request.status == cpb.OK else None))
+        if len(request.reason) > MAX_REASON:
+            problem = f"reason longer than {MAX_REASON} characters"
+        if request.status == cpb.REPORT_STATUS_UNSPECIFIED:
+            problem = "report status is unspecified"
+        if problem:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"report refused: {problem}",
+                  "BAD_VALUE")
+        try:
+            self.engine.report(ident.client_id, request)
+        except RoundRefusal as refusal:
+            abort_refusal(context, refusal)
+        status = cpb.ReportStatus.Name(request.status)
+        self.registry.note_report(ident.client_id, status,
+                                  request.epsilon_total if request.dp_enabled else None)
+        self.store.record_report(
+            job_id=request.job_id, round_no=request.round, client_id=ident.client_id,
+            task_id=request.task_id, kind=cpb.TaskKind.Name(request.kind), status=status,
+            reason=request.reason, metrics=dict(request.metrics),
+            num_examples=int(request.num_examples), epsilon_round=request.epsilon_round,
+            epsilon_total=request.epsilon_total)
+        log_event(log, "report", client=ident.client_id, round=request.round,
+                  kind=cpb.TaskKind.Name(request.kind), status=status,
+                  reason=request.reason[:200], epsilon_total=f"{request.epsilon_total:.3f}")
+        return cpb.ReportReply(accepted=True)
+
+    def Status(self, request: cpb.StatusRequest,
+               context: grpc.ServicerContext) -> cpb.StatusReply:
+        return build_status(self.engine, self.registry, self.store)
+
+
+def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) -> cpb.StatusReply:
+    fields: dict[str, Any] = engine.status_fields()
+    reply = cpb.StatusReply(
+        job_id=engine.job_id, model_type=engine.cfg.model_type, strategy=engine.cfg.strategy,
+        round=fields["round"], total_rounds=engine.cfg.rounds, phase=fields["phase"],
+        job_state=fields["job_state"], model_sha256=fields["model_sha256"])
+    connected = set(registry.connected())
+    for entry in sorted(registry.entries(), key=lambda e: e.client_id):
+        reply.clients.add(client_id=entry.client_id, connected=entry.client_id in connected,
+                          last_seen_unix_ms=int(entry.last_seen * 1000),
+                          num_examples=entry.num_examples, epsilon_total=entry.epsilon_total,
+                          last_report_status=entry.last_status)
+    for row in store.rounds(engine.job_id):
+        summary = reply.rounds.add(
+            round=row["round"], state=row["state"], selected=row.get("selected", 0),
+            reported=row.get("reported", 0), failed=row.get("failed", 0),
+            seconds=row.get("seconds", 0.0), model_sha256=row.get("model_sha256", "") or "")
+        for key, value in (row.get("metrics") or {}).items():
+            if isinstance(value, int | float):
+                summary.metrics[key] = float(value)
+    return reply
+
+
+def _new_session_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,408 @@
+"""The round state machine: select -> distribute -> train -> collect -> aggregate ->
+evaluate -> checkpoint, one round after another until the job is done.
+
+The engine runs in its own thread; gRPC handlers call into it (accept_update,
+report, current_model) under one condition variable. Nothing about a round is
+durable until its checkpoint and row are written together (store.complete_round),
+so a server killed at any point restarts at the first round not recorded, with
+the model of the last recorded one: no completed round is lost or recorded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_core.logs import log_event
+from fl_core.tensor_codec import build_manifest
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
+from fl_server.clients import ClientRegistry
+from fl_server.config import ServerConfig
+from fl_server.store import Store, state_sha256
+from fl_server.strategies import Strategy
+
+log = logging.getLogger("fl_server.rounds")
+
+PHASES = ("idle", "select", "distribute", "train", "collect", "aggregate", "evaluate",
+          "checkpoint", "finished", "failed")
+
+
+class RoundRefusal(Exception):
+    """An update or report the current round cannot take; `code` names the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ModelVersion:
+    """The global model as served to clients: one copy, shared by every download."""
+
+    version: int
+    state: dict[str, torch.Tensor]
+    manifest: tpb.TensorManifest
+    sha256: str
+
+
+@dataclass
+class RoundState:
+    job_id: str
+    round: int
+    attempt: int
+    kind: int
+    selected: list[str]
+    tasks: dict[str, cpb.Task]
+    deadline: float
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    open: bool = True
+
+    def outstanding(self) -> set[str]:
+        done = set(self.accepted) | set(self.failed)
+        if self.kind == cpb.EVALUATE:
+            done |= set(self.evaluations)
+        return set(self.selected) - done
+
+
+class RoundEngine:
+    def __init__(self, cfg: ServerConfig, store: Store, registry: ClientRegistry,
+                 strategy: Strategy, task: Any, job_id: str, train_config: cpb.TrainConfig,
+                 eval_dataset: Any = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.strategy = strategy
+        self.task = task
+        self.job_id = job_id
+        self.train_config = train_config
+        self.eval_dataset = eval_dataset
+        self.stop_event = threading.Event()
+        self.done_event = threading.Event()
+        self._cv = threading.Condition()
+        self.phase = "idle"
+        self.round = 0
+        self.model: ModelVersion | None = None
+        self.current: RoundState | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.job_state = "running"
+        self.on_round_closed: list[Any] = []  # callbacks(round_state) e.g. spool clean-up
+
+    # model --------------------------------------------------------------------
+    def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
+        plain = {k: v.detach().contiguous() for k, v in state.items()}
+        manifest = build_manifest(plain)
+        with self._cv:
+            self.model = ModelVersion(version, plain, manifest, state_sha256(plain))
+
+    def current_model(self) -> ModelVersion:
+        with self._cv:
+            if self.model is None:
+                raise RoundRefusal("UNAVAILABLE", "the global model is not loaded yet")
+            return self.model
+
+    # gRPC-facing ----------------------------------------------------------------
+    def task_of(self, client_id: str, task_id: str) -> tuple[RoundState, cpb.Task]:
+        """The open round and task a client's call refers to, or a refusal saying why."""
+        with self._cv:
+            rs = self.current
+            if rs is None or not rs.open:
+                raise RoundRefusal("FAILED_PRECONDITION", "no round is open")
+            task = rs.tasks.get(client_id)
+            if task is None:
+                raise RoundRefusal("PERMISSION_DENIED",
+                                   f"client {client_id} was not selected for round {rs.round}")
+            if task.task_id != task_id:
+                raise RoundRefusal("FAILED_PRECONDITION",
+                                   f"task {task_id!r} is not the open task of round {rs.round}")
+            return rs, task
+
+    def check_update_allowed(self, client_id: str, task_id: str, job_id: str,
+                             round_no: int) -> RoundState:
+        rs, task = self.task_of(client_id, task_id)
+        if job_id != rs.job_id or round_no != rs.round:
+            raise RoundRefusal("FAILED_PRECONDITION",
+                               f"update names job {job_id!r} round {round_no}; the open round"
+                               f" is {rs.job_id!r} round {rs.round}")
+        if task.kind != cpb.TRAIN:
+            raise RoundRefusal("FAILED_PRECONDITION", "the open task is not a training task")
+        with self._cv:
+            if client_id in rs.accepted:
+                raise RoundRefusal("ALREADY_EXISTS",
+                                   f"client {client_id} already sent its update for round"
+                                   f" {rs.round}")
+            if client_id in rs.failed:
+                raise RoundRefusal("FAILED_PRECONDITION",
+                                   f"client {client_id} was already recorded as failed in round"
+                                   f" {rs.round}: {rs.failed[client_id]}")
+        return rs
+
+    def accept_update(self, client_id: str, task_id: str, job_id: str, round_no: int,
+                      delta: Mapping[str, torch.Tensor], num_examples: int,
+                      metrics: Mapping[str, float]) -> None:
+        """Fold a complete, verified update into the round (all or nothing)."""
+        rs = self.check_update_allowed(client_id, task_id, job_id, round_no)
+        with self._cv:
+            if not rs.open or self.current is not rs:
+                raise RoundRefusal("FAILED_PRECONDITION", f"round {rs.round} closed")
+            if client_id in rs.accepted:
+                raise RoundRefusal("ALREADY_EXISTS",
+                                   f"client {client_id} already sent its update for round"
+                                   f" {rs.round}")
+            self.strategy.accept(client_id, delta, num_examples)
+            rs.accepted[client_id] = {"num_examples": num_examples, "metrics": dict(metrics)}
+            self.registry.clear_task(client_id, task_id)
+            self._cv.notify_all()
+
+    def report(self, client_id: str, req: cpb.ReportRequest) -> None:
+        rs, task = self.task_of(client_id, req.task_id)
+        with self._cv:
+            if task.kind == cpb.TRAIN:
+                if req.status in (cpb.REFUSED, cpb.FAILED) and client_id not in rs.accepted:
+                    rs.failed[client_id] = f"{cpb.ReportStatus.Name(req.status)}: {req.reason}"
+                    self.registry.clear_task(client_id, req.task_id)
+                elif client_id in rs.accepted:
+                    rs.accepted[client_id]["report"] = {
+                        "epsilon_round": req.epsilon_round, "epsilon_total": req.epsilon_total,
+                        "dp_enabled": req.dp_enabled, "metrics": dict(req.metrics)}
+            elif task.kind == cpb.EVALUATE:
+                if req.status == cpb.OK:
+                    rs.evaluations[client_id] = {"num_examples": req.num_examples,
+                                                 "metrics": dict(req.metrics)}
+                else:
+                    rs.failed[client_id] = f"{cpb.ReportStatus.Name(req.status)}: {req.reason}"
+                self.registry.clear_task(client_id, req.task_id)
+            self._cv.notify_all()
+
+    # the job loop -----------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run_job()
+        except Exception:
+            log.exception("round engine stopped on an unexpected error")
+            self.job_state = "failed"
+            self._set_phase("failed")
+            self.store.set_job_state(self.job_id, "failed")
+        finally:
+            self.done_event.set()
+
+    def _run_job(self) -> None:
+        total = self.cfg.rounds
+        start_round = self.store.last_completed_round(self.job_id) + 1
+        for round_no in range(start_round, total + 1):
+            if self.stop_event.is_set():
+                return
+            self.round = round_no
+            ok = False
+            for attempt in range(1, self.cfg.max_round_attempts + 1):
+                if self.stop_event.is_set():
+                    return
+                ok = self._run_round(round_no, attempt)
+                if ok:
+                    break
+            if not ok:
+                log_event(log, "job_failed", job=self.job_id, round=round_no,
+                          reason=f"round failed {self.cfg.max_round_attempts} times")
+                self.job_state = "failed"
+                self._set_phase("failed")
+                self.store.set_job_state(self.job_id, "failed")
+                self._broadcast_stop()
+                return
+        self.job_state = "finished"
+        self._set_phase("finished")
+        self.store.set_job_state(self.job_id, "finished")
+        log_event(log, "job_finished", job=self.job_id, rounds=total)
+        self._broadcast_stop()
+
+    def _set_phase(self, phase: str, **fields: Any) -> None:
+        with self._cv:
+            self.phase = phase
+        log_event(log, "phase", job=self.job_id, round=self.round, phase=phase, **fields)
+
+    def _select(self, round_no: int, attempt: int) -> list[str] | None:
+        self._set_phase("select")
+        available = self.registry.wait_for_connected(
+            self.cfg.min_clients, self.cfg.wait_for_clients_s, self.stop_event)
+        if self.stop_event.is_set():
+            return None
+        if len(available) < self.cfg.min_clients:
+            reason = (f"only {len(available)} client(s) connected after"
+                      f" {self.cfg.wait_for_clients_s:.0f}s; need {self.cfg.min_clients}")
+            log_event(log, "round_not_started", job=self.job_id, round=round_no,
+                      attempt=attempt, reason=reason)
+            self.store.record_event(self.job_id, "round_not_started",
+                                    {"round": round_no, "attempt": attempt, "reason": reason})
+            return None
+        wanted = max(self.cfg.min_clients, math.ceil(self.cfg.fraction * len(available)))
+        rng = random.Random(f"{self.cfg.seed}:{self.job_id}:{round_no}:{attempt}")
+        return sorted(rng.sample(available, min(wanted, len(available))))
+
+    def _open_round(self, round_no: int, attempt: int, kind: int, clients: list[str],
+                    deadline_s: float) -> RoundState:
+        model = self.current_model()
+        deadline_ms = int((time.time() + deadline_s) * 1000)
+        tasks: dict[str, cpb.Task] = {}
+        for cid in clients:
+            config = cpb.TrainConfig()
+            config.CopyFrom(self.train_config)
+            config.seed = (self.cfg.seed * 1_000_003 + round_no * 1009 + attempt
+                           + zlib.crc32(cid.encode()) % 997) & 0xFFFFFFFF
+            tasks[cid] = cpb.Task(
+                task_id=uuid.uuid4().hex, kind=kind, job_id=self.job_id, round=round_no,
+                model_type=self.cfg.model_type, config=config, deadline_unix_ms=deadline_ms,
+                model_manifest=model.manifest)
+        rs = RoundState(self.job_id, round_no, attempt, kind, clients, tasks,
+                        time.monotonic() + deadline_s)
+        with self._cv:
+            self.current = rs
+        for cid, task in tasks.items():
+            self.registry.assign(cid, task)
+        return rs
+
+    def _wait_round(self, rs: RoundState) -> None:
+        with self._cv:
+            while rs.outstanding() and not self.stop_event.is_set():
+                remaining = rs.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(timeout=min(remaining, 0.5))
+            rs.open = False
+        for cid in rs.selected:
+            self.registry.clear_task(cid, rs.tasks[cid].task_id)
+        for callback in self.on_round_closed:
+            callback(rs)
+
+    def _run_round(self, round_no: int, attempt: int) -> bool:
+        started = time.monotonic()
+        selected = self._select(round_no, attempt)
+        if not selected:
+            if not self.stop_event.is_set():
+                self.store.record_failed_round(self.job_id, round_no, attempt,
+                                               "not enough clients connected")
+            return False
+        model = self.current_model()
+        self.strategy.begin_round(model.state)
+        self._set_phase("distribute", attempt=attempt, selected=",".join(selected))
+        rs = self._open_round(round_no, attempt, cpb.TRAIN, selected, self.cfg.round_deadline_s)
+        self._set_phase("train")
+        self._wait_round(rs)
+        if self.stop_event.is_set():
+            return False
+        self._set_phase("collect", accepted=len(rs.accepted), failed=len(rs.failed),
+                        silent=len(rs.outstanding()))
+        for cid in rs.outstanding():
+            rs.failed[cid] = "no update before the round deadline"
+        required = max(1, min(self.cfg.min_clients, len(selected)),
+                       math.ceil(self.cfg.quorum * len(selected)))
+        if len(rs.accepted) < required:
+            reason = (f"quorum not reached: {len(rs.accepted)} of {len(selected)} updates,"
+                      f" need {required}")
+            log_event(log, "round_failed", job=self.job_id, round=round_no, attempt=attempt,
+                      reason=reason, failed=";".join(f"{k}={v}" for k, v in rs.failed.items()))
+            self.store.record_failed_round(self.job_id, round_no, attempt, reason)
+            return False
+        self._set_phase("aggregate", updates=len(rs.accepted))
+        new_state = self.strategy.finish_round()
+        self.set_model(round_no, new_state)
+        metrics = self._train_metrics(rs)
+        self._set_phase("evaluate")
+        metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
+        self._set_phase("checkpoint")
+        seconds = time.monotonic() - started
+        model = self.current_model()
+        summary = {
+            "attempt": attempt, "selected": len(selected), "reported": len(rs.accepted),
+            "failed": len(rs.failed), "failures": rs.failed, "metrics": metrics,
+            "seconds": seconds, "model_sha256": model.sha256,
+            "clients": {cid: self._client_summary(info) for cid, info in rs.accepted.items()},
+        }
+        self.store.complete_round(self.job_id, round_no, summary, model.state,
+                                  self.strategy.state_dict())
+        with self._cv:
+            self.last_metrics = metrics
+        log_event(log, "round_summary", job=self.job_id, round=round_no, selected=len(selected),
+                  reported=len(rs.accepted), failed=len(rs.failed), seconds=f"{seconds:.2f}",
+                  **{k: f"{v:.4g}" for k, v in metrics.items()})
+        return True
+
+    @staticmethod
+    def _client_summary(info: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_examples": info["num_examples"]}
+        metrics = info.get("metrics", {})
+        report = info.get("report", {})
+        for key in ("train_loss", "epsilon_round", "epsilon_total"):
+            if key in metrics:
+                out[key] = metrics[key]
+            if key in report:
+                out[key] = report[key]
+        if "dp_enabled" in metrics:
+            out["dp_enabled"] = bool(metrics["dp_enabled"])
+        return out
+
+    @staticmethod
+    def _train_metrics(rs: RoundState) -> dict[str, float]:
+        total = sum(int(i["num_examples"]) for i in rs.accepted.values()) or 1
+        sums: dict[str, float] = {}
+        for info in rs.accepted.values():
+            w = int(info["num_examples"]) / total
+            for key, value in info.get("metrics", {}).items():
+                if key.startswith("epsilon") or key == "dp_enabled":
+                    continue
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+        eps = [float(i["metrics"]["epsilon_total"]) for i in rs.accepted.values()
+               if "epsilon_total" in i.get("metrics", {})]
+        if eps:
+            sums["epsilon_max"] = max(eps)
+        return sums
+
+    def _evaluate(self, round_no: int, attempt: int, clients: list[str]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.eval_dataset is not None:
+            model = self.task.build_model()
+            model.load_state_dict(self.current_model().state)
+            for key, value in self.task.evaluate(model, self.eval_dataset).items():
+                metrics[f"eval_{key}"] = float(value)
+        if self.cfg.fed_eval and clients:
+            connected = set(self.registry.connected())
+            targets = [c for c in clients if c in connected]
+            if targets:
+                rs = self._open_round(round_no, attempt, cpb.EVALUATE, targets,
+                                      self.cfg.eval_deadline_s)
+                self._wait_round(rs)
+                total = sum(int(e["num_examples"]) for e in rs.evaluations.values())
+                for info in rs.evaluations.values():
+                    w = int(info["num_examples"]) / total if total else 0.0
+                    for key, value in info["metrics"].items():
+                        metrics[f"fed_{key}"] = metrics.get(f"fed_{key}", 0.0) + w * value
+                metrics["fed_eval_clients"] = float(len(rs.evaluations))
+        return metrics
+
+    def _broadcast_stop(self) -> None:
+        def stop_task(cid: str) -> cpb.Task:
+            return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=self.job_id,
+                            round=self.round)
+        self.registry.broadcast(stop_task)
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        with self._cv:
+            self._cv.notify_all()
+
+    def status_fields(self) -> dict[str, Any]:
+        with self._cv:
+            return {"round": self.round, "phase": self.phase, "job_state": self.job_state,
+                    "last_metrics": dict(self.last_metrics),
+                    "model_sha256": self.model.sha256 if self.model else ""}

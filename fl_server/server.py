@@ -1,0 +1,332 @@
+"""The server daemon: `python -m fl_server.server --host 0.0.0.0 --port 5000`.
+
+Wires the durable store, the round engine and the two gRPC services behind the
+authentication interceptor, serves health and reflection, and turns SIGTERM into a
+clean stop. Every operator mistake found at start (bad flag, missing key, corrupt
+state) is one clear line on stderr and exit code 2, never a bare traceback and
+never a silently reset job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fl_core.logs import log_event, setup_logging
+from fl_core.tls import SERVER_OPTIONS, server_credentials
+from fl_proto import aggregator_pb2, coordinator_pb2
+from fl_proto import aggregator_pb2_grpc as apb_grpc
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import coordinator_pb2_grpc as cpb_grpc
+from fl_server.aggregator import AggregatorService
+from fl_server.auth import AuthInterceptor
+from fl_server.clients import ClientRegistry
+from fl_server.config import ConfigError, ServerConfig, build_config, parse_strategy_params
+from fl_server.coordinator import CoordinatorService
+from fl_server.rounds import RoundEngine
+from fl_server.security import RevocationList, TokenService, load_server_tls
+from fl_server.store import Store
+from fl_server.strategies import STRATEGY_NAMES, make_strategy
+
+log = logging.getLogger("fl_server.server")
+
+COORDINATOR = "fl.v1.Coordinator"
+AGGREGATOR = "fl.v1.Aggregator"
+PUBLIC_METHODS = frozenset({
+    f"/{COORDINATOR}/Join",
+    f"/{COORDINATOR}/Status",  # also in ADMIN_METHODS: admin certificate, no token
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+})
+ADMIN_METHODS = frozenset({f"/{COORDINATOR}/Status"})
+
+
+class StartupError(Exception):
+    """Something an operator must fix before the server can start."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-server",
+        description="Federated learning server daemon: coordinates training rounds over"
+                    " mutual-TLS gRPC and aggregates the hospitals' sealed updates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ServerConfig()
+    p.add_argument("--config", help="TOML file with any of the options below (flags win)")
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=d.port,
+                   help="port to listen on; 0 picks a free one (see --ready_file)")
+    p.add_argument("--keys_dir", type=Path, default=d.keys_dir,
+                   help="folder from `python -m fl_server.security --generate-keys`")
+    p.add_argument("--state_dir", type=Path, default=d.state_dir,
+                   help="folder for the SQLite state, checkpoints and upload spools")
+    p.add_argument("--model_type", default=d.model_type,
+                   help="task to train: breast_cancer, ecg, glaucoma, pneumonia, symptom")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds in the job")
+    p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGY_NAMES),
+                   help="aggregation strategy")
+    p.add_argument("--strategy_param", action="append", default=[], metavar="NAME=VALUE",
+                   help="strategy parameter, repeatable (e.g. proximal_mu=0.01, beta=0.1)")
+    p.add_argument("--fraction", type=float, default=d.fraction,
+                   help="fraction of connected clients selected each round")
+    p.add_argument("--min_clients", type=int, default=d.min_clients,
+                   help="fewest clients a round starts with (and selects)")
+    p.add_argument("--quorum", type=float, default=d.quorum,
+                   help="fraction of selected clients whose updates close a round")
+    p.add_argument("--round_deadline_s", type=float, default=d.round_deadline_s,
+                   help="seconds a round waits for updates before closing on quorum")
+    p.add_argument("--wait_for_clients_s", type=float, default=d.wait_for_clients_s,
+                   help="seconds a round waits for min_clients to connect")
+    p.add_argument("--max_round_attempts", type=int, default=d.max_round_attempts,
+                   help="tries per round before the job is marked failed")
+    p.add_argument("--local_epochs", type=int, default=d.local_epochs,
+                   help="local epochs sent to clients (0: the task's default)")
+    p.add_argument("--batch_size", type=int, default=d.batch_size,
+                   help="batch size sent to clients (0: the task's default)")
+    p.add_argument("--learning_rate", type=float, default=d.learning_rate,
+                   help="learning rate sent to clients (0: the task's default)")
+    p.add_argument("--no_dp", action="store_true",
+                   help="ask clients to train WITHOUT differential privacy (they must also"
+                        " allow it)")
+    p.add_argument("--noise_multiplier", type=float, default=d.noise_multiplier,
+                   help="DP noise multiplier (0: the task's default)")
+    p.add_argument("--target_epsilon", type=float, default=d.target_epsilon,
+                   help="DP epsilon per round; overrides the noise multiplier when set")
+    p.add_argument("--delta", type=float, default=d.delta, help="DP delta (0: task default)")
+    p.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm,
+                   help="DP per-sample gradient clipping bound (0: task default)")
+    p.add_argument("--eval_data", type=Path, default=None,
+                   help="held-out data the server evaluates each new global model on")
+    p.add_argument("--no_fed_eval", dest="fed_eval", action="store_false",
+                   help="skip asking clients to evaluate each new global model")
+    p.add_argument("--eval_deadline_s", type=float, default=d.eval_deadline_s,
+                   help="seconds to wait for clients' evaluations")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for model init and selection")
+    p.add_argument("--max_workers", type=int, default=d.max_workers,
+                   help="gRPC worker threads (each connected client holds one for its task"
+                        " stream)")
+    p.add_argument("--new_job", action="store_true",
+                   help="start a new job even if the state dir holds an unfinished one")
+    p.add_argument("--exit_when_done", action="store_true",
+                   help="exit once the job has finished (default: keep serving Status)")
+    p.add_argument("--ready_file", type=Path,
+                   help="write {\"port\": N, \"pid\": P} here once serving")
+    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    return p
+
+
+def _explicit(argv: list[str]) -> set[str]:
+    """Names of the options typed on the command line (so a TOML file's value stands
+    unless the operator overrides it)."""
+    names = set()
+    for item in argv:
+        if item.startswith("--"):
+            name = item[2:].split("=", 1)[0]
+            names.add({"no_fed_eval": "fed_eval"}.get(name, name))
+    return names
+
+
+def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -> cpb.TrainConfig:
+    hp = task.hyperparams
+    privacy = cpb.PrivacyConfig(
+        enabled=not cfg.no_dp,
+        noise_multiplier=cfg.noise_multiplier or (0.0 if cfg.target_epsilon else
+                                                  hp.noise_multiplier),
+        target_epsilon=cfg.target_epsilon or (0.0 if cfg.noise_multiplier else
+                                              hp.target_epsilon),
+        delta=cfg.delta or hp.delta,
+        max_grad_norm=cfg.max_grad_norm or hp.max_grad_norm)
+    return cpb.TrainConfig(
+        local_epochs=cfg.local_epochs or hp.local_epochs,
+        batch_size=cfg.batch_size or hp.batch_size,
+        learning_rate=cfg.learning_rate or hp.learning_rate,
+        proximal_mu=float(strategy_cfg.get("proximal_mu", 0.0)),
+        update_kind=cpb.DELTA, privacy=privacy)
+
+
+class ServerApp:
+    """Everything one server process runs; `start()` then `wait()`."""
+
+    def __init__(self, cfg: ServerConfig, new_job: bool = False) -> None:
+        from fl_models.registry import get_task
+
+        self.cfg = cfg
+        try:
+            self.task = get_task(cfg.model_type)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            self.tls = load_server_tls(cfg.keys_dir)
+            self.tokens = TokenService(cfg.keys_dir)
+            self.revocations = RevocationList(cfg.keys_dir)
+        except Exception as exc:  # each names the file it could not use
+            raise StartupError(f"keys in {cfg.keys_dir}: {exc}") from exc
+        self.store = Store(cfg.state_dir)
+        self.strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+        self.job_id, round_no, state = self._load_or_create_job(new_job)
+        eval_dataset = None
+        if cfg.eval_data is not None:
+            try:
+                eval_dataset = self.task.load_split(cfg.eval_data, "test")
+            except Exception as exc:
+                raise StartupError(f"--eval_data {cfg.eval_data}: {exc}") from exc
+        self.registry = ClientRegistry()
+        self.engine = RoundEngine(cfg, self.store, self.registry, self.strategy, self.task,
+                                  self.job_id, train_config(cfg, self.task,
+                                                            self.strategy.client_config()),
+                                  eval_dataset)
+        self.engine.set_model(round_no, state)
+        self.health = health.HealthServicer()
+        self.server: grpc.Server | None = None
+        self.port = 0
+
+    def _load_or_create_job(self, new_job: bool) -> tuple[str, int, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        job = self.store.latest_job()
+        if job is not None and job["state"] == "running" and not new_job:
+            if job["model_type"] != cfg.model_type:
+                raise StartupError(
+                    f"state dir {cfg.state_dir} holds unfinished job {job['job_id']} for"
+                    f" {job['model_type']!r}, not {cfg.model_type!r}: pass --new_job or use"
+                    " another --state_dir")
+            stored = job["config"]
+            for key in ("rounds", "strategy", "seed"):
+                if key in stored and stored[key] != getattr(cfg, key):
+                    log_event(log, "config_from_job", key=key, job_value=stored[key],
+                              flag_value=getattr(cfg, key))
+                    setattr(cfg, key, stored[key])
+            last = self.store.last_completed_round(job["job_id"])
+            state, strategy_state = self.store.load_checkpoint(job["job_id"], last)
+            if strategy_state:
+                self.strategy.load_state_dict(strategy_state)
+            log_event(log, "job_resumed", job=job["job_id"], completed_rounds=last,
+                      total_rounds=cfg.rounds)
+            return str(job["job_id"]), last, state
+        if job is not None and job["state"] != "running" and not new_job:
+            log_event(log, "previous_job", job=job["job_id"], state=job["state"],
+                      note="starting a new job")
+        torch.manual_seed(cfg.seed)
+        model_state = {k: v.detach().clone() for k, v in
+                       self.task.build_model().state_dict().items()}
+        job_id = cfg.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.as_json_dict(),
+                              cfg.rounds)
+        self.store.save_initial_model(job_id, model_state)
+        log_event(log, "job_created", job=job_id, model_type=cfg.model_type,
+                  rounds=cfg.rounds, strategy=cfg.strategy)
+        return job_id, 0, model_state
+
+    def start(self) -> int:
+        cfg = self.cfg
+        interceptor = AuthInterceptor(self.tokens, self.revocations,
+                                      public_methods=set(PUBLIC_METHODS),
+                                      admin_methods=set(ADMIN_METHODS))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
+                                                        thread_name_prefix="grpc"),
+                             interceptors=[interceptor], options=SERVER_OPTIONS,
+                             maximum_concurrent_rpcs=cfg.max_workers * 2)
+        cpb_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorService(self.engine, self.registry, self.store, self.tokens), server)
+        apb_grpc.add_AggregatorServicer_to_server(
+            AggregatorService(self.engine, self.registry, cfg.state_dir / "spool"), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+                    aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
+        for name in ("", COORDINATOR, AGGREGATOR):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        cert, key, ca = self.tls
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        try:
+            port = server.add_secure_port(address, server_credentials(cert, key, ca))
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise StartupError(f"cannot listen on {address} (in use or not an address here)")
+        server.start()
+        self.server, self.port = server, port
+        threading.Thread(target=self.engine.run, name="round-engine", daemon=True).start()
+        for name in ("", COORDINATOR, AGGREGATOR):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log_event(log, "serving", address=address, port=port, job=self.job_id,
+                  model_type=cfg.model_type, strategy=cfg.strategy, rounds=cfg.rounds)
+        return port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.engine.shutdown()
+        for name in ("", COORDINATOR, AGGREGATOR):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.registry.close()
+        if self.server is not None:
+            self.server.stop(grace_s).wait(grace_s + 1)
+        self.engine.done_event.wait(timeout=grace_s)
+        self.store.close()
+
+
+def _write_ready(path: Path, port: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging("fl_server", args.log_level)
+    try:
+        args.strategy_params = parse_strategy_params(args.strategy_param)
+        explicit = _explicit(argv)
+        if args.strategy_param:
+            explicit.add("strategy_params")
+        cfg = build_config(args, explicit)
+        app = ServerApp(cfg, new_job=args.new_job)
+        port = app.start()
+    except (ConfigError, StartupError, ValueError, OSError) as exc:
+        print(f"fl-server: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # store/checkpoint errors carry their own clear message
+        print(f"fl-server: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log_event(log, "signal", signal=signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.ready_file:
+        _write_ready(args.ready_file, port)
+    while not stopping.is_set():
+        if args.exit_when_done and app.engine.done_event.is_set():
+            stopping.wait(2.0)  # let clients read their STOP task
+            break
+        stopping.wait(0.2)
+    app.stop()
+    log_event(log, "stopped", job=app.job_id, job_state=app.engine.job_state)
+    if args.exit_when_done and app.engine.job_state == "failed":
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
