@@ -1,0 +1,309 @@
+"""Chunk sealing on top of mTLS: X25519 + HKDF keys, AES-256-GCM STREAM construction.
+
+TLS already protects each connection; sealing protects the *stream*. A chunk is
+bound (by its nonce and associated data) to its job, round, client, direction,
+stream, position and to whether it is the last one, and to the manifest that
+describes the stream. So a chunk altered, moved, replayed into another stream, or
+a stream cut short or extended, fails to open, even across reconnects and resumed
+transfers where TLS sessions differ. Keys come from an X25519 agreement made at
+join and are derived afresh per round, direction and stream, so one leaked stream
+key exposes one stream.
+
+Nonce reuse is the one way to break GCM: a stream key must never seal two
+different plaintexts at the same sequence. A resumed stream re-seals the same
+bytes (harmless); new content must get a new stream id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fl_core.constants import GCM_TAG_BYTES, PROTOCOL_VERSION
+from fl_proto import tensors_pb2
+
+__all__ = [
+    "DIRECTIONS",
+    "KEY_BYTES",
+    "MAX_SEQUENCE",
+    "SealError",
+    "StreamContext",
+    "StreamOpener",
+    "StreamSealer",
+    "generate_keypair",
+    "manifest_digest",
+    "session_secret",
+    "stream_key",
+]
+
+KEY_BYTES = 32
+PUBLIC_KEY_BYTES = 32
+DIGEST_BYTES = 32
+DIRECTIONS = ("down", "up")
+# The nonce carries the sequence in 7 bytes.
+MAX_SEQUENCE = (1 << 56) - 1
+_MAX_ROUND = (1 << 32) - 1  # rounds are uint32 on the wire
+
+# Codes (they travel in ErrorDetail.code).
+SEAL_INVALID = "SEAL_INVALID"
+OUT_OF_ORDER = "OUT_OF_ORDER"
+WRONG_STREAM = "WRONG_STREAM"
+AFTER_FINAL = "AFTER_FINAL"
+TRUNCATED = "TRUNCATED"
+BAD_PUBLIC_KEY = "BAD_PUBLIC_KEY"
+BAD_KEY = "BAD_KEY"
+BAD_CONTEXT = "BAD_CONTEXT"
+
+_SESSION_SALT = PROTOCOL_VERSION.encode() + b" session"
+_STREAM_SALT = PROTOCOL_VERSION.encode() + b" stream"
+
+
+class SealError(Exception):
+    """Every sealing failure; `code` is machine-readable (see the module constants)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _lp(*fields: bytes) -> bytes:
+    """Length-prefixed concatenation: no two field lists encode to the same bytes."""
+    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+
+
+def _u64(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """Everything a stream's chunks are bound to."""
+
+    job_id: str
+    round: int
+    client_id: str
+    direction: str  # "down" (server -> client) or "up"
+    stream_id: str
+    manifest_digest: bytes
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise SealError(BAD_CONTEXT, f"direction {self.direction!r} is not 'down' or 'up'")
+        if not 0 <= self.round <= _MAX_ROUND:
+            raise SealError(BAD_CONTEXT, f"round {self.round} outside 0..{_MAX_ROUND}")
+        if not self.stream_id:
+            raise SealError(BAD_CONTEXT, "stream_id is empty")
+        if len(self.manifest_digest) != DIGEST_BYTES:
+            raise SealError(
+                BAD_CONTEXT,
+                f"manifest_digest is {len(self.manifest_digest)} bytes, not {DIGEST_BYTES}",
+            )
+
+    def _key_info(self) -> bytes:
+        # The digest is left out so a key can be derived before the manifest exists;
+        # it is bound into every chunk's associated data instead.
+        return _lp(
+            PROTOCOL_VERSION.encode(),
+            b"stream-key",
+            self.job_id.encode(),
+            _u64(self.round),
+            self.client_id.encode(),
+            self.direction.encode(),
+            self.stream_id.encode(),
+        )
+
+    def _aad_prefix(self) -> bytes:
+        return _lp(
+            PROTOCOL_VERSION.encode(),
+            self.job_id.encode(),
+            _u64(self.round),
+            self.client_id.encode(),
+            self.direction.encode(),
+            self.stream_id.encode(),
+        )
+
+
+def manifest_digest(manifest: tensors_pb2.TensorManifest) -> bytes:
+    """SHA-256 of the manifest's deterministic serialisation, bound into every chunk."""
+    return hashlib.sha256(manifest.SerializeToString(deterministic=True)).digest()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_keypair() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh X25519 key pair, the public half as its 32 raw bytes."""
+    private = X25519PrivateKey.generate()
+    return private, _public_bytes(private)
+
+
+def _public_bytes(private: X25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def session_secret(private_key: X25519PrivateKey, peer_public: bytes, session_id: str) -> bytes:
+    """The 32-byte session secret both sides derive from X25519 + HKDF-SHA256.
+
+    Both public keys (in a fixed order) and the session id go into HKDF's info, so
+    the secret is tied to this exchange; a low-order peer key, which would force a
+    known shared value, is refused.
+    """
+    if not isinstance(peer_public, bytes | bytearray) or len(peer_public) != PUBLIC_KEY_BYTES:
+        size = len(peer_public) if isinstance(peer_public, bytes | bytearray) else "?"
+        raise SealError(BAD_PUBLIC_KEY, f"peer public key is {size} bytes, not 32")
+    peer = bytes(peer_public)
+    if not any(peer):
+        raise SealError(BAD_PUBLIC_KEY, "peer public key is all zero")
+    try:
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer))
+    except ValueError as exc:  # cryptography refuses an all-zero shared secret
+        raise SealError(BAD_PUBLIC_KEY, f"peer public key is a low-order point: {exc}") from exc
+    own = _public_bytes(private_key)
+    low, high = sorted((own, peer))
+    info = _lp(PROTOCOL_VERSION.encode(), b"session", session_id.encode(), low, high)
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_SESSION_SALT, info=info).derive(
+        shared
+    )
+
+
+def stream_key(secret: bytes, ctx: StreamContext) -> bytes:
+    """The AES-256 key of one stream: fresh per job, round, client, direction and stream."""
+    if len(secret) != KEY_BYTES:
+        raise SealError(BAD_KEY, f"session secret is {len(secret)} bytes, not {KEY_BYTES}")
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=_STREAM_SALT, info=ctx._key_info()
+    ).derive(secret)
+
+
+# --------------------------------------------------------------------------- STREAM
+
+
+class _StreamCipher:
+    """Shared by sealer and opener: the per-chunk nonce and associated data."""
+
+    def __init__(self, key: bytes, ctx: StreamContext) -> None:
+        if len(key) != KEY_BYTES:
+            raise SealError(BAD_KEY, f"stream key is {len(key)} bytes, not {KEY_BYTES}")
+        self._aead = AESGCM(key)
+        self.ctx = ctx
+        self._aad_prefix = ctx._aad_prefix()
+        self._digest_field = _lp(ctx.manifest_digest)
+
+    @staticmethod
+    def nonce(sequence: int, final: bool) -> bytes:
+        return b"\0\0\0\0" + sequence.to_bytes(7, "big") + (b"\1" if final else b"\0")
+
+    def aad(self, sequence: int, final: bool) -> bytes:
+        return (
+            self._aad_prefix + _lp(_u64(sequence), b"\1" if final else b"\0") + self._digest_field
+        )
+
+
+class StreamSealer:
+    """Seals one stream's chunks, refusing anything that could reuse a nonce.
+
+    `start_sequence` lets a resumed transfer continue where the receiver stopped.
+    """
+
+    def __init__(self, key: bytes, ctx: StreamContext, start_sequence: int = 0) -> None:
+        self._cipher = _StreamCipher(key, ctx)
+        self._next = start_sequence
+        self._done = False
+
+    @property
+    def next_sequence(self) -> int:
+        return self._next
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def seal(
+        self, sequence: int, plaintext: bytes | bytearray | memoryview, final: bool
+    ) -> tensors_pb2.SealedChunk:
+        if self._done:
+            raise SealError(AFTER_FINAL, f"chunk {sequence} sealed after the final chunk")
+        if sequence < self._next:
+            raise SealError(
+                OUT_OF_ORDER, f"chunk {sequence} sealed, sequences must increase from {self._next}"
+            )
+        if sequence > MAX_SEQUENCE:
+            raise SealError(OUT_OF_ORDER, f"sequence {sequence} exceeds {MAX_SEQUENCE}")
+        cipher = self._cipher
+        ciphertext = cipher._aead.encrypt(
+            cipher.nonce(sequence, final), plaintext, cipher.aad(sequence, final)
+        )
+        self._next = sequence + 1
+        self._done = final
+        return tensors_pb2.SealedChunk(
+            stream_id=cipher.ctx.stream_id, sequence=sequence, final=final, ciphertext=ciphertext
+        )
+
+
+class StreamOpener:
+    """Opens one stream's chunks in order; `finish()` proves the stream was not cut.
+
+    A refused chunk leaves the opener unchanged, but the caller should abandon
+    the stream on SEAL_INVALID: the bytes were not what the sender sealed.
+    """
+
+    def __init__(self, key: bytes, ctx: StreamContext, start_sequence: int = 0) -> None:
+        self._cipher = _StreamCipher(key, ctx)
+        self._next = start_sequence
+        self._done = False
+
+    @property
+    def next_sequence(self) -> int:
+        return self._next
+
+    @property
+    def done(self) -> bool:
+        """The final chunk has been opened."""
+        return self._done
+
+    def open(self, chunk: tensors_pb2.SealedChunk) -> bytes:
+        cipher = self._cipher
+        if chunk.stream_id != cipher.ctx.stream_id:
+            raise SealError(
+                WRONG_STREAM,
+                f"chunk of stream {chunk.stream_id!r} offered to stream {cipher.ctx.stream_id!r}",
+            )
+        if self._done:
+            raise SealError(AFTER_FINAL, f"chunk {chunk.sequence} after the final chunk")
+        if chunk.sequence != self._next:
+            raise SealError(
+                OUT_OF_ORDER, f"chunk {chunk.sequence} arrived, expected chunk {self._next}"
+            )
+        if len(chunk.ciphertext) < GCM_TAG_BYTES:
+            raise SealError(SEAL_INVALID, f"chunk {chunk.sequence} is shorter than a GCM tag")
+        try:
+            plaintext = cipher._aead.decrypt(
+                cipher.nonce(chunk.sequence, chunk.final),
+                chunk.ciphertext,
+                cipher.aad(chunk.sequence, chunk.final),
+            )
+        except InvalidTag:
+            raise SealError(
+                SEAL_INVALID,
+                f"chunk {chunk.sequence} of stream {chunk.stream_id!r} failed authentication "
+                "(altered, misplaced, or sealed under another key or context)",
+            ) from None
+        self._next += 1
+        self._done = chunk.final
+        return plaintext
+
+    def finish(self) -> None:
+        if not self._done:
+            raise SealError(
+                TRUNCATED, f"stream {self._cipher.ctx.stream_id!r} ended before its final chunk"
+            )
