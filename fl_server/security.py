@@ -25,6 +25,7 @@ import ipaddress
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -479,17 +480,17 @@ def issue_identity(
     base = Path(keys_dir)
     clients = base / "clients"
     _load_ca(base)  # fail on a missing keys dir before writing anything
-    try:
-        key_path, csr_path = generate_key_and_csr(name, clients, force=True)
-    except (ValueError, IdentityError) as exc:
-        raise KeysError(str(exc)) from None
-    try:
+    _mkdir_private(clients)
+    # The key is made in a scratch folder and moved into place only once signed, so a
+    # refused re-issue never replaces the key of a certificate that is still in use.
+    with tempfile.TemporaryDirectory(dir=clients, prefix=".issue-") as scratch:
+        try:
+            new_key, csr_path = generate_key_and_csr(name, scratch)
+        except (ValueError, IdentityError) as exc:
+            raise KeysError(str(exc)) from None
         _, cert = sign_csr(base, csr_path.read_bytes(), role)
-    except KeysError:
-        key_path.unlink(missing_ok=True)
-        raise
-    finally:
-        csr_path.unlink(missing_ok=True)
+        key_path = clients / f"{name}.key"
+        os.replace(new_key, key_path)
     cert_path = clients / f"{name}.crt"
     write_public(cert_path, _pem_cert(cert))
     write_public(clients / "ca.crt", _read(base / "ca.crt", "CA certificate"))

@@ -229,5 +229,10 @@ def test_issue_client_and_admin(ca_keys: Path) -> None:
     assert client_identity.load_client_tls(ca_keys, "hospital_1")[1] == (
         clients / "hospital_1.crt"
     ).read_bytes()
+    key_before = (clients / "hospital_1.key").read_bytes()
     assert run_main("--issue-client", "hospital_1", "--keys", ca_keys) == 2
+    # the refused re-issue left the working identity alone
+    assert (clients / "hospital_1.key").read_bytes() == key_before
+    assert client_identity.load_client_tls(ca_keys, "hospital_1")[2] == key_before
+    assert [p.name for p in clients.iterdir() if p.name.startswith(".")] == []
     assert run_main("--revoke", "ghost", "--keys", ca_keys) == 2
