@@ -1,0 +1,800 @@
+"""Durable server state: SQLite (WAL) for the record, safetensors for checkpoints.
+
+The database is the truth. A round exists once its row is committed, and a row is
+committed only after its checkpoint is safely on disk (temp file, fsync, rename,
+fsync of the directory), so a server killed at any instant restarts into the
+last recorded round with a checkpoint that matches it. Anything that does not
+match on the way back (missing file, unparsable file, hash mismatch) raises
+rather than quietly starting the job over: silently resetting a federation that
+hospitals have spent privacy budget on would be the worst possible failure.
+
+Every connection is shared between the gRPC server's threads behind one lock;
+SQLite serialises writers anyway, and the lock makes the checkpoint-then-record
+sequence atomic with respect to other callers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SCHEMA_VERSION = 1
+DB_NAME = "server.db"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FORMAT = "fl-checkpoint/1"
+DEFAULT_KEEP_CHECKPOINTS = 5
+JOB_STATES = ("running", "paused", "completed", "failed", "cancelled")
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ROUND_FILE = re.compile(r"round_(\d+)\.safetensors")
+_MODEL_PREFIX = "model/"
+_STRATEGY_PREFIX = "strategy/"
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY,
+    model_type TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    config_json TEXT NOT NULL,
+    total_rounds INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    initial_sha256 TEXT,
+    initial_checkpoint TEXT
+);
+CREATE TABLE rounds (
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('completed', 'failed')),
+    selected INTEGER NOT NULL,
+    reported INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    model_sha256 TEXT,
+    checkpoint TEXT,
+    recorded REAL NOT NULL,
+    UNIQUE (job_id, round)
+);
+CREATE TABLE clients (
+    client_id TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    num_examples INTEGER,
+    epsilon_total REAL,
+    last_status TEXT
+);
+CREATE TABLE reports (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    metrics_json TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    epsilon_round REAL,
+    epsilon_total REAL,
+    received REAL NOT NULL,
+    UNIQUE (job_id, round, client_id, task_id, kind)
+);
+CREATE TABLE events (
+    ts REAL NOT NULL,
+    job_id TEXT,
+    kind TEXT NOT NULL,
+    detail_json TEXT NOT NULL
+);
+CREATE INDEX events_by_job ON events (job_id, ts);
+CREATE INDEX reports_by_round ON reports (job_id, round);
+"""
+
+
+class StoreError(Exception):
+    """The state directory cannot be used as asked (corrupt, unwritable, misused)."""
+
+
+class CheckpointError(StoreError):
+    """A checkpoint the database names is missing, unreadable or does not match."""
+
+
+class RoundAlreadyRecorded(StoreError):
+    """A round (or a job's initial model) was recorded before; rounds are exactly-once."""
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    model_type: str
+    strategy: str
+    config: dict[str, Any]
+    total_rounds: int
+    state: str
+    created: float
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """What the round state machine knows about a finished round."""
+
+    selected: int
+    reported: int
+    failed: int
+    seconds: float
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    job_id: str
+    round: int
+    state: str
+    selected: int
+    reported: int
+    failed: int
+    metrics: dict[str, Any]
+    seconds: float
+    model_sha256: str | None
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    first_seen: float
+    last_seen: float
+    num_examples: int | None
+    epsilon_total: float | None
+    last_status: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """One client report (training or evaluation result, or a refusal)."""
+
+    job_id: str
+    round: int
+    client_id: str
+    task_id: str
+    kind: str
+    status: str
+    reason: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    num_examples: int = 0
+    epsilon_round: float | None = None
+    epsilon_total: float | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    ts: float
+    job_id: str | None
+    kind: str
+    detail: dict[str, Any]
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and raw bytes, in the mapping's order.
+
+    A JSON header line per tensor frames the bytes, so no two different states
+    (e.g. a byte moved from one tensor to the next) hash alike.
+    """
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().contiguous()
+        header = [name, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel()]
+        h.update(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _savable(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """safetensors wants contiguous tensors that share no storage; tied weights are cloned."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise StoreError(f"state entry {name!r} is {type(tensor).__name__}, not a tensor")
+        t = tensor.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        elif t.numel():
+            seen.add(ptr)
+        out[prefix + name] = t
+    return out
+
+
+class Store:
+    """The server's jobs, rounds, clients, reports, events and checkpoints under one directory."""
+
+    def __init__(self, state_dir: Path, keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS) -> None:
+        if keep_checkpoints < 1:
+            raise StoreError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        self.state_dir = Path(state_dir)
+        self.keep_checkpoints = keep_checkpoints
+        self.db_path = self.state_dir / DB_NAME
+        self.checkpoint_dir = self.state_dir / CHECKPOINT_DIR
+        self._lock = threading.RLock()
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create state directory {self.checkpoint_dir}: {exc}") from exc
+        self._conn = self._open()
+        self._remove_stale_temp_files()
+
+    # ------------------------------------------------------------------ opening
+    def _open(self) -> sqlite3.Connection:
+        path = self.db_path
+        try:
+            conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"state database {path} refused WAL mode (got {mode!r})")
+            # FULL: a committed round survives power loss, not only a process crash.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            check = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+            if check != ["ok"]:
+                raise StoreError(
+                    f"state database {path} is corrupt (quick_check: {'; '.join(check[:3])}); "
+                    "restore it from a backup, do not delete it: it holds the privacy and "
+                    "round history"
+                )
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(
+                f"state database {path} is corrupt or not a SQLite database: {exc}"
+            ) from exc
+        except StoreError:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        has_version = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+        ).fetchone()
+        if has_version is None:
+            tables = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+            if tables:
+                raise StoreError(
+                    f"state database {self.db_path} has tables but no schema_version; "
+                    "it was not created by this server"
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = None if row is None else row[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"state database {self.db_path} has schema version {version}, "
+                f"this server understands {SCHEMA_VERSION}"
+            )
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files are leftovers of a crash mid-write; they were never recorded."""
+        for tmp in self.checkpoint_dir.glob("*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            with suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, table: str, values: Mapping[str, Any]) -> int:
+        """INSERT OR IGNORE of named values; returns the number of rows inserted (0 or 1)."""
+        names = ", ".join(values)
+        marks = ", ".join(f":{n}" for n in values)
+        sql = f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})"
+        return conn.execute(sql, dict(values)).rowcount
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # --------------------------------------------------------------------- jobs
+    def create_job(
+        self,
+        job_id: str,
+        model_type: str,
+        strategy: str,
+        config: Mapping[str, Any],
+        total_rounds: int,
+    ) -> Job:
+        if not _JOB_ID.fullmatch(job_id):
+            raise StoreError(
+                f"job id {job_id!r} must be 1-128 characters of letters, digits, '.', '_', '-' "
+                "(it names the checkpoint directory)"
+            )
+        if total_rounds < 1:
+            raise StoreError(f"job {job_id}: total_rounds must be >= 1, got {total_rounds}")
+        created = time.time()
+        config_json = json.dumps(dict(config), sort_keys=True)
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE job_id=?", (job_id,)).fetchone():
+                raise StoreError(f"job {job_id!r} already exists")
+            conn.execute(
+                "INSERT INTO jobs (job_id, model_type, strategy, config_json, total_rounds, "
+                "state, created) VALUES (?, ?, ?, ?, ?, 'running', ?)",
+                (job_id, model_type, strategy, config_json, total_rounds, created),
+            )
+            self._insert_event(conn, job_id, "job_created", {"model_type": model_type})
+        return Job(
+            job_id, model_type, strategy, json.loads(config_json), total_rounds, "running", created
+        )
+
+    def get_job(self, job_id: str) -> Job | None:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def latest_job(self) -> Job | None:
+        """The most recently created job (the one a restarted server resumes)."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created DESC, rowid DESC")
+        return _job(rows[0]) if rows else None
+
+    def set_job_state(self, job_id: str, state: str) -> None:
+        if state not in JOB_STATES:
+            raise StoreError(f"job state {state!r} is not one of {JOB_STATES}")
+        with self._transaction() as conn:
+            cur = conn.execute("UPDATE jobs SET state=? WHERE job_id=?", (state, job_id))
+            if cur.rowcount != 1:
+                raise StoreError(f"unknown job {job_id!r}")
+            self._insert_event(conn, job_id, "job_state", {"state": state})
+
+    # ------------------------------------------------------------------- rounds
+    def save_initial_model(self, job_id: str, state: Mapping[str, torch.Tensor]) -> Path:
+        """Checkpoints the job's starting model as round 0 (once: restarts must reuse it)."""
+        with self._lock:
+            row = self._job_row(job_id)
+            if row[7] is not None:
+                raise RoundAlreadyRecorded(f"job {job_id!r} already has an initial model")
+            sha, path = self._write_checkpoint(job_id, 0, state, {})
+            with self._transaction() as conn:
+                conn.execute(
+                    "UPDATE jobs SET initial_sha256=?, initial_checkpoint=? WHERE job_id=?",
+                    (sha, self._relative(path), job_id),
+                )
+                self._insert_event(conn, job_id, "initial_model", {"sha256": sha})
+            return path
+
+    def complete_round(
+        self,
+        job_id: str,
+        round: int,
+        summary: RoundSummary,
+        model_state: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, torch.Tensor],
+    ) -> RoundRecord:
+        """Checkpoints the new global model, then records the round (exactly once)."""
+        with self._lock:
+            self._check_new_round(job_id, round)
+            sha, path = self._write_checkpoint(job_id, round, model_state, strategy_state)
+            with self._transaction() as conn:
+                self._insert_round(conn, job_id, round, summary, sha, self._relative(path))
+                self._insert_event(conn, job_id, "round_completed", {"round": round, "sha256": sha})
+                self._unreference_old_checkpoints(conn, job_id)
+            self._delete_unreferenced_checkpoints(job_id, below=round)
+            return self._round_record(job_id, round)
+
+    def record_failed_round(
+        self, job_id: str, round: int, summary: RoundSummary, reason: str
+    ) -> RoundRecord:
+        """Records a round that produced no model (no quorum, aggregation error...)."""
+        failed = replace(summary, metrics={**summary.metrics, "reason": reason})
+        with self._lock:
+            self._check_new_round(job_id, round)
+            with self._transaction() as conn:
+                self._insert_round(conn, job_id, round, failed, None, None)
+                self._insert_event(conn, job_id, "round_failed", {"round": round, "reason": reason})
+            return self._round_record(job_id, round)
+
+    def rounds(self, job_id: str) -> list[RoundRecord]:
+        rows = self._query(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE job_id=? ORDER BY round", (job_id,)
+        )
+        return [_round(r) for r in rows]
+
+    def last_completed_round(self, job_id: str) -> int:
+        """The latest round with a model (0: none, start from the initial model)."""
+        rows = self._query(
+            "SELECT MAX(round) FROM rounds WHERE job_id=? AND state='completed'", (job_id,)
+        )
+        return int(rows[0][0] or 0)
+
+    def last_round(self, job_id: str) -> int:
+        """The latest round recorded in any state; the next round is this plus one."""
+        rows = self._query("SELECT MAX(round) FROM rounds WHERE job_id=?", (job_id,))
+        return int(rows[0][0] or 0)
+
+    def load_checkpoint(
+        self, job_id: str, round: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(model state, strategy state) of a recorded round, verified against the database."""
+        with self._lock:
+            if round == 0:
+                job = self._job_row(job_id)
+                expected_sha, relative = job[7], job[8]
+                if expected_sha is None:
+                    raise CheckpointError(f"job {job_id!r} has no initial model (round 0)")
+            else:
+                rows = self._conn.execute(
+                    "SELECT state, model_sha256, checkpoint FROM rounds WHERE job_id=? AND round=?",
+                    (job_id, round),
+                ).fetchall()
+                if not rows or rows[0][0] != "completed":
+                    raise CheckpointError(f"job {job_id!r} has no completed round {round}")
+                expected_sha, relative = rows[0][1], rows[0][2]
+                if relative is None:
+                    raise CheckpointError(
+                        f"the checkpoint of job {job_id!r} round {round} was pruned "
+                        f"(only the last {self.keep_checkpoints} and round 0 are kept)"
+                    )
+        return self._read_checkpoint(self.state_dir / relative, job_id, round, expected_sha)
+
+    def checkpoint_path(self, job_id: str, round: int) -> Path:
+        return self.checkpoint_dir / job_id / f"round_{round:06d}.safetensors"
+
+    # ------------------------------------------------------- clients and reports
+    def upsert_client(
+        self,
+        client_id: str,
+        *,
+        num_examples: int | None = None,
+        epsilon_total: float | None = None,
+        status: str | None = None,
+    ) -> None:
+        """Notes a sighting of a client; None fields keep their previous value."""
+        with self._transaction() as conn:
+            self._upsert_client(conn, client_id, num_examples, epsilon_total, status)
+
+    def record_report(self, report: Report) -> bool:
+        """Stores a report once (False: a retried duplicate, ignored) and updates the client."""
+        values = asdict(report)
+        values["metrics_json"] = json.dumps(values.pop("metrics"), sort_keys=True)
+        values["received"] = time.time()
+        with self._transaction() as conn:
+            if self._insert(conn, "reports", values) != 1:
+                return False
+            self._upsert_client(
+                conn,
+                report.client_id,
+                report.num_examples or None,
+                report.epsilon_total,
+                report.status,
+            )
+            return True
+
+    def reports(self, job_id: str, round: int | None = None) -> list[Report]:
+        sql = (
+            "SELECT job_id, round, client_id, task_id, kind, status, reason, metrics_json, "
+            "num_examples, epsilon_round, epsilon_total FROM reports WHERE job_id=?"
+        )
+        args: tuple[Any, ...] = (job_id,)
+        if round is not None:
+            sql += " AND round=?"
+            args += (round,)
+        rows = self._query(sql + " ORDER BY rowid", args)
+        return [
+            Report(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10])
+            for r in rows
+        ]
+
+    def clients(self) -> list[ClientRecord]:
+        rows = self._query(
+            "SELECT client_id, first_seen, last_seen, num_examples, epsilon_total, last_status "
+            "FROM clients ORDER BY client_id"
+        )
+        return [ClientRecord(*r) for r in rows]
+
+    def record_event(
+        self, kind: str, detail: Mapping[str, Any] | None = None, job_id: str | None = None
+    ) -> None:
+        with self._transaction() as conn:
+            self._insert_event(conn, job_id, kind, detail or {})
+
+    def events(self, job_id: str | None = None, limit: int = 1000) -> list[Event]:
+        """The most recent events (all jobs when job_id is None), oldest first."""
+        if job_id is None:
+            rows = self._query(
+                "SELECT ts, job_id, kind, detail_json FROM events ORDER BY rowid DESC LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = self._query(
+                "SELECT ts, job_id, kind, detail_json FROM events WHERE job_id=? "
+                "ORDER BY rowid DESC LIMIT ?",
+                (job_id, limit),
+            )
+        return [Event(r[0], r[1], r[2], json.loads(r[3])) for r in reversed(rows)]
+
+    # ---------------------------------------------------------------- internals
+    def _job_row(self, job_id: str) -> tuple[Any, ...]:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id=?", (job_id,))
+        if not rows:
+            raise StoreError(f"unknown job {job_id!r}")
+        return rows[0]
+
+    def _insert_round(
+        self,
+        conn: sqlite3.Connection,
+        job_id: str,
+        round: int,
+        summary: RoundSummary,
+        sha: str | None,
+        checkpoint: str | None,
+    ) -> None:
+        values = {
+            "job_id": job_id,
+            "round": round,
+            "state": "failed" if sha is None else "completed",
+            "selected": summary.selected,
+            "reported": summary.reported,
+            "failed": summary.failed,
+            "metrics_json": json.dumps(dict(summary.metrics), sort_keys=True),
+            "seconds": summary.seconds,
+            "model_sha256": sha,
+            "checkpoint": checkpoint,
+            "recorded": time.time(),
+        }
+        if self._insert(conn, "rounds", values) != 1:
+            raise RoundAlreadyRecorded(f"job {job_id!r} round {round} is already recorded")
+
+    def _round_record(self, job_id: str, round: int) -> RoundRecord:
+        rows = self._query(
+            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE job_id=? AND round=?", (job_id, round)
+        )
+        return _round(rows[0])
+
+    def _check_new_round(self, job_id: str, round: int) -> None:
+        """Refuses a duplicate or out-of-order round before any file is touched."""
+        self._job_row(job_id)
+        if round < 1:
+            raise StoreError(f"job {job_id!r}: rounds are numbered from 1, got {round}")
+        existing = self._query(
+            "SELECT state FROM rounds WHERE job_id=? AND round=?", (job_id, round)
+        )
+        if existing:
+            raise RoundAlreadyRecorded(
+                f"job {job_id!r} round {round} is already recorded ({existing[0][0]})"
+            )
+        last = self.last_round(job_id)
+        if round <= last:
+            raise StoreError(
+                f"job {job_id!r}: round {round} is older than the last recorded round {last}"
+            )
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.state_dir).as_posix()
+
+    def _write_checkpoint(
+        self,
+        job_id: str,
+        round: int,
+        model_state: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, torch.Tensor],
+    ) -> tuple[str, Path]:
+        """Writes a checkpoint so that the final path holds either the old file or the new."""
+        model_sha = state_sha256(model_state)
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "job_id": job_id,
+            "round": str(round),
+            "model_sha256": model_sha,
+            "strategy_sha256": state_sha256(strategy_state),
+            # safetensors stores tensors sorted; the model's own order is part of its hash.
+            "model_order": json.dumps(list(model_state)),
+            "strategy_order": json.dumps(list(strategy_state)),
+        }
+        tensors = {
+            **_savable(model_state, _MODEL_PREFIX),
+            **_savable(strategy_state, _STRATEGY_PREFIX),
+        }
+        final = self.checkpoint_path(job_id, round)
+        job_dir = final.parent
+        tmp_name: str | None = None
+        try:
+            if not job_dir.is_dir():
+                job_dir.mkdir(parents=True)
+                _fsync_dir(job_dir.parent)
+            fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=f".{final.name}.", suffix=".tmp")
+            os.close(fd)
+            save_file(tensors, tmp_name, metadata=metadata)
+            fd = os.open(tmp_name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_name, final)
+            tmp_name = None
+            _fsync_dir(job_dir)
+        except Exception as exc:
+            if tmp_name is not None:
+                with suppress(OSError):
+                    os.unlink(tmp_name)
+            hint = ""
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                hint = " (disk full)"
+            elif isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                hint = " (read-only or not writable)"
+            raise StoreError(
+                f"cannot write checkpoint {final}{hint}: {exc}; the round is not recorded and "
+                "earlier checkpoints are untouched"
+            ) from exc
+        return model_sha, final
+
+    def _read_checkpoint(
+        self, path: Path, job_id: str, round: int, expected_sha: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} for job {job_id!r} round {round} is missing; "
+                "refusing to start the job over"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                model_order = json.loads(meta["model_order"])
+                strategy_order = json.loads(meta["strategy_order"])
+                model = {n: f.get_tensor(_MODEL_PREFIX + n) for n in model_order}
+                strategy = {n: f.get_tensor(_STRATEGY_PREFIX + n) for n in strategy_order}
+                stored = set(f.keys())
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+        expected_keys = {_MODEL_PREFIX + n for n in model} | {
+            _STRATEGY_PREFIX + n for n in strategy
+        }
+        problems = []
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            problems.append(f"format {meta.get('format')!r}")
+        if meta.get("job_id") != job_id or meta.get("round") != str(round):
+            problems.append(f"it belongs to job {meta.get('job_id')!r} round {meta.get('round')}")
+        if stored != expected_keys:
+            problems.append("its tensor list does not match its metadata")
+        sha = state_sha256(model)
+        if sha != expected_sha or meta.get("model_sha256") != expected_sha:
+            problems.append(f"model sha256 {sha} != recorded {expected_sha}")
+        if state_sha256(strategy) != meta.get("strategy_sha256"):
+            problems.append("strategy state sha256 does not match")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} is not valid: {'; '.join(problems)}")
+        return model, strategy
+
+    def _unreference_old_checkpoints(self, conn: sqlite3.Connection, job_id: str) -> None:
+        """Drops all but the newest K round checkpoints from the record (files go after)."""
+        conn.execute(
+            "UPDATE rounds SET checkpoint=NULL WHERE job_id=? AND round IN ("
+            "SELECT round FROM rounds WHERE job_id=? AND checkpoint IS NOT NULL "
+            "ORDER BY round DESC LIMIT -1 OFFSET ?)",
+            (job_id, job_id, self.keep_checkpoints),
+        )
+
+    def _delete_unreferenced_checkpoints(self, job_id: str, below: int) -> None:
+        """Deletes round files the database no longer names.
+
+        Scanning (rather than deleting just what this commit pruned) also sweeps
+        files orphaned by a crash between a commit and its deletions, or written
+        for a round that was never recorded. Only rounds before ``below`` are
+        touched, and never round 0.
+        """
+        referenced = {
+            row[0]
+            for row in self._query(
+                "SELECT checkpoint FROM rounds WHERE job_id=? AND checkpoint IS NOT NULL",
+                (job_id,),
+            )
+        }
+        for path in (self.checkpoint_dir / job_id).glob("round_*.safetensors"):
+            match = _ROUND_FILE.fullmatch(path.name)
+            if match is None:
+                continue
+            rnd = int(match.group(1))
+            if 0 < rnd < below and self._relative(path) not in referenced:
+                path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _insert_event(
+        conn: sqlite3.Connection, job_id: str | None, kind: str, detail: Mapping[str, Any]
+    ) -> None:
+        conn.execute(
+            "INSERT INTO events (ts, job_id, kind, detail_json) VALUES (?, ?, ?, ?)",
+            (time.time(), job_id, kind, json.dumps(dict(detail), sort_keys=True)),
+        )
+
+    @staticmethod
+    def _upsert_client(
+        conn: sqlite3.Connection,
+        client_id: str,
+        num_examples: int | None,
+        epsilon_total: float | None,
+        status: str | None,
+    ) -> None:
+        now = time.time()
+        conn.execute(
+            "INSERT INTO clients (client_id, first_seen, last_seen, num_examples, epsilon_total, "
+            "last_status) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (client_id) DO UPDATE SET last_seen=excluded.last_seen, "
+            "num_examples=COALESCE(excluded.num_examples, clients.num_examples), "
+            "epsilon_total=COALESCE(excluded.epsilon_total, clients.epsilon_total), "
+            "last_status=COALESCE(excluded.last_status, clients.last_status)",
+            (client_id, now, now, num_examples, epsilon_total, status),
+        )
+
+
+_JOB_COLUMNS = (
+    "job_id, model_type, strategy, config_json, total_rounds, state, created, "
+    "initial_sha256, initial_checkpoint"
+)
+
+
+_ROUND_COLUMNS = (
+    "job_id, round, state, selected, reported, failed, metrics_json, seconds, model_sha256, "
+    "checkpoint"
+)
+
+
+def _round(r: tuple[Any, ...]) -> RoundRecord:
+    return RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9])
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    return Job(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6])

@@ -1,0 +1,415 @@
+"""Durable server state: exactly-once rounds, verified checkpoints, restart, corruption."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import fl_server.store as store_mod
+from fl_server.store import (
+    CheckpointError,
+    Report,
+    RoundAlreadyRecorded,
+    RoundSummary,
+    Store,
+    StoreError,
+    state_sha256,
+)
+
+SUMMARY = RoundSummary(selected=3, reported=3, failed=0, seconds=1.5, metrics={"loss": 0.5})
+
+
+def model_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Deliberately not in sorted order: the order is part of the model.
+    return {
+        "fc.weight": torch.randn(4, 3, generator=g),
+        "bn.weight": torch.randn(5, generator=g).to(torch.bfloat16),
+        "emb.half": torch.randn(2, 2, generator=g).to(torch.float16),
+        "bn.num_batches_tracked": torch.tensor(seed, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "scalar64": torch.tensor(1.25 + seed, dtype=torch.float64),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def strategy_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"m/fc.weight": torch.full((4, 3), float(seed)), "v/fc.weight": torch.ones(4, 3)}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = Store(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def new_job(store: Store, job_id: str = "job1") -> None:
+    store.create_job(job_id, "pneumonia", "fedadam", {"eta": 0.01, "rounds": 3}, total_rounds=10)
+
+
+# ------------------------------------------------------------------------------ hashing
+def test_state_sha256_is_independent_hashlib_over_name_dtype_shape_bytes() -> None:
+    import hashlib
+    import json
+
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(3)}
+    h = hashlib.sha256()
+    cases: list[tuple[str, np.ndarray, str]] = [
+        ("a", np.arange(6, dtype=np.float32).reshape(2, 3), "float32"),
+        ("b", np.array(3, dtype=np.int64), "int64"),
+    ]
+    for name, arr, dtype in cases:
+        header = json.dumps([name, dtype, list(arr.shape), arr.size], separators=(",", ":"))
+        h.update(header.encode() + b"\n" + arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+    assert state_sha256(state) == h.hexdigest()
+    swapped = {"b": state["b"], "a": state["a"]}
+    assert state_sha256(swapped) != state_sha256(state)
+    reshaped = {"a": state["a"].reshape(3, 2), "b": state["b"]}
+    assert state_sha256(reshaped) != state_sha256(state)
+    recast = {"a": state["a"].view(torch.int32), "b": state["b"]}
+    assert state_sha256(recast) != state_sha256(state)
+
+
+# ------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_keeps_dtypes_order_and_values(store: Store) -> None:
+    new_job(store)
+    initial = model_state(0)
+    store.save_initial_model("job1", initial)
+    record = store.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
+    assert record.model_sha256 == state_sha256(model_state(1))
+    assert record.state == "completed" and record.metrics == {"loss": 0.5}
+    model, strat = store.load_checkpoint("job1", 1)
+    assert_same(model, model_state(1))
+    assert_same(strat, strategy_state(1))
+    model0, strat0 = store.load_checkpoint("job1", 0)
+    assert_same(model0, initial)
+    assert strat0 == {}
+    with pytest.raises(RoundAlreadyRecorded, match="initial model"):
+        store.save_initial_model("job1", initial)
+
+
+def test_tied_and_non_contiguous_tensors_are_saved(store: Store) -> None:
+    new_job(store)
+    base = torch.randn(3, 4)
+    state = {"a": base, "tied": base, "t": base.t(), "view": base[1]}
+    store.complete_round("job1", 1, SUMMARY, state, {})
+    model, _ = store.load_checkpoint("job1", 1)
+    assert_same(model, {k: v.contiguous() for k, v in state.items()})
+
+
+def test_rounds_are_recorded_exactly_once(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    path = store.checkpoint_path("job1", 1)
+    before = path.read_bytes()
+    with pytest.raises(RoundAlreadyRecorded, match="round 1 is already recorded"):
+        store.complete_round("job1", 1, SUMMARY, model_state(9), {})
+    assert path.read_bytes() == before, "a refused duplicate must not touch the checkpoint"
+    failed = store.record_failed_round("job1", 2, SUMMARY, reason="no quorum")
+    assert failed.state == "failed" and failed.metrics["reason"] == "no quorum"
+    with pytest.raises(RoundAlreadyRecorded):
+        store.record_failed_round("job1", 2, SUMMARY, reason="again")
+    with pytest.raises(RoundAlreadyRecorded):
+        store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    with pytest.raises(StoreError, match="numbered from 1"):
+        store.complete_round("job1", 0, SUMMARY, model_state(2), {})
+    # A round interrupted by a crash was never recorded; its number may be skipped.
+    store.complete_round("job1", 4, SUMMARY, model_state(4), {})
+    with pytest.raises(StoreError, match="round 3 is older than the last recorded round 4"):
+        store.complete_round("job1", 3, SUMMARY, model_state(3), {})
+    assert [(r.round, r.state) for r in store.rounds("job1")] == [
+        (1, "completed"),
+        (2, "failed"),
+        (4, "completed"),
+    ]
+    assert store.last_completed_round("job1") == 4
+    with pytest.raises(CheckpointError, match="no completed round 2"):
+        store.load_checkpoint("job1", 2)
+    with pytest.raises(StoreError, match="unknown job 'nope'"):
+        store.complete_round("nope", 1, SUMMARY, model_state(1), {})
+
+
+def test_concurrent_duplicate_round_is_recorded_once(store: Store) -> None:
+    new_job(store)
+    outcomes: list[str] = []
+
+    def attempt(seed: int) -> None:
+        try:
+            store.complete_round("job1", 1, SUMMARY, model_state(seed), {})
+            outcomes.append("ok")
+        except RoundAlreadyRecorded:
+            outcomes.append("dup")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["dup", "dup", "dup", "ok"]
+    store.load_checkpoint("job1", 1)  # the recorded round's file is the one written
+
+
+def test_restart_sees_the_same_job_and_round(tmp_path: Path) -> None:
+    with Store(tmp_path) as first:
+        new_job(first)
+        first.save_initial_model("job1", model_state(0))
+        first.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
+        first.complete_round("job1", 2, SUMMARY, model_state(2), strategy_state(2))
+        first.record_failed_round("job1", 3, SUMMARY, reason="deadline")
+    with Store(tmp_path) as second:
+        job = second.latest_job()
+        assert job is not None
+        assert (job.job_id, job.model_type, job.strategy, job.total_rounds, job.state) == (
+            "job1",
+            "pneumonia",
+            "fedadam",
+            10,
+            "running",
+        )
+        assert job.config == {"eta": 0.01, "rounds": 3}
+        assert second.last_completed_round("job1") == 2
+        assert second.last_round("job1") == 3
+        model, strat = second.load_checkpoint("job1", 2)
+        assert_same(model, model_state(2))
+        assert_same(strat, strategy_state(2))
+        second.complete_round("job1", 4, SUMMARY, model_state(4), {})
+
+
+def test_jobs(store: Store) -> None:
+    assert store.latest_job() is None
+    new_job(store, "a")
+    new_job(store, "b")
+    latest = store.latest_job()
+    assert latest is not None and latest.job_id == "b"
+    assert store.get_job("missing") is None
+    store.set_job_state("a", "completed")
+    job_a = store.get_job("a")
+    assert job_a is not None and job_a.state == "completed"
+    with pytest.raises(StoreError, match="already exists"):
+        new_job(store, "a")
+    with pytest.raises(StoreError, match="not one of"):
+        store.set_job_state("a", "exploded")
+    with pytest.raises(StoreError, match="unknown job"):
+        store.set_job_state("zzz", "failed")
+    for bad in ("../escape", "", "a/b", "x\n"):
+        with pytest.raises(StoreError, match="job id"):
+            store.create_job(bad, "m", "fedavg", {}, 1)
+    assert store.last_completed_round("a") == 0
+
+
+# ------------------------------------------------------------------------ corruption
+def test_corrupt_checkpoint_is_an_error_naming_the_file(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
+    path = store.checkpoint_path("job1", 1)
+    original = path.read_bytes()
+
+    flipped = bytearray(original)
+    flipped[-3] ^= 0xFF  # inside the tensor data: parses, hash differs
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*sha256"):
+        store.load_checkpoint("job1", 1)
+
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*cannot be read"):
+        store.load_checkpoint("job1", 1)
+
+    path.unlink()
+    with pytest.raises(CheckpointError, match=rf"{path.name}.*missing"):
+        store.load_checkpoint("job1", 1)
+
+
+def test_checkpoint_of_another_round_is_refused(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    p1, p2 = store.checkpoint_path("job1", 1), store.checkpoint_path("job1", 2)
+    p2.write_bytes(p1.read_bytes())
+    with pytest.raises(CheckpointError, match="belongs to job 'job1' round 1"):
+        store.load_checkpoint("job1", 2)
+
+
+def make_db(tmp_path: Path) -> Path:
+    with Store(tmp_path) as s:
+        new_job(s)
+        for i in range(200):
+            s.record_event("noise", {"i": i, "pad": "x" * 200}, job_id="job1")
+    return tmp_path / "server.db"
+
+
+def test_corrupt_database_header_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    db = make_db(tmp_path)
+    data = bytearray(db.read_bytes())
+    data[:16] = b"not a database!!"
+    db.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=rf"{db}.*(corrupt|not a SQLite database)"):
+        Store(tmp_path)
+
+
+def test_corrupt_database_pages_are_detected_at_open(tmp_path: Path) -> None:
+    db = make_db(tmp_path)
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    for offset in range(2 * page, len(data), page):  # every b-tree page but the first
+        data[offset : offset + 64] = os.urandom(64)
+    db.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=str(db)):
+        Store(tmp_path)
+
+
+def test_foreign_database_is_refused(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "server.db")
+    conn.execute("CREATE TABLE other (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="no schema_version"):
+        Store(tmp_path)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    Store(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "server.db")
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(tmp_path)
+
+
+# ---------------------------------------------------------------------------- pruning
+def test_only_the_last_k_checkpoints_and_round_zero_are_kept(tmp_path: Path) -> None:
+    with Store(tmp_path, keep_checkpoints=3) as store:
+        new_job(store)
+        store.save_initial_model("job1", model_state(0))
+        for r in range(1, 8):
+            if r == 5:
+                store.record_failed_round("job1", r, SUMMARY, reason="x")
+            else:
+                store.complete_round("job1", r, SUMMARY, model_state(r), {})
+        job_dir = tmp_path / "checkpoints" / "job1"
+        files = sorted(p.name for p in job_dir.iterdir())
+        expected = ["round_000000.safetensors"] + [f"round_{r:06d}.safetensors" for r in (4, 6, 7)]
+        assert files == expected
+        with pytest.raises(CheckpointError, match="round 2 was pruned"):
+            store.load_checkpoint("job1", 2)
+        assert_same(store.load_checkpoint("job1", 4)[0], model_state(4))
+        assert_same(store.load_checkpoint("job1", 0)[0], model_state(0))
+
+
+def test_orphaned_and_temp_files_are_swept(tmp_path: Path) -> None:
+    with Store(tmp_path, keep_checkpoints=2) as store:
+        new_job(store)
+        store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    job_dir = tmp_path / "checkpoints" / "job1"
+    (job_dir / ".round_000002.safetensors.abc.tmp").write_bytes(b"half")
+    (job_dir / "round_000002.safetensors").write_bytes(b"written, never recorded")
+    with Store(tmp_path, keep_checkpoints=2) as store:
+        assert not list(job_dir.glob("*.tmp"))
+        store.complete_round("job1", 3, SUMMARY, model_state(3), {})
+        names = sorted(p.name for p in job_dir.iterdir())
+        assert names == ["round_000001.safetensors", "round_000003.safetensors"]
+
+
+# ---------------------------------------------------------------------- failed writes
+@pytest.mark.parametrize(
+    ("code", "hint"), [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only")]
+)
+def test_failed_checkpoint_write_leaves_previous_intact(
+    store: Store, monkeypatch: pytest.MonkeyPatch, code: int, hint: str
+) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
+    real_save = store_mod.save_file
+
+    def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
+        real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
+        raise OSError(code, os.strerror(code), filename)
+
+    monkeypatch.setattr(store_mod, "save_file", failing_save)
+    with pytest.raises(StoreError, match=rf"round_000002.*{hint}.*not recorded"):
+        store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    monkeypatch.undo()
+    assert store.last_completed_round("job1") == 1
+    assert [r.round for r in store.rounds("job1")] == [1]
+    assert sorted(p.name for p in store.checkpoint_path("job1", 1).parent.iterdir()) == [
+        "round_000001.safetensors"
+    ]
+    assert_same(store.load_checkpoint("job1", 1)[0], model_state(1))
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # retry once space is back
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_checkpoint_directory(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    job_dir = store.checkpoint_path("job1", 1).parent
+    job_dir.chmod(0o500)
+    try:
+        with pytest.raises(StoreError, match="read-only or not writable"):
+            store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    finally:
+        job_dir.chmod(0o700)
+    assert_same(store.load_checkpoint("job1", 1)[0], model_state(1))
+
+
+def test_checkpoint_directory_that_is_a_file(store: Store) -> None:
+    """Works as root too: the job's checkpoint path cannot be created."""
+    new_job(store, "job2")
+    (store.checkpoint_dir / "job2").write_bytes(b"in the way")
+    with pytest.raises(StoreError, match="cannot write checkpoint"):
+        store.complete_round("job2", 1, SUMMARY, model_state(1), {})
+    assert store.last_completed_round("job2") == 0
+
+
+# ---------------------------------------------------------------- clients and reports
+def test_reports_clients_and_events(store: Store) -> None:
+    new_job(store)
+    store.upsert_client("hospital_1", status="joined")
+    report = Report(
+        job_id="job1",
+        round=1,
+        client_id="hospital_1",
+        task_id="t-1",
+        kind="train",
+        status="ok",
+        metrics={"loss": 0.25},
+        num_examples=120,
+        epsilon_round=0.5,
+        epsilon_total=1.5,
+    )
+    assert store.record_report(report) is True
+    assert store.record_report(report) is False, "a retried report is stored once"
+    refusal = Report("job1", 1, "hospital_2", "t-2", "train", "refused", reason="budget spent")
+    assert store.record_report(refusal)
+    assert store.reports("job1", 1) == [report, refusal]
+    assert store.reports("job1", 2) == []
+    clients = {c.client_id: c for c in store.clients()}
+    h1 = clients["hospital_1"]
+    assert (h1.num_examples, h1.epsilon_total, h1.last_status) == (120, 1.5, "ok")
+    assert h1.first_seen <= h1.last_seen
+    store.upsert_client("hospital_1", status="left")
+    h1b = {c.client_id: c for c in store.clients()}["hospital_1"]
+    assert (h1b.num_examples, h1b.epsilon_total, h1b.last_status) == (120, 1.5, "left")
+    assert h1b.first_seen == h1.first_seen
+    store.record_event("custom", {"why": "test"}, job_id="job1")
+    kinds = [e.kind for e in store.events("job1")]
+    assert kinds[0] == "job_created" and kinds[-1] == "custom"
+    assert store.events("job1")[-1].detail == {"why": "test"}
