@@ -88,7 +88,13 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES)
 
 class CodecError(Exception):
     """Base of every codec failure; `code` is machine-readable (it goes into the
-    wire's ErrorDetail), `field` names the tensor or manifest field concerned."""
+    wire's ErrorDetail), `field` names the tensor or manifest field concerned.
+
+    Codes: MANIFEST_MISMATCH, MANIFEST_INVALID (manifests); HASH_MISMATCH,
+    STREAM_OVERSIZE, CHUNK_LENGTH, INCOMPLETE, BAD_VALUE (IntegrityError);
+    OUT_OF_ORDER, FINISHED (StreamOrderError); UNSUPPORTED_DTYPE,
+    UNSUPPORTED_TENSOR, SPOOL_INVALID, BAD_ARGUMENT (plain CodecError).
+    """
 
     def __init__(self, code: str, message: str, field: str = "") -> None:
         super().__init__(f"{code}: {message}")
@@ -126,6 +132,7 @@ BAD_VALUE = "BAD_VALUE"
 OUT_OF_ORDER = "OUT_OF_ORDER"
 FINISHED = "FINISHED"
 SPOOL_INVALID = "SPOOL_INVALID"
+BAD_ARGUMENT = "BAD_ARGUMENT"
 
 
 def _require_little_endian() -> None:
@@ -189,7 +196,7 @@ def _raw_bytes(name: str, tensor: torch.Tensor) -> memoryview:
             UNSUPPORTED_TENSOR, f"tensor {name!r} has layout {tensor.layout}; send it dense", name
         )
     dtype_to_proto(tensor.dtype, name)
-    t = tensor.detach()
+    t = tensor.detach().resolve_neg()  # a lazily negated view's memory is not its value
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():
@@ -484,7 +491,7 @@ class StreamAssembler:
             self._ends.append(end)
         if not 0 <= resume_at <= self._chunk_count:
             raise CodecError(
-                "BAD_ARGUMENT", f"resume_at {resume_at} outside 0..{self._chunk_count}", "resume_at"
+                BAD_ARGUMENT, f"resume_at {resume_at} outside 0..{self._chunk_count}", "resume_at"
             )
         self._tensor_hashes = [hashlib.sha256() for _ in self._specs]
         self._stream_hash = _PairHasher(threaded=self._chunk_size >= _THREAD_MIN_PIECE)
@@ -500,7 +507,7 @@ class StreamAssembler:
         if self._spool_path is None:
             if resume_at:
                 raise CodecError(
-                    "BAD_ARGUMENT", "resume_at needs a spool_path holding the earlier chunks"
+                    BAD_ARGUMENT, "resume_at needs a spool_path holding the earlier chunks"
                 )
             self._memory = mmap.mmap(-1, self._total) if self._total else bytearray()
             self._view = memoryview(self._memory)
