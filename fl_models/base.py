@@ -137,8 +137,8 @@ class Task(ABC):
 
     def reference_metrics(
         self, train: TensorDataset, test: TensorDataset
-    ) -> dict[str, float] | None:
-        """Metrics of a classical model on the same data, when the task defines one.
+    ) -> tuple[str, dict[str, float]] | None:
+        """(name, metrics) of a classical model on the same data, when the task has one.
 
         The centralised baseline prints it next to the network's numbers, so a
         regression in the network shows up as a gap rather than as a plain number.
