@@ -303,27 +303,32 @@ def manifest_of_state(
 
 
 def iter_chunks(
-    state: Mapping[str, torch.Tensor], manifest: tensors_pb2.TensorManifest
+    state: Mapping[str, torch.Tensor], manifest: tensors_pb2.TensorManifest, start: int = 0
 ) -> Iterator[bytes | memoryview]:
     """The stream's plaintext chunks, in manifest order, `manifest.chunk_size` each.
 
     Chunks inside one tensor are memoryviews over its storage (valid as long as the
     tensor is not modified); only a chunk straddling tensors is joined into bytes.
+    `start` resumes a transfer at that chunk without touching the bytes before it.
     """
     validate_manifest(manifest)
     check_manifest(manifest, state)
+    if not 0 <= start <= manifest.chunk_count:
+        raise CodecError(BAD_ARGUMENT, f"start {start} outside 0..{manifest.chunk_count}", "start")
     chunk_size = manifest.chunk_size
+    skip = start * chunk_size
     pieces: list[memoryview] = []
     pending = 0
-    sent = 0
     for spec in manifest.tensors:
+        if skip >= spec.byte_length:
+            skip -= spec.byte_length
+            continue
         raw = _raw_bytes(spec.name, state[spec.name])
-        pos = 0
+        pos, skip = skip, 0
         while pos < len(raw):
             if pending == 0 and len(raw) - pos >= chunk_size:
                 yield raw[pos : pos + chunk_size]
                 pos += chunk_size
-                sent += 1
                 continue
             take = min(chunk_size - pending, len(raw) - pos)
             pieces.append(raw[pos : pos + take])
@@ -332,8 +337,7 @@ def iter_chunks(
             if pending == chunk_size:
                 yield b"".join(pieces)
                 pieces, pending = [], 0
-                sent += 1
-    if pending or sent == 0:
+    if pending or (manifest.total_bytes == 0 and start == 0):
         yield b"".join(pieces)
 
 

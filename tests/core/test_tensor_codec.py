@@ -101,6 +101,18 @@ def test_round_trip_exact(
         del got
 
 
+@SETTINGS
+@given(specs=states, chunk_size=st.integers(1, 40), data=st.data())
+def test_iter_chunks_from_start(
+    specs: list[tuple[torch.dtype, tuple[int, ...], int]], chunk_size: int, data: st.DataObject
+) -> None:
+    state = {f"t{i}": make_tensor(d, s, seed) for i, (d, s, seed) in enumerate(specs)}
+    manifest = tc.build_manifest(state, chunk_size)
+    every = [bytes(c) for c in tc.iter_chunks(state, manifest)]
+    start = data.draw(st.integers(0, manifest.chunk_count))
+    assert [bytes(c) for c in tc.iter_chunks(state, manifest, start)] == every[start:]
+
+
 def test_dtype_mapping_covers_every_weight_dtype() -> None:
     assert len(tc.SUPPORTED_DTYPES) == 10
     for dtype in tc.SUPPORTED_DTYPES:
