@@ -44,6 +44,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite, at about the cost of one sum.
+
+    A float32 sum is non-finite if any element is, so a finite sum settles it;
+    only a non-finite sum (a bad element, or an overflow of huge finite values)
+    pays for the exact elementwise test, which is ~20x slower on large tensors.
+    """
+    if bool(torch.isfinite(t.sum(dtype=accumulation_dtype(t.dtype)))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_fraction(name: str, value: float, low: float, high: float, *, high_open: bool) -> float:
     """Validates a real parameter in [low, high] or [low, high) with a message naming it."""
     value = float(value)
@@ -163,7 +175,7 @@ class Strategy(ABC):
                         continue
                     s = step.pop(name)
                     s.add_(g)
-                    if not bool(torch.isfinite(s).all()):
+                    if not all_finite(s):
                         raise StrategyError(
                             f"{self.name}: aggregated tensor {name!r} is not finite "
                             "(overflow or non-finite server state); the round is not applied"
@@ -247,13 +259,11 @@ class Strategy(ABC):
                     f"client {client_id!r}: delta {name!r} has shape {tuple(t.shape)}, "
                     f"the global model has {tuple(g.shape)}"
                 )
-            # A sum is non-finite iff some element is (short of float32 overflow, which
-            # no real update approaches); cheaper than materialising isfinite() masks.
-            total = t.sum(dtype=accumulation_dtype(g.dtype))
-            if not bool(torch.isfinite(total)):
+            # One poisoned update would make the whole aggregate NaN; refuse it here,
+            # where the client can still be named and left out.
+            if not all_finite(t):
                 raise StrategyError(
-                    f"client {client_id!r}: delta {name!r} contains NaN, infinite, "
-                    "or overflowing values"
+                    f"client {client_id!r}: delta {name!r} contains NaN or infinite values"
                 )
             checked[name] = t
         return checked

@@ -17,15 +17,23 @@ from typing import ClassVar
 
 import torch
 
-from fl_server.strategies.base import check_positive
+from fl_server.strategies.base import accumulation_dtype, check_positive
 from fl_server.strategies.fedavg import FedAvg
 
 
 def delta_norm(delta: dict[str, torch.Tensor]) -> float:
-    """L2 norm of all tensors of a delta, accumulated in float64."""
+    """L2 norm of all tensors of a delta together.
+
+    Computed per tensor in float32 (float64 tensors in float64), which is ~30x
+    faster than float64 on large tensors; a float32 overflow (entries beyond
+    ~1e19) is redone in float64 so a huge update still gets its true norm.
+    """
     total = 0.0
     for t in delta.values():
-        total += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        norm = float(torch.linalg.vector_norm(t, dtype=accumulation_dtype(t.dtype)))
+        if not math.isfinite(norm):
+            norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+        total += norm * norm
     return math.sqrt(total)
 
 

@@ -249,8 +249,8 @@ def test_checkpoint_of_another_round_is_refused(store: Store) -> None:
 def make_db(tmp_path: Path) -> Path:
     with Store(tmp_path) as s:
         new_job(s)
-        for i in range(200):
-            s.record_event("noise", {"i": i, "pad": "x" * 200}, job_id="job1")
+        for i in range(30):
+            s.record_event("noise", {"i": i, "pad": "x" * 1500}, job_id="job1")
     return tmp_path / "server.db"
 
 
