@@ -413,3 +413,35 @@ def test_reports_clients_and_events(store: Store) -> None:
     kinds = [e.kind for e in store.events("job1")]
     assert kinds[0] == "job_created" and kinds[-1] == "custom"
     assert store.events("job1")[-1].detail == {"why": "test"}
+
+
+class FullDiskConnection:
+    """Delegates to a real connection but fails round inserts like a full disk would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if "INTO rounds" in sql:
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_database_write_failure_records_nothing(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    real = store._conn
+    store._conn = FullDiskConnection(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StoreError, match=r"server.db: database or disk is full"):
+            store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    finally:
+        store._conn = real
+    assert not real.in_transaction
+    assert store.last_completed_round("job1") == 1
+    assert [e.kind for e in store.events("job1")].count("round_completed") == 1
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # the retry succeeds
+    assert_same(store.load_checkpoint("job1", 2)[0], model_state(2))
