@@ -466,6 +466,8 @@ class StreamAssembler:
     Tensors returned by `finish()` are views over the buffer (possibly at unaligned
     addresses, which torch on CPU handles) and keep it alive. Spooled tensors are
     a private (copy-on-write) mapping of the file: changing them never changes it.
+
+    Not thread-safe: one stream has one writer at a time.
     """
 
     def __init__(
