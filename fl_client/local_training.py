@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -52,6 +53,10 @@ from fl_proto import coordinator_pb2
 
 ACCOUNTANT = "rdp"  # Opacus's long-standing default; the ledger composes with the same one
 MAX_PHYSICAL_BATCH_SIZE = 128  # per-sample gradients cost memory x batch; bigger is split
+# "hooks" materialises per-sample gradients (Opacus's default, the best tested);
+# "ghost" computes only their norms for Linear layers and backpropagates twice: the
+# same clipped, noised gradient, 2-6x cheaper for MLPs (see bench/dp_step.py).
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 ProgressFn = Callable[[int, int, int, int, float], None]
 """on_progress(epoch, epochs, step, steps, loss): 1-based; loss is the epoch's running mean."""
@@ -184,6 +189,7 @@ def train_round(
     on_progress: ProgressFn | None = None,
     max_physical_batch_size: int = MAX_PHYSICAL_BATCH_SIZE,
     private_seed: int | None = None,
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """Train the global model on local data for one round; see the module docstring.
 
@@ -202,6 +208,8 @@ def train_round(
         raise ValueError("the local training set is empty")
     if max_physical_batch_size < 1:
         raise ValueError("max_physical_batch_size must be >= 1")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
     if config.seed:
         torch.manual_seed(config.seed)
 
@@ -219,7 +227,7 @@ def train_round(
     if settings.dp_enabled:
         run = _train_private(
             model, global_params, dataset, settings, device, ledger, job_id, round,
-            on_progress, max_physical_batch_size, private_seed,
+            on_progress, max_physical_batch_size, private_seed, grad_sample_mode,
         )
     else:
         run = _train_plain(model, global_params, dataset, settings, device, on_progress)
@@ -277,7 +285,7 @@ class _EpochStats:
         self.correct = 0
         self.seen = 0
 
-    def add(self, logits: Tensor, targets: Tensor, loss: Tensor) -> None:
+    def add(self, logits: Tensor, targets: Tensor, loss: Any) -> None:
         n = int(targets.shape[0])
         if n:
             self.loss_sum += float(loss.detach()) * n
@@ -326,8 +334,8 @@ def _quiet_opacus() -> Iterator[None]:
     """Silence Opacus warnings this module has already decided about (see docstring)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
-        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+        # Opacus's hooks fire on the first layer, whose input needs no gradient.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         # make_private_with_epsilon's noise search probes very large sigmas, whose
         # optimal RDP order sits at the edge of the grid; the bound stays valid.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -356,6 +364,7 @@ def _train_private(
     on_progress: ProgressFn | None,
     max_physical_batch_size: int,
     private_seed: int | None,
+    grad_sample_mode: str,
 ) -> _Run:
     hp = settings.hyperparams
     seed = private_seed if private_seed is not None else secrets.randbits(63)
@@ -363,27 +372,34 @@ def _train_private(
     noise_gen = torch.Generator(device=device).manual_seed(seed ^ 0x5EED)
     loader = DataLoader(dataset, batch_size=hp.batch_size, generator=sampling_gen)
     optimizer = hp.make_optimizer(model.parameters())
+    criterion: Callable[[Tensor, Tensor], Any] = nn.CrossEntropyLoss()
     with _quiet_opacus():
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         common = {
             "module": model,
             "optimizer": optimizer,
             "data_loader": loader,
+            "criterion": criterion,
             "max_grad_norm": settings.max_grad_norm,
             "poisson_sampling": True,
             "noise_generator": noise_gen,
+            "grad_sample_mode": grad_sample_mode,
         }
         if settings.target_epsilon > 0:
-            dp_model, dp_opt, dp_loader = engine.make_private_with_epsilon(
+            wrapped = engine.make_private_with_epsilon(
                 target_epsilon=settings.target_epsilon,
                 target_delta=settings.delta,
                 epochs=hp.local_epochs,
                 **common,
             )
         else:
-            dp_model, dp_opt, dp_loader = engine.make_private(
-                noise_multiplier=settings.noise_multiplier, **common
-            )
+            wrapped = engine.make_private(noise_multiplier=settings.noise_multiplier, **common)
+    if grad_sample_mode == "ghost":
+        # The wrapped criterion's loss.backward() runs both passes (norms, then the
+        # reweighted loss); everything after it is the same as with hooks.
+        dp_model, dp_opt, criterion, dp_loader = wrapped
+    else:
+        dp_model, dp_opt, dp_loader = wrapped
     assert isinstance(dp_opt, DPOptimizer)
     noise_multiplier = float(dp_opt.noise_multiplier)
     sample_rate = 1.0 / len(loader)
@@ -392,7 +408,6 @@ def _train_private(
     if ledger is not None:
         ledger.ensure_budget(noise_multiplier, sample_rate, planned_steps)
 
-    criterion = nn.CrossEntropyLoss()
     stats = _EpochStats()
     try:
         with _quiet_opacus():
