@@ -248,9 +248,8 @@ class ClientDaemon:
         log_event(log, "update_sent", round=task.round, bytes=receipt.bytes_received,
                   epsilon_round=f"{result.epsilon_round:.3f}",
                   epsilon_total=f"{self.ledger.spent():.3f}", dp=result.dp_enabled)
-        self._report(task, cpb.OK, metrics=metrics, num_examples=result.num_examples,
-                     epsilon_round=result.epsilon_round, epsilon_total=self.ledger.spent(),
-                     dp_enabled=result.dp_enabled, delta=result.delta)
+        # No separate OK report: the update's header carried the metrics and epsilon,
+        # and the round may already have closed by the time a report would arrive.
 
     def _apply_local_privacy(self, config: cpb.TrainConfig) -> None:
         """The hospital's own privacy flags override what the server asked for."""

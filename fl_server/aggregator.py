@@ -301,19 +301,20 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         if task_kind == cpb.WEIGHTS:
             delta = _DeltaView(tensors, model.state)
         metrics = dict(header.metrics)
+        with self._lock:  # complete: no longer resumable, and not cancelled at round close
+            self._uploads.pop(stream_id, None)
         try:
             self.engine.accept_update(up.client_id, up.task_id, header.job_id, header.round,
                                       delta, int(header.num_examples), metrics)
         except RoundRefusal as refusal:
-            self._drop(up, stream_id)
+            up.spool_path.unlink(missing_ok=True)
             abort_refusal(context, refusal)
         finally:
             if self.engine.strategy.streaming:
                 del tensors, delta
-        with self._lock:
-            self._uploads.pop(stream_id, None)
         if self.engine.strategy.streaming:
             up.spool_path.unlink(missing_ok=True)
+        self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
         log_event(log, "update_accepted", client=up.client_id, round=header.round,
                   bytes=up.manifest.total_bytes, chunks=up.manifest.chunk_count,
                   examples=header.num_examples)

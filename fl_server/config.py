@@ -52,8 +52,8 @@ class ServerConfig:
 
     def validate(self) -> None:
         problems: list[str] = []
-        if not 0 < self.port < 65536:
-            problems.append(f"port {self.port} is not in 1..65535")
+        if not 0 <= self.port < 65536:
+            problems.append(f"port {self.port} is not in 0..65535 (0 picks a free port)")
         if self.rounds < 1:
             problems.append(f"rounds must be at least 1 (got {self.rounds})")
         if not 0 < self.fraction <= 1:

@@ -24,7 +24,7 @@ from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.security import TokenService
-from fl_server.store import Store
+from fl_server.store import Report, Store
 from fl_server.validation import MAX_REASON, check_epsilon, check_metrics, check_num_examples
 
 log = logging.getLogger("fl_server.coordinator")
@@ -101,12 +101,12 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         status = cpb.ReportStatus.Name(request.status)
         self.registry.note_report(ident.client_id, status,
                                   request.epsilon_total if request.dp_enabled else None)
-        self.store.record_report(
-            job_id=request.job_id, round_no=request.round, client_id=ident.client_id,
+        self.store.record_report(Report(
+            job_id=request.job_id, round=request.round, client_id=ident.client_id,
             task_id=request.task_id, kind=cpb.TaskKind.Name(request.kind), status=status,
             reason=request.reason, metrics=dict(request.metrics),
             num_examples=int(request.num_examples), epsilon_round=request.epsilon_round,
-            epsilon_total=request.epsilon_total)
+            epsilon_total=request.epsilon_total))
         log_event(log, "report", client=ident.client_id, round=request.round,
                   kind=cpb.TaskKind.Name(request.kind), status=status,
                   reason=request.reason[:200], epsilon_total=f"{request.epsilon_total:.3f}")
@@ -131,11 +131,10 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
                           last_report_status=entry.last_status)
     for row in store.rounds(engine.job_id):
         summary = reply.rounds.add(
-            round=row["round"], state=row["state"], selected=row.get("selected", 0),
-            reported=row.get("reported", 0), failed=row.get("failed", 0),
-            seconds=row.get("seconds", 0.0), model_sha256=row.get("model_sha256", "") or "")
-        for key, value in (row.get("metrics") or {}).items():
-            if isinstance(value, int | float):
+            round=row.round, state=row.state, selected=row.selected, reported=row.reported,
+            failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "")
+        for key, value in row.metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 summary.metrics[key] = float(value)
     return reply
 

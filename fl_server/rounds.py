@@ -29,13 +29,13 @@ from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
-from fl_server.store import Store, state_sha256
+from fl_server.store import RoundSummary, Store, state_sha256
 from fl_server.strategies import Strategy
 
 log = logging.getLogger("fl_server.rounds")
 
 PHASES = ("idle", "select", "distribute", "train", "collect", "aggregate", "evaluate",
-          "checkpoint", "finished", "failed")
+          "checkpoint", "completed", "failed")
 
 
 class RoundRefusal(Exception):
@@ -100,6 +100,7 @@ class RoundEngine:
         self.last_metrics: dict[str, float] = {}
         self.job_state = "running"
         self.on_round_closed: list[Any] = []  # callbacks(round_state) e.g. spool clean-up
+        self.last_failure = ""
 
     # model --------------------------------------------------------------------
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -214,16 +215,21 @@ class RoundEngine:
                 if ok:
                     break
             if not ok:
-                log_event(log, "job_failed", job=self.job_id, round=round_no,
-                          reason=f"round failed {self.cfg.max_round_attempts} times")
+                if self.stop_event.is_set():
+                    return
+                reason = (f"round failed {self.cfg.max_round_attempts} times; last:"
+                          f" {self.last_failure}")
+                log_event(log, "job_failed", job=self.job_id, round=round_no, reason=reason)
+                self.store.record_failed_round(self.job_id, round_no,
+                                               RoundSummary(0, 0, 0, 0.0), reason)
                 self.job_state = "failed"
                 self._set_phase("failed")
                 self.store.set_job_state(self.job_id, "failed")
                 self._broadcast_stop()
                 return
-        self.job_state = "finished"
-        self._set_phase("finished")
-        self.store.set_job_state(self.job_id, "finished")
+        self.job_state = "completed"
+        self._set_phase("completed")
+        self.store.set_job_state(self.job_id, "completed")
         log_event(log, "job_finished", job=self.job_id, rounds=total)
         self._broadcast_stop()
 
@@ -243,8 +249,9 @@ class RoundEngine:
                       f" {self.cfg.wait_for_clients_s:.0f}s; need {self.cfg.min_clients}")
             log_event(log, "round_not_started", job=self.job_id, round=round_no,
                       attempt=attempt, reason=reason)
-            self.store.record_event(self.job_id, "round_not_started",
-                                    {"round": round_no, "attempt": attempt, "reason": reason})
+            self.store.record_event("round_not_started",
+                                    {"round": round_no, "attempt": attempt, "reason": reason},
+                                    job_id=self.job_id)
             return None
         wanted = max(self.cfg.min_clients, math.ceil(self.cfg.fraction * len(available)))
         rng = random.Random(f"{self.cfg.seed}:{self.job_id}:{round_no}:{attempt}")
@@ -289,9 +296,7 @@ class RoundEngine:
         started = time.monotonic()
         selected = self._select(round_no, attempt)
         if not selected:
-            if not self.stop_event.is_set():
-                self.store.record_failed_round(self.job_id, round_no, attempt,
-                                               "not enough clients connected")
+            self.last_failure = "not enough clients connected"
             return False
         model = self.current_model()
         self.strategy.begin_round(model.state)
@@ -312,7 +317,10 @@ class RoundEngine:
                       f" need {required}")
             log_event(log, "round_failed", job=self.job_id, round=round_no, attempt=attempt,
                       reason=reason, failed=";".join(f"{k}={v}" for k, v in rs.failed.items()))
-            self.store.record_failed_round(self.job_id, round_no, attempt, reason)
+            self.store.record_event("round_attempt_failed",
+                                    {"round": round_no, "attempt": attempt, "reason": reason,
+                                     "failures": rs.failed}, job_id=self.job_id)
+            self.last_failure = reason
             return False
         self._set_phase("aggregate", updates=len(rs.accepted))
         new_state = self.strategy.finish_round()
@@ -323,12 +331,12 @@ class RoundEngine:
         self._set_phase("checkpoint")
         seconds = time.monotonic() - started
         model = self.current_model()
-        summary = {
-            "attempt": attempt, "selected": len(selected), "reported": len(rs.accepted),
-            "failed": len(rs.failed), "failures": rs.failed, "metrics": metrics,
-            "seconds": seconds, "model_sha256": model.sha256,
-            "clients": {cid: self._client_summary(info) for cid, info in rs.accepted.items()},
-        }
+        summary = RoundSummary(
+            selected=len(selected), reported=len(rs.accepted), failed=len(rs.failed),
+            seconds=seconds,
+            metrics={**metrics, "attempt": attempt, "failures": rs.failed,
+                     "clients": {cid: self._client_summary(info)
+                                 for cid, info in rs.accepted.items()}})
         self.store.complete_round(self.job_id, round_no, summary, model.state,
                                   self.strategy.state_dict())
         with self._cv:

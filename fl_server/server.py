@@ -199,27 +199,27 @@ class ServerApp:
     def _load_or_create_job(self, new_job: bool) -> tuple[str, int, dict[str, torch.Tensor]]:
         cfg = self.cfg
         job = self.store.latest_job()
-        if job is not None and job["state"] == "running" and not new_job:
-            if job["model_type"] != cfg.model_type:
+        if job is not None and job.state == "running" and not new_job:
+            if job.model_type != cfg.model_type:
                 raise StartupError(
-                    f"state dir {cfg.state_dir} holds unfinished job {job['job_id']} for"
-                    f" {job['model_type']!r}, not {cfg.model_type!r}: pass --new_job or use"
+                    f"state dir {cfg.state_dir} holds unfinished job {job.job_id} for"
+                    f" {job.model_type!r}, not {cfg.model_type!r}: pass --new_job or use"
                     " another --state_dir")
-            stored = job["config"]
+            stored = job.config
             for key in ("rounds", "strategy", "seed"):
                 if key in stored and stored[key] != getattr(cfg, key):
                     log_event(log, "config_from_job", key=key, job_value=stored[key],
                               flag_value=getattr(cfg, key))
                     setattr(cfg, key, stored[key])
-            last = self.store.last_completed_round(job["job_id"])
-            state, strategy_state = self.store.load_checkpoint(job["job_id"], last)
+            last = self.store.last_completed_round(job.job_id)
+            state, strategy_state = self.store.load_checkpoint(job.job_id, last)
             if strategy_state:
                 self.strategy.load_state_dict(strategy_state)
-            log_event(log, "job_resumed", job=job["job_id"], completed_rounds=last,
+            log_event(log, "job_resumed", job=job.job_id, completed_rounds=last,
                       total_rounds=cfg.rounds)
-            return str(job["job_id"]), last, state
-        if job is not None and job["state"] != "running" and not new_job:
-            log_event(log, "previous_job", job=job["job_id"], state=job["state"],
+            return job.job_id, last, state
+        if job is not None and job.state != "running" and not new_job:
+            log_event(log, "previous_job", job=job.job_id, state=job.state,
                       note="starting a new job")
         torch.manual_seed(cfg.seed)
         model_state = {k: v.detach().clone() for k, v in

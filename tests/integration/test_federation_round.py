@@ -1,0 +1,36 @@
+"""Real server and client processes over mTLS on loopback: whole rounds."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fl_demo.launcher import Federation
+
+pytestmark = pytest.mark.slow
+
+SERVER_FAST = ["--min_clients", "2", "--round_deadline_s", "90", "--wait_for_clients_s", "60",
+               "--exit_when_done", "--local_epochs", "1"]
+
+
+def test_two_hospitals_two_rounds(federation: Federation, breast_cancer_data: Path) -> None:
+    fed = federation
+    fed.start_server([*SERVER_FAST, "--rounds", "2",
+                      "--eval_data", str(breast_cancer_data / "test")])
+    for name in fed.hospitals:
+        fed.start_client(name, breast_cancer_data / name, ["--epsilon_budget", "50"])
+    code = fed.wait_server(timeout_s=240)
+    assert code == 0, fed.tail("server.log") + fed.tail("hospital_1.log")
+    for name, proc in fed.clients.items():
+        assert proc.wait(timeout=30) == 0, fed.tail(f"{name}.log")
+    db = sqlite3.connect(fed.workdir / "server_state" / "server.db")
+    rows = db.execute("SELECT round, state, reported FROM rounds ORDER BY round").fetchall()
+    assert [(r[0], r[1]) for r in rows] == [(1, "completed"), (2, "completed")]
+    assert all(r[2] == 2 for r in rows)
+    log = (fed.log_dir / "server.log").read_text()
+    assert "round_summary" in log and "eval_accuracy" in log
+    for name in fed.hospitals:
+        ledger = fed.workdir / "sites" / name / "state" / f"privacy_ledger_{name}.json"
+        assert ledger.exists(), f"{name} kept no privacy ledger"
