@@ -24,14 +24,14 @@ from typing import Any
 import grpc
 import torch
 
-from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
-from fl_core.logs import log_event, setup_logging
-from fl_core.tls import parse_server_url, target
-from fl_proto import coordinator_pb2 as cpb
 from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
+from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
+from fl_core.logs import log_event, setup_logging
+from fl_core.tls import parse_server_url, target
+from fl_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("fl_client.client")
 
@@ -238,11 +238,14 @@ class ClientDaemon:
                        train_seconds=result.seconds)
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         up = Progress("upload", 1, " chunks")
+
+        def upload_progress(done: int, total: int) -> None:
+            up.total = total
+            up.update(done)
+
         try:
-            receipt = self.conn.submit_update(
-                task, result.state, result.num_examples, metrics,
-                on_progress=lambda d, t: (setattr(up, "total", t), up.update(d)),
-                stop=self.stop)
+            receipt = self.conn.submit_update(task, result.state, result.num_examples, metrics,
+                                              on_progress=upload_progress, stop=self.stop)
         finally:
             up.close()
         log_event(log, "update_sent", round=task.round, bytes=receipt.bytes_received,
@@ -271,11 +274,11 @@ class ClientDaemon:
         state = self._fetch(task)
         metrics = evaluate_state(self.task, state, self.test_set, self.device)
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        log_event(log, "evaluated", round=task.round,
-                  **{k: f"{v:.4f}" for k, v in metrics.items()})
+        shown: dict[str, Any] = {k: f"{v:.4f}" for k, v in metrics.items()}
+        log_event(log, "evaluated", round=task.round, **shown)
         self._report(task, cpb.OK, metrics=metrics, num_examples=len(self.test_set))
 
-    def _report(self, task: cpb.Task, status: int, reason: str = "",
+    def _report(self, task: cpb.Task, status: cpb.ReportStatus, reason: str = "",
                 metrics: dict[str, float] | None = None, num_examples: int = 0,
                 epsilon_round: float = 0.0, epsilon_total: float | None = None,
                 dp_enabled: bool = False, delta: float = 0.0) -> None:

@@ -11,8 +11,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -54,7 +55,8 @@ class TransferError(Exception):
 
 
 
-def backoff_delays(base_s: float, max_s: float, rng: random.Random | None = None):  # type: ignore[no-untyped-def]
+def backoff_delays(base_s: float, max_s: float,
+                   rng: random.Random | None = None) -> Iterator[float]:
     """Exponential backoff with full jitter: 0..base*2^k, capped; endless generator."""
     rng = rng or random.Random()
     attempt = 0
@@ -127,7 +129,8 @@ class ServerConnection:
         assert self.session is not None
         return (("authorization", f"Bearer {self.session.token}"),)
 
-    def tasks(self) -> grpc.Call:
+    def tasks(self) -> Any:
+        """The server-streamed task feed (iterate it; `.cancel()` ends it)."""
         return self.coordinator.Tasks(
             cpb.TaskStreamRequest(session_id=self.session.session_id if self.session else ""),
             metadata=self.metadata())
@@ -222,24 +225,10 @@ class ServerConnection:
                 job_id=task.job_id, round=task.round, task_id=task.task_id,
                 stream_id=stream_id, manifest=manifest, num_examples=num_examples,
                 resume_from=resume_from, metrics=dict(metrics))
-            first = resume_from
-
-            def messages() -> object:
-                yield apb.UpdateStreamMessage(header=header)
-                for seq, plain in enumerate(iter_chunks(state, manifest)):
-                    if seq < first:
-                        continue
-                    if stop is not None and stop.is_set():
-                        return
-                    chunk = sealer.seal(seq, plain, seq == count - 1)
-                    self.bytes_sent += len(chunk.ciphertext)
-                    yield apb.UpdateStreamMessage(chunk=chunk)
-                    if on_progress:
-                        on_progress(seq + 1, count)
-
             try:
                 return self.aggregator.SubmitUpdate(
-                    messages(), metadata=metadata,  # type: ignore[arg-type]
+                    self._update_messages(header, state, manifest, sealer, stop, on_progress),
+                    metadata=metadata,
                     timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
@@ -258,6 +247,25 @@ class ServerConnection:
                             resume_from, count)
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
         raise TransferError("upload failed after retries")
+
+    def _update_messages(self, header: apb.UpdateStreamHeader,
+                         state: Mapping[str, torch.Tensor], manifest: tpb.TensorManifest,
+                         sealer: StreamSealer, stop: threading.Event | None,
+                         on_progress: ProgressFn | None) -> Iterator[apb.UpdateStreamMessage]:
+        """Header, then the sealed chunks from `header.resume_from` on, sealed lazily so
+        only about one chunk of ciphertext exists at a time."""
+        yield apb.UpdateStreamMessage(header=header)
+        count = manifest.chunk_count
+        for seq, plain in enumerate(iter_chunks(state, manifest)):
+            if seq < header.resume_from:
+                continue
+            if stop is not None and stop.is_set():
+                return
+            chunk = sealer.seal(seq, plain, seq == count - 1)
+            self.bytes_sent += len(chunk.ciphertext)
+            yield apb.UpdateStreamMessage(chunk=chunk)
+            if on_progress:
+                on_progress(seq + 1, count)
 
     def _upload_position(self, stream_id: str) -> int:
         for _ in range(3):

@@ -62,7 +62,7 @@ class RoundState:
     job_id: str
     round: int
     attempt: int
-    kind: int
+    kind: cpb.TaskKind
     selected: list[str]
     tasks: dict[str, cpb.Task]
     deadline: float
@@ -257,7 +257,8 @@ class RoundEngine:
         rng = random.Random(f"{self.cfg.seed}:{self.job_id}:{round_no}:{attempt}")
         return sorted(rng.sample(available, min(wanted, len(available))))
 
-    def _open_round(self, round_no: int, attempt: int, kind: int, clients: list[str],
+    def _open_round(self, round_no: int, attempt: int, kind: cpb.TaskKind,
+                    clients: list[str],
                     deadline_s: float) -> RoundState:
         model = self.current_model()
         deadline_ms = int((time.time() + deadline_s) * 1000)
@@ -310,8 +311,7 @@ class RoundEngine:
                         silent=len(rs.outstanding()))
         for cid in rs.outstanding():
             rs.failed[cid] = "no update before the round deadline"
-        required = max(1, min(self.cfg.min_clients, len(selected)),
-                       math.ceil(self.cfg.quorum * len(selected)))
+        required = max(1, math.ceil(self.cfg.quorum * len(selected)))
         if len(rs.accepted) < required:
             reason = (f"quorum not reached: {len(rs.accepted)} of {len(selected)} updates,"
                       f" need {required}")
@@ -341,9 +341,12 @@ class RoundEngine:
                                   self.strategy.state_dict())
         with self._cv:
             self.last_metrics = metrics
+        shown: dict[str, Any] = {k: f"{v:.4g}" for k, v in metrics.items()}
+        if rs.failed:
+            shown["failures"] = "; ".join(f"{k}: {v}" for k, v in sorted(rs.failed.items()))
         log_event(log, "round_summary", job=self.job_id, round=round_no, selected=len(selected),
                   reported=len(rs.accepted), failed=len(rs.failed), seconds=f"{seconds:.2f}",
-                  **{k: f"{v:.4g}" for k, v in metrics.items()})
+                  **shown)
         return True
 
     @staticmethod
