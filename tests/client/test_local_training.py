@@ -15,6 +15,7 @@ from fl_client.local_training import (
     PrivacyRequired,
     TrainResult,
     evaluate_state,
+    resolve_settings,
     train_round,
 )
 from fl_client.privacy_ledger import BudgetExceeded, PrivacyLedger
@@ -341,3 +342,63 @@ def test_empty_poisson_batches_are_survived(bc: Task, mode: str) -> None:
                       private_seed=32, grad_sample_mode=mode)
     assert res.steps == 20
     assert all(torch.isfinite(v).all() for v in res.state.values())
+
+
+class _BatchNormTask(Task):
+    """A task whose network Opacus can only train after replacing BatchNorm."""
+
+    name = "batchnorm_probe"
+
+    def __init__(self) -> None:
+        self.class_names = ("a", "b")
+        self.input_shape = (4,)
+        self.hyperparams = get_task("breast_cancer").hyperparams
+        self.baseline_epochs = 1
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+        )
+
+    def load_split(self, data_path: Path, split: str) -> TensorDataset:
+        raise NotImplementedError
+
+    def evaluate(
+        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+    def confusion(
+        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
+    ) -> list[list[int]]:
+        raise NotImplementedError
+
+    def prepare(self, out_dir: Path, clients: int, alpha: float | None, seed: int) -> None:
+        raise NotImplementedError
+
+
+def test_model_opacus_cannot_train_unchanged_is_a_clear_error() -> None:
+    task = _BatchNormTask()
+    state = task.build_model().state_dict()
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    with pytest.raises(ValueError, match="GroupNorm"):
+        train_round(task, state, data, config(batch=8), CPU, None, False)
+    # Without DP nothing needs fixing: the same network trains.
+    res = train_round(task, state, data, config(dp=False, batch=8), CPU, None, True)
+    assert list(res.state) == list(state)
+
+
+def test_config_zero_means_task_default(bc: Task) -> None:
+    hp = bc.hyperparams
+    plain = resolve_settings(bc, pb.TrainConfig(privacy=pb.PrivacyConfig(enabled=True)))
+    assert (plain.hyperparams, plain.delta, plain.max_grad_norm) == (
+        hp, hp.delta, hp.max_grad_norm
+    )
+    assert plain.update_kind == pb.WEIGHTS
+    assert (plain.noise_multiplier, plain.target_epsilon) == (hp.noise_multiplier, 0.0)
+    cfg = config(epochs=4, batch=8, target_epsilon=3.0)
+    cfg.learning_rate = 0.2
+    over = resolve_settings(bc, cfg)
+    assert (over.hyperparams.local_epochs, over.hyperparams.batch_size) == (4, 8)
+    assert over.hyperparams.learning_rate == 0.2
+    assert (over.noise_multiplier, over.target_epsilon, over.delta) == (0.0, 3.0, DELTA)
