@@ -230,9 +230,12 @@ def train_round(
             on_progress, max_physical_batch_size, private_seed, grad_sample_mode,
         )
     else:
-        run = _train_plain(model, global_params, dataset, settings, device, on_progress)
         if ledger is not None:
-            ledger.record(job_id, round, 0.0, run.sample_rate, run.steps, dp_enabled=False)
+            # Recorded before training: once started, the data has been used without DP.
+            per_epoch = math.ceil(len(dataset) / settings.hyperparams.batch_size)
+            ledger.record(job_id, round, 0.0, 1.0 / per_epoch,
+                          settings.hyperparams.local_epochs * per_epoch, dp_enabled=False)
+        run = _train_plain(model, global_params, dataset, settings, device, on_progress)
 
     model.to("cpu")
     state = _update_from(model, global_state, settings.update_kind)
