@@ -1,0 +1,82 @@
+"""What one demo run does: the federation's size and the training and privacy knobs.
+
+Each model gets its own quick defaults (`PROFILES`) because the five tasks differ a
+lot in cost: the tabular ones train a round in about a second, the image ones take
+several on a laptop CPU, and `make demo` should finish in a few minutes whatever
+MODEL is. Command-line flags override a profile field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-model defaults, tuned so the demo is quick and the federation still learns."""
+
+    rounds: int
+    local_epochs: int
+    noise_multiplier: float
+    epsilon_budget: float
+    samples: int | None = None  # synthetic tasks: examples to generate (None: the task's)
+
+
+PROFILES: dict[str, Profile] = {
+    # Real Wisconsin data (569 cases): cheap, so the full five rounds.
+    "breast_cancer": Profile(rounds=5, local_epochs=2, noise_multiplier=1.0, epsilon_budget=20.0),
+    "symptom": Profile(rounds=4, local_epochs=1, noise_multiplier=1.0, epsilon_budget=20.0,
+                       samples=3000),
+    "ecg": Profile(rounds=3, local_epochs=1, noise_multiplier=1.0, epsilon_budget=20.0,
+                   samples=1800),
+    "glaucoma": Profile(rounds=3, local_epochs=1, noise_multiplier=1.0, epsilon_budget=20.0,
+                        samples=900),
+    "pneumonia": Profile(rounds=3, local_epochs=1, noise_multiplier=1.0, epsilon_budget=20.0,
+                         samples=900),
+}
+FALLBACK_PROFILE = Profile(rounds=3, local_epochs=1, noise_multiplier=1.0, epsilon_budget=20.0)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything a run needs; `fl_demo.demo.parse_args` builds it from the command line."""
+
+    model_type: str = "breast_cancer"
+    out: Path = Path("demo_out")
+    hospitals: int = 3
+    rounds: int = 5
+    local_epochs: int = 2
+    noise_multiplier: float = 1.0
+    epsilon_budget: float = 20.0
+    alpha: float | None = 0.5  # Dirichlet label skew; None = IID
+    samples: int | None = None
+    seed: int = 0
+    strategy: str = "fedavg"
+    baseline: bool = True
+    timeout_s: float = 600.0
+    extra_server_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def hospital_names(self) -> list[str]:
+        return [f"hospital_{i}" for i in range(1, self.hospitals + 1)]
+
+    def validate(self) -> None:
+        """Reject values the daemons would reject later, with the flag's name."""
+        problems = []
+        if self.hospitals < 1:
+            problems.append("--hospitals must be at least 1")
+        if self.rounds < 1:
+            problems.append("--rounds must be at least 1")
+        if self.local_epochs < 1:
+            problems.append("--local_epochs must be at least 1")
+        if self.noise_multiplier <= 0:
+            problems.append("--noise_multiplier must be positive (the demo always trains with DP)")
+        if self.epsilon_budget <= 0:
+            problems.append("--epsilon_budget must be positive")
+        if self.alpha is not None and self.alpha <= 0:
+            problems.append("--alpha must be positive (omit it with --iid)")
+        if self.timeout_s <= 0:
+            problems.append("--timeout_s must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
