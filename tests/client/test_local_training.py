@@ -183,6 +183,7 @@ def test_no_dp_needs_the_operator_flag(
     res = train_round(bc, global_state, bc_train, config(dp=False), CPU, ledger, True)
     assert not res.dp_enabled and res.epsilon_round == 0.0 and res.noise_multiplier == 0.0
     assert ledger.spent() == 0.0 and ledger.non_private_runs() == 1
+    assert ledger.entries()[0].steps == res.steps
 
 
 # --- the update ----------------------------------------------------------------------
