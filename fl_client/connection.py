@@ -256,9 +256,8 @@ class ServerConnection:
         only about one chunk of ciphertext exists at a time."""
         yield apb.UpdateStreamMessage(header=header)
         count = manifest.chunk_count
-        for seq, plain in enumerate(iter_chunks(state, manifest)):
-            if seq < header.resume_from:
-                continue
+        first = int(header.resume_from)
+        for seq, plain in enumerate(iter_chunks(state, manifest, start=first), start=first):
             if stop is not None and stop.is_set():
                 return
             chunk = sealer.seal(seq, plain, seq == count - 1)

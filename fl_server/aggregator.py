@@ -157,10 +157,9 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         sealer = StreamSealer(stream_key(session.secret, ctx), ctx)
         yield apb.ModelStreamMessage(header=apb.ModelStreamHeader(
             job_id=rs.job_id, round=rs.round, stream_id=stream_id, manifest=model.manifest))
-        start = request.resume_from
-        for seq, plain in enumerate(iter_chunks(model.state, model.manifest)):
-            if seq < start:
-                continue
+        start = int(request.resume_from)
+        for seq, plain in enumerate(iter_chunks(model.state, model.manifest, start=start),
+                                    start=start):
             yield apb.ModelStreamMessage(chunk=sealer.seal(seq, plain, seq == count - 1))
 
     # UploadStatus ----------------------------------------------------------------
