@@ -20,7 +20,8 @@ def test_make_proto_would_not_change_fl_proto(tmp_path: Path) -> None:
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated
     stale = [str(rel) for rel in generated
-             if not (ROOT / rel).exists() or (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
+             if not (ROOT / rel).exists()
+             or (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
     assert not stale, f"run `make proto` and commit: these differ from protos/: {stale}"
     committed = sorted(p.relative_to(ROOT) for p in (ROOT / "fl_proto").glob("*_pb2*.py*"))
     extra = sorted(set(map(str, committed)) - set(map(str, generated)))
