@@ -24,18 +24,29 @@ SplitWriter = Callable[[Path, str, np.ndarray], None]
 def stratified_holdout(
     labels: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held-out) indices with about `fraction` of every class held out.
+    """(kept, held-out) indices: `fraction` of the rows held out, spread over the classes.
 
-    Rounding is per class, so a class with a single example stays in the kept part:
-    a model cannot learn a class that only exists in its test set.
+    Each class gives its share rounded down, and the rows still missing go to the
+    classes with the largest remainders, so the held-out part has the right size even
+    with many small classes. A class is never held out whole: a model cannot learn a
+    class that only exists in its test set.
     """
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = fraction * counts
+    held_counts = np.minimum(np.floor(exact).astype(np.int64), np.maximum(counts - 1, 0))
+    missing = int(round(fraction * len(labels))) - int(held_counts.sum())
+    order = rng.permutation(len(classes))
+    order = order[np.argsort(-(exact - np.floor(exact))[order], kind="stable")]
+    for c in order:
+        if missing <= 0:
+            break
+        if held_counts[c] < counts[c] - 1:
+            held_counts[c] += 1
+            missing -= 1
     kept: list[np.ndarray] = []
     held: list[np.ndarray] = []
-    for cls in np.unique(labels):
+    for cls, n_held in zip(classes, held_counts, strict=True):
         members = rng.permutation(np.flatnonzero(labels == cls))
-        n_held = int(round(fraction * len(members)))
-        if n_held == len(members):
-            n_held = len(members) - 1
         held.append(members[:n_held])
         kept.append(members[n_held:])
     return _shuffled(kept, rng), _shuffled(held, rng)

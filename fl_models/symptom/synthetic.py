@@ -17,7 +17,7 @@ import numpy as np
 from fl_models.symptom.vocabulary import DISEASES, SYMPTOMS
 
 TABLE_SEED = 41_132
-FAMILY_SIZE = 4  # diseases per family (the last family is smaller)
+FAMILY_SIZE = 4  # diseases per family (some get one more, so none is alone)
 FAMILY_POOL = 8  # core symptoms a family draws from
 CORE_PER_DISEASE = 5
 CORE_PROB = (0.55, 0.9)
@@ -32,8 +32,7 @@ def probability_table() -> np.ndarray:
     n_diseases, n_symptoms = len(DISEASES), len(SYMPTOMS)
     table = np.full((n_diseases, n_symptoms), BACKGROUND_PROB)
     order = rng.permutation(n_diseases)
-    for start in range(0, n_diseases, FAMILY_SIZE):
-        family = order[start : start + FAMILY_SIZE]
+    for family in np.array_split(order, n_diseases // FAMILY_SIZE):
         pool = rng.choice(n_symptoms, size=FAMILY_POOL, replace=False)
         for disease in family:
             core = rng.choice(pool, size=CORE_PER_DISEASE, replace=False)

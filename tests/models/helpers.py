@@ -1,0 +1,28 @@
+"""Small task instances and data for the model tests (kept tiny: 2 CPU cores)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from fl_models.base import Task
+from fl_models.registry import get_task
+
+SMALL_SAMPLES = 120
+
+
+def small_task(name: str, samples: int = SMALL_SAMPLES) -> Task:
+    """The task with a small synthetic data set where its generator takes a size."""
+    task = get_task(name)
+    if "samples" in inspect.signature(type(task).__init__).parameters:
+        return get_task(name, samples=samples)
+    return task
+
+
+def prepared(
+    name: str, root: Path, clients: int = 2, alpha: float | None = None, seed: int = 0
+) -> Path:
+    """A small federation of `name` written under root; returns its folder."""
+    out = root / f"{name}_{clients}_{alpha}_{seed}"
+    small_task(name).prepare(out, clients, alpha, seed)
+    return out

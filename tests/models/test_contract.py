@@ -1,0 +1,120 @@
+"""Every registered task satisfies the interface the client and server daemons rely on."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+
+from fl_models.base import HyperParams, Task
+from fl_models.registry import TASK_NAMES, get_task
+from tests.models.helpers import prepared, small_task
+
+BINARY_KEYS = {"accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity", "loss"}
+MULTICLASS_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "loss"}
+
+
+def test_registry_names_are_the_five_tasks() -> None:
+    assert TASK_NAMES == ("breast_cancer", "ecg", "glaucoma", "pneumonia", "symptom")
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown model type 'mri'") as info:
+        get_task("mri")
+    for name in TASK_NAMES:
+        assert name in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("contract")
+    return {name: prepared(name, root) for name in TASK_NAMES}
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_task_declares_consistent_metadata(name: str) -> None:
+    task = get_task(name)
+    assert isinstance(task, Task)
+    assert task.name == name
+    assert isinstance(task.hyperparams, HyperParams)
+    assert task.num_classes == len(task.class_names) >= 2
+    assert task.baseline_epochs >= 1
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_model_is_opacus_compatible_and_seeded(name: str) -> None:
+    task = get_task(name)
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert model(torch.zeros(2, *task.input_shape)).shape == (2, task.num_classes)
+    torch.manual_seed(0)
+    again = task.build_model().state_dict()
+    assert all(torch.equal(t, again[k]) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_prepared_folders_load_and_evaluate(name: str, federations: dict[str, Path]) -> None:
+    task = get_task(name)
+    folder = federations[name]
+    model = task.build_model()
+    for path, split in [
+        (folder / "hospital_1", "train"),
+        (folder / "hospital_2", "test"),
+        (folder / "test", "test"),
+    ]:
+        data = task.load_split(path, split)
+        inputs, labels = data.tensors
+        assert inputs.shape[1:] == task.input_shape
+        assert inputs.dtype == torch.float32 and labels.dtype == torch.int64
+        assert 0 <= int(labels.min()) and int(labels.max()) < task.num_classes
+    metrics = task.evaluate(model, data)
+    assert set(metrics) == (BINARY_KEYS if task.num_classes == 2 else MULTICLASS_KEYS)
+    assert all(isinstance(v, float) for v in metrics.values())
+    matrix = task.confusion(model, data)
+    assert len(matrix) == task.num_classes and all(len(r) == task.num_classes for r in matrix)
+    assert sum(map(sum, matrix)) == len(data)
+
+
+def _loss(model: torch.nn.Module, data: TensorDataset) -> float:
+    with torch.no_grad():
+        inputs, labels = data.tensors
+        return float(torch.nn.functional.cross_entropy(model(inputs), labels))
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "opacus"])
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_loss_falls_over_a_few_steps(
+    name: str, private: bool, federations: dict[str, Path]
+) -> None:
+    task = small_task(name)
+    data = task.load_split(federations[name] / "hospital_1", "train")
+    data = TensorDataset(*(t[:64] for t in data.tensors))
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = _loss(model, data)
+    optimizer = task.hyperparams.make_optimizer(model.parameters())
+    loader = DataLoader(
+        data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    trained: torch.nn.Module = model
+    if private:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # secure-RNG and accountant notices
+            trained, optimizer, loader = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=0.1, max_grad_norm=1.0,
+            )  # fmt: skip
+    for _ in range(8):
+        for inputs, labels in loader:
+            if len(labels) == 0:
+                continue
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(trained(inputs), labels).backward()
+            optimizer.step()
+    assert _loss(model, data) < 0.9 * before
