@@ -30,7 +30,7 @@ from fl_proto import tensors_pb2 as tpb
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
 from fl_server.store import RoundSummary, Store, state_sha256
-from fl_server.strategies import Strategy
+from fl_server.strategies import Strategy, StrategyError
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -323,7 +323,19 @@ class RoundEngine:
             self.last_failure = reason
             return False
         self._set_phase("aggregate", updates=len(rs.accepted))
-        new_state = self.strategy.finish_round()
+        try:
+            new_state = self.strategy.finish_round()
+        except StrategyError as exc:
+            # E.g. finite updates whose sum overflows: one client's well-formed but
+            # absurd update must cost this attempt (model unchanged), not the whole job.
+            reason = f"aggregation refused: {exc}"
+            log_event(log, "round_failed", job=self.job_id, round=round_no, attempt=attempt,
+                      reason=reason)
+            self.store.record_event("round_attempt_failed",
+                                    {"round": round_no, "attempt": attempt, "reason": reason,
+                                     "clients": sorted(rs.accepted)}, job_id=self.job_id)
+            self.last_failure = reason
+            return False
         self.set_model(round_no, new_state)
         metrics = self._train_metrics(rs)
         self._set_phase("evaluate")
