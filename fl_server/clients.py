@@ -175,6 +175,11 @@ class ClientRegistry:
             entry = self._clients.get(client_id)
             return entry.num_examples if entry else 0
 
+    def wake(self) -> None:
+        """Wake every waiting task stream so each re-checks whether its call is alive."""
+        with self._lock:
+            self._lock.notify_all()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -74,6 +74,10 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
               context: grpc.ServicerContext) -> Iterator[cpb.Task]:
         ident = identity_of(context)
         log_event(log, "task_stream_open", client=ident.client_id)
+        # Wake the stream the moment the call ends (client gone, cancelled), so the
+        # client stops counting as connected at once, not at the stream's next poll:
+        # a round starting in between would select it and wait its deadline for it.
+        context.add_callback(self.registry.wake)
         try:
             yield from self.registry.task_stream(ident.client_id, self.heartbeat_s,
                                                  context.is_active)
