@@ -547,11 +547,31 @@ def load_server_tls(keys_dir: str | os.PathLike[str]) -> tuple[bytes, bytes, byt
     base = Path(keys_dir)
     if not base.is_dir():
         raise KeysError(f"keys directory {base} does not exist; run fl-keys --generate-keys")
-    return (
-        _read(base / "server.crt", "server certificate"),
-        _read(base / "server.key", "server private key"),
-        _read(base / "ca.crt", "CA certificate"),
-    )
+    cert_pem = _read(base / "server.crt", "server certificate")
+    key_pem = _read(base / "server.key", "server private key")
+    ca_pem = _read(base / "ca.crt", "CA certificate")
+    # Checked here so a wrong or damaged file is named, instead of gRPC failing later
+    # with "Failed to bind to address" (which sends an operator looking at the port).
+    cert = _load_cert_file(base / "server.crt", "server certificate")
+    ca = _load_cert_file(base / "ca.crt", "CA certificate")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise KeysError(
+            f"{base / 'server.key'} (server private key) is not an unencrypted PEM private key"
+        ) from None
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+        raise KeysError(f"{base / 'server.key'} does not belong to {base / 'server.crt'}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise KeysError(
+            f"{base / 'server.crt'} was not signed by the CA in {base / 'ca.crt'}"
+        ) from None
+    if cert.not_valid_after_utc <= _now():
+        raise KeysError(f"{base / 'server.crt'} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    return cert_pem, key_pem, ca_pem
 
 
 # ------------------------------------------------------------------ revocation
