@@ -111,6 +111,10 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             stale.unlink(missing_ok=True)
         self._uploads: dict[str, Upload] = {}
         self._lock = threading.Lock()
+        # Completed uploads are mapped, checked and folded one at a time: a mapped
+        # spool is a whole model of resident pages once checked, and uploads that
+        # finish together would otherwise each hold one while queueing for the fold.
+        self._fold_gate = threading.Lock()
         engine.on_round_closed.append(self._round_closed)
 
     # helpers -------------------------------------------------------------------
@@ -282,35 +286,36 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             abort(context, grpc.StatusCode.ABORTED,
                   f"stream ended before its final chunk: resume from chunk"
                   f" {up.opener.next_sequence}", "TRUNCATED")
-        try:
-            up.opener.finish()
-            tensors = up.assembler.finish()
-        except (SealError, IntegrityError, CodecError) as exc:
-            self._drop(up, stream_id)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
-                  getattr(exc, "code", "INTEGRITY"))
-        bad = has_non_finite(tensors)
-        if bad is not None:
-            self._drop(up, stream_id)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                  f"update refused: tensor {bad!r} holds NaN or Inf", "NON_FINITE", bad)
-        task_kind = up.round_state.tasks[up.client_id].config.update_kind
-        model = self.engine.current_model()
-        delta: Mapping[str, torch.Tensor] = tensors
-        if task_kind == cpb.WEIGHTS:
-            delta = _DeltaView(tensors, model.state)
-        metrics = dict(header.metrics)
-        with self._lock:  # complete: no longer resumable, and not cancelled at round close
-            self._uploads.pop(stream_id, None)
-        try:
-            self.engine.accept_update(up.client_id, up.task_id, header.job_id, header.round,
-                                      delta, int(header.num_examples), metrics)
-        except RoundRefusal as refusal:
-            up.spool_path.unlink(missing_ok=True)
-            abort_refusal(context, refusal)
-        finally:
-            if self.engine.strategy.streaming:
-                del tensors, delta
+        with self._fold_gate:
+            try:
+                up.opener.finish()
+                tensors = up.assembler.finish()
+            except (SealError, IntegrityError, CodecError) as exc:
+                self._drop(up, stream_id)
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
+                      getattr(exc, "code", "INTEGRITY"))
+            bad = has_non_finite(tensors)
+            if bad is not None:
+                self._drop(up, stream_id)
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"update refused: tensor {bad!r} holds NaN or Inf", "NON_FINITE", bad)
+            task_kind = up.round_state.tasks[up.client_id].config.update_kind
+            model = self.engine.current_model()
+            delta: Mapping[str, torch.Tensor] = tensors
+            if task_kind == cpb.WEIGHTS:
+                delta = _DeltaView(tensors, model.state)
+            metrics = dict(header.metrics)
+            with self._lock:  # complete: no longer resumable, and not cancelled at round close
+                self._uploads.pop(stream_id, None)
+            try:
+                self.engine.accept_update(up.client_id, up.task_id, header.job_id, header.round,
+                                          delta, int(header.num_examples), metrics)
+            except RoundRefusal as refusal:
+                up.spool_path.unlink(missing_ok=True)
+                abort_refusal(context, refusal)
+            finally:
+                if self.engine.strategy.streaming:
+                    del tensors, delta
         if self.engine.strategy.streaming:
             up.spool_path.unlink(missing_ok=True)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
