@@ -29,7 +29,7 @@ from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
-from fl_server.store import RoundSummary, Store, state_sha256
+from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
 
 log = logging.getLogger("fl_server.rounds")
@@ -192,6 +192,16 @@ class RoundEngine:
     def run(self) -> None:
         try:
             self._run_job()
+        except StoreError as exc:
+            # The disk failed, not the job (full, read-only, I/O error): nothing of this
+            # round was recorded, so the job is left running in the store and a restart
+            # resumes it from its last checkpoint. Marking it failed would make that
+            # restart start a brand-new job instead.
+            log_event(log, "engine_stopped", logging.ERROR, job=self.job_id, round=self.round,
+                      reason=str(exc), resumable="yes: fix the disk, then restart the server")
+            self.last_failure = str(exc)
+            self.job_state = "failed"
+            self._set_phase("failed")
         except Exception:
             log.exception("round engine stopped on an unexpected error")
             self.job_state = "failed"
@@ -350,7 +360,7 @@ class RoundEngine:
                      "clients": {cid: self._client_summary(info)
                                  for cid, info in rs.accepted.items()}})
         self.store.complete_round(self.job_id, round_no, summary, model.state,
-                                  self.strategy.state_dict())
+                                  self.strategy.state_dict(), model_sha256=model.sha256)
         with self._cv:
             self.last_metrics = metrics
         shown: dict[str, Any] = {k: f"{v:.4g}" for k, v in metrics.items()}

@@ -430,11 +430,17 @@ class Store:
         summary: RoundSummary,
         model_state: Mapping[str, torch.Tensor],
         strategy_state: Mapping[str, torch.Tensor],
+        model_sha256: str | None = None,
     ) -> RoundRecord:
-        """Checkpoints the new global model, then records the round (exactly once)."""
+        """Checkpoints the new global model, then records the round (exactly once).
+
+        `model_sha256`, when the caller already holds `state_sha256(model_state)`,
+        spares hashing the whole model a second time.
+        """
         with self._lock:
             self._check_new_round(job_id, round)
-            sha, path = self._write_checkpoint(job_id, round, model_state, strategy_state)
+            sha, path = self._write_checkpoint(job_id, round, model_state, strategy_state,
+                                               model_sha256)
             with self._transaction() as conn:
                 self._insert_round(conn, job_id, round, summary, sha, self._relative(path))
                 self._insert_event(conn, job_id, "round_completed", {"round": round, "sha256": sha})
@@ -638,9 +644,10 @@ class Store:
         round: int,
         model_state: Mapping[str, torch.Tensor],
         strategy_state: Mapping[str, torch.Tensor],
+        model_sha: str | None = None,
     ) -> tuple[str, Path]:
         """Writes a checkpoint so that the final path holds either the old file or the new."""
-        model_sha = state_sha256(model_state)
+        model_sha = model_sha or state_sha256(model_state)
         metadata = {
             "format": CHECKPOINT_FORMAT,
             "job_id": job_id,
@@ -678,9 +685,13 @@ class Store:
                 with suppress(OSError):
                     os.unlink(tmp_name)
             hint = ""
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            code = exc.errno if isinstance(exc, OSError) else None
+            if code is None:  # safetensors reports I/O errors as "... (os error 28)"
+                found = re.search(r"os error (\d+)", str(exc))
+                code = int(found.group(1)) if found else None
+            if code == errno.ENOSPC:
                 hint = " (disk full)"
-            elif isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
                 hint = " (read-only or not writable)"
             raise StoreError(
                 f"cannot write checkpoint {final}{hint}: {exc}; the round is not recorded and "
