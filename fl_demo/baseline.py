@@ -43,12 +43,12 @@ class LocalResult:
     seconds: float
 
 
-def federation_train_config(task: Task, local_epochs: int,
-                            noise_multiplier: float) -> cpb.TrainConfig:
+def federation_train_config(task: Task, local_epochs: int, noise_multiplier: float,
+                            learning_rate: float | None = None) -> cpb.TrainConfig:
     """The TrainConfig the demo's server sends (same flags, same function), but asking
     for full weights back rather than a delta."""
     cfg = ServerConfig(model_type=task.name, local_epochs=local_epochs,
-                       noise_multiplier=noise_multiplier)
+                       noise_multiplier=noise_multiplier, learning_rate=learning_rate or 0.0)
     config = train_config(cfg, task, {})
     config.update_kind = cpb.WEIGHTS
     return config
@@ -85,11 +85,21 @@ def train_local_only(task: Task, hospital: str, data_path: Path, test_set: Tenso
 def train_all_local(task: Task, data_dir: Path, hospitals: list[str], test_set: TensorDataset,
                     config: cpb.TrainConfig, rounds: int, seed: int,
                     on_done: Callable[[LocalResult], Any] | None = None) -> list[LocalResult]:
-    """One local-only model per hospital, in order; `on_done` sees each as it finishes."""
+    """One local-only model per hospital, in order; `on_done` sees each as it finishes.
+
+    Single-threaded, like the client daemons (the launcher gives them
+    OMP_NUM_THREADS=1): on a small, busy machine torch's default of one thread per
+    core oversubscribes it and a run gets many times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     results = []
-    for name in hospitals:
-        result = train_local_only(task, name, data_dir / name, test_set, config, rounds, seed)
-        results.append(result)
-        if on_done is not None:
-            on_done(result)
+    try:
+        for name in hospitals:
+            result = train_local_only(task, name, data_dir / name, test_set, config, rounds,
+                                      seed)
+            results.append(result)
+            if on_done is not None:
+                on_done(result)
+    finally:
+        torch.set_num_threads(threads)
     return results

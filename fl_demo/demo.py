@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -44,6 +45,7 @@ from fl_demo.live import RoundRow, StatusWatcher, finite
 from fl_demo.report import LABELS, plot, print_summary, second_metric, write_json
 from fl_demo.settings import FALLBACK_PROFILE, PROFILES, DemoSettings
 from fl_demo.table import Table, fmt, short_name
+from fl_server.store import DB_NAME
 
 MARKER = ".fl_demo"  # only a folder holding this (or an empty one) is ever deleted
 POLL_S = 0.5
@@ -95,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     skew.add_argument("--iid", action="store_true", help="split the data IID instead")
     p.add_argument("--samples", type=int,
                    help="examples to generate (synthetic tasks only; default: per model)")
+    p.add_argument("--learning_rate", type=float,
+                   help="local learning rate (default: per model, else the task's)")
     p.add_argument("--seed", type=int, default=0, help="data split and model init seed")
     p.add_argument("--strategy", default="fedavg", help="server aggregation strategy")
     p.add_argument("--no_baseline", action="store_true",
                    help="skip training the local-only models (faster)")
+    p.add_argument("--fed_eval", action="store_true",
+                   help="also have each hospital score every global model on its own test"
+                        " split (the server always scores it on the held-out test set)")
     p.add_argument("--timeout_s", type=float, default=600.0,
                    help="give up if the federation has not finished by then (default 600)")
     p.add_argument("--server_arg", action="append", default=[], metavar="ARG",
@@ -117,8 +124,10 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoSettings:
         noise_multiplier=args.noise_multiplier or profile.noise_multiplier,
         epsilon_budget=args.epsilon_budget or profile.epsilon_budget,
         alpha=None if args.iid else args.alpha,
-        samples=args.samples or profile.samples, seed=args.seed, strategy=args.strategy,
-        baseline=not args.no_baseline, timeout_s=args.timeout_s,
+        samples=args.samples or profile.samples,
+        learning_rate=args.learning_rate or profile.learning_rate, seed=args.seed,
+        strategy=args.strategy, baseline=not args.no_baseline, fed_eval=args.fed_eval,
+        timeout_s=args.timeout_s,
         extra_server_args=tuple(args.server_arg))
     settings.validate()
     return settings
@@ -151,6 +160,8 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
     in both cases after every started process has been stopped."""
     from fl_models.registry import get_task
 
+    # Absolute: the daemons run with the demo folder as their working directory.
+    settings = replace(settings, out=settings.out.resolve())
     state = DemoState(settings)
     out = settings.out
     say = _printer(stream)
@@ -164,7 +175,7 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
     skew = f"label skew alpha={settings.alpha}" if settings.alpha is not None else "IID split"
     say(f"fl demo: {settings.model_type}, {settings.hospitals} hospitals, {settings.rounds}"
         f" rounds x {settings.local_epochs} local epochs, DP-SGD noise"
-        f" {settings.noise_multiplier}, {skew} -> {out}/")
+        f" {settings.noise_multiplier}, {skew} -> {_show(out)}/")
 
     with _timed(state, "keys"):
         say("[1/5] keys: CA + server certificate; each hospital's own key + CSR, signed by"
@@ -175,9 +186,11 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         task.prepare(data_dir, settings.hospitals, settings.alpha, settings.seed)
         data = describe_data(task, data_dir, names)
         say(f"[2/5] data: {_data_line(data)}; held-out test set: {data['test_examples']}")
+    for warning in budget_warnings(task, settings, data):
+        say(f"      warning: {warning}")
     with _timed(state, "federation"):
         say(f"[3/5] federation: server + {settings.hospitals} client daemons over mutual TLS"
-            f" on 127.0.0.1 (logs in {out / 'logs'})")
+            f" on 127.0.0.1 (logs in {_show(out / 'logs')})")
         fed = Federation(out, names, settings.model_type)
         try:
             run_federation(settings, fed, data_dir, state, stream)
@@ -199,9 +212,11 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
     with _timed(state, "report"):
         report = build_report(settings, task, data, state, local)
         plot(report, out / "report.png")
-        write_json(report, out / "report.json")
+    report["phase_seconds"] = dict(state.phase_seconds)
+    report["wall_seconds"] = round(time.monotonic() - state.started, 2)
+    write_json(report, out / "report.json")
     print_summary(report, stream)
-    say(f"[5/5] report: {out / 'report.json'}, {out / 'report.png'}"
+    say(f"[5/5] report: {_show(out / 'report.json')}, {_show(out / 'report.png')}"
         f"  (wall time {report['wall_seconds']:.0f} s)")
     return report
 
@@ -216,8 +231,11 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
         "--local_epochs", str(settings.local_epochs),
         "--noise_multiplier", str(settings.noise_multiplier),
         "--strategy", settings.strategy, "--seed", str(settings.seed),
-        "--round_deadline_s", "180", "--wait_for_clients_s", "120",
-        *settings.extra_server_args]
+        "--round_deadline_s", "180", "--wait_for_clients_s", "120"]
+    if settings.learning_rate:
+        server_args += ["--learning_rate", str(settings.learning_rate)]
+    server_args += ["--eval_deadline_s", "60"] if settings.fed_eval else ["--no_fed_eval"]
+    server_args += settings.extra_server_args
     try:
         fed.start_server(server_args, timeout_s=SERVER_START_TIMEOUT_S)
     finally:
@@ -225,14 +243,15 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
             state.pids["server"] = fed.server.pid
             state.write_pids()
     for name in fed.hospitals:
-        fed.start_client(name, data_dir / name,
-                         ["--epsilon_budget", str(settings.epsilon_budget),
-                          "--max_reconnect_s", "60"])
+        with _signals_blocked():  # a Ctrl-C now must not lose the new process's handle
+            fed.start_client(name, data_dir / name,
+                             ["--epsilon_budget", str(settings.epsilon_budget),
+                              "--max_reconnect_s", "60"])
         state.pids[name] = fed.clients[name].pid
         state.write_pids()
     say("      " + ", ".join(f"{k} pid {v}" for k, v in state.pids.items()))
     watcher = StatusWatcher(fed.admin_channel(), fed.hospitals,
-                            fed.workdir / "server_state" / "state.db")
+                            fed.workdir / "server_state" / DB_NAME)
     table = RoundTable(fed.hospitals, stream)
     deadline = time.monotonic() + settings.timeout_s
     try:
@@ -355,7 +374,8 @@ def train_baselines(task: Any, settings: DemoSettings, data_dir: Path,
                     stream: TextIO) -> list[Any]:
     from fl_demo.baseline import federation_train_config, train_all_local
 
-    config = federation_train_config(task, settings.local_epochs, settings.noise_multiplier)
+    config = federation_train_config(task, settings.local_epochs, settings.noise_multiplier,
+                                     settings.learning_rate)
     test_set = task.load_split(data_dir / "test", "test")
     metric2 = second_metric(task.evaluate(task.build_model(), test_set))
 
@@ -387,6 +407,33 @@ def describe_data(task: Any, data_dir: Path, hospitals: list[str]) -> dict[str, 
     return out
 
 
+def projected_epsilon(train_examples: int, batch_size: int, epochs: int,
+                      noise_multiplier: float, delta: float) -> float:
+    """The epsilon a hospital will have spent after `epochs` epochs of DP-SGD, as the
+    trainer accounts it (Poisson sampling at rate 1/batches-per-epoch, RDP)."""
+    from fl_client.privacy_ledger import rdp_epsilon
+
+    batches = max(1, math.ceil(train_examples / batch_size))
+    return rdp_epsilon([(noise_multiplier, 1.0 / batches, batches * epochs)], delta)
+
+
+def budget_warnings(task: Any, settings: DemoSettings, data: dict[str, Any]) -> list[str]:
+    """Say before the run if a hospital's budget cannot cover every round: its client
+    will refuse the round that would exceed it, and the round then lacks its quorum."""
+    hp = task.hyperparams
+    out = []
+    for name, info in data["hospitals"].items():
+        eps = projected_epsilon(info["train"], hp.batch_size,
+                                settings.rounds * settings.local_epochs,
+                                settings.noise_multiplier, hp.delta)
+        if eps > settings.epsilon_budget:
+            out.append(f"{name} would spend epsilon {eps:.1f} over {settings.rounds} rounds,"
+                       f" more than its budget {settings.epsilon_budget:g}: it will refuse"
+                       " a late round (raise --epsilon_budget or --noise_multiplier, or"
+                       " lower --rounds)")
+    return out
+
+
 def _data_line(data: dict[str, Any]) -> str:
     parts = []
     for name, info in data["hospitals"].items():
@@ -410,12 +457,14 @@ def build_report(settings: DemoSettings, task: Any, data: dict[str, Any], state:
     local_json = {r.hospital: {"metrics": finite(r.metrics), "epsilon": r.epsilon,
                                "train_examples": r.train_examples, "seconds": r.seconds}
                   for r in local}
-    best_local = max((r.metrics.get("accuracy", float("nan")) for r in local), default=None)
+    accuracies = [a for a in (r.metrics.get("accuracy", math.nan) for r in local)
+                  if math.isfinite(a)]
+    best_local = max(accuracies, default=None)
     settings_json = {k: (str(v) if isinstance(v, Path) else v)
                      for k, v in asdict(settings).items()}
     settings_json.update(hospital_names=settings.hospital_names, dp=True,
                          delta=task.hyperparams.delta, batch_size=task.hyperparams.batch_size,
-                         learning_rate=task.hyperparams.learning_rate,
+                         learning_rate=settings.learning_rate or task.hyperparams.learning_rate,
                          max_grad_norm=task.hyperparams.max_grad_norm)
     return {
         "status": "ok",
@@ -479,6 +528,14 @@ def _timed(state: DemoState, name: str) -> Iterator[None]:
         state.phase_seconds[name] = round(time.monotonic() - started, 2)
 
 
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _printer(stream: TextIO) -> Callable[[str], None]:
     def say(text: str) -> None:
         stream.write(text + "\n")
@@ -503,6 +560,19 @@ def _stop_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold stop signals for a moment (they are delivered, and raise, right after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextmanager

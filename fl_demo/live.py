@@ -4,13 +4,14 @@ The round table comes from the server's Status RPC, called with the admin
 certificate (no token, no hospital identity), so the demo exercises the same path
 an operator's dashboard would. Status carries each round's aggregate metrics and
 each hospital's *current* epsilon; the epsilon a hospital had spent *after a given
-round* is read from the server's SQLite `reports` table (read-only), which records
-every hospital report with its round. Once the server has exited (it does, with
+round* is read (read-only) from the server's SQLite database, whose round summaries
+and `reports` table record it per round. Once the server has exited (it does, with
 --exit_when_done), the same database supplies any round the last poll missed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -149,23 +150,47 @@ def _job_clause(job_id: str) -> tuple[str, tuple[Any, ...]]:
 
 
 def read_epsilon(db_path: Path, job_id: str) -> dict[int, dict[str, float]]:
-    """round -> hospital -> epsilon total it reported after training that round."""
+    """round -> hospital -> epsilon total it had spent after training that round.
+
+    Two records say it: the round's summary (per accepted client, written when the
+    round completes) and each hospital's TRAIN report; the summary wins where both do.
+    """
     conn = _connect_ro(db_path)
     if conn is None:
         return {}
     where, args = _job_clause(job_id)
+    out: dict[int, dict[str, float]] = {}
     try:
-        rows = conn.execute(
-            f"SELECT round, client_id, epsilon_total FROM reports WHERE {where}"
-            " AND kind = 'TRAIN' AND status = 'OK' AND epsilon_total IS NOT NULL"
-            " ORDER BY received", args).fetchall()
-    except sqlite3.Error:
-        return {}
+        with contextlib.suppress(sqlite3.Error):
+            for round_no, client_id, epsilon in conn.execute(
+                    f"SELECT round, client_id, epsilon_total FROM reports WHERE {where}"
+                    " AND kind = 'TRAIN' AND status = 'OK' AND epsilon_total IS NOT NULL"
+                    " ORDER BY received", args):
+                out.setdefault(int(round_no), {})[str(client_id)] = float(epsilon)
+        with contextlib.suppress(sqlite3.Error):
+            for round_no, metrics_json in conn.execute(
+                    f"SELECT round, metrics_json FROM rounds WHERE {where}", args):
+                for client_id, epsilon in _summary_epsilon(metrics_json).items():
+                    out.setdefault(int(round_no), {})[client_id] = epsilon
     finally:
         conn.close()
-    out: dict[int, dict[str, float]] = {}
-    for round_no, client_id, epsilon in rows:
-        out.setdefault(int(round_no), {})[str(client_id)] = float(epsilon)
+    return out
+
+
+def _summary_epsilon(metrics_json: str) -> dict[str, float]:
+    """{client: epsilon_total} from a round summary's "clients" entry, if it has one."""
+    try:
+        data = json.loads(metrics_json)
+    except (TypeError, ValueError):
+        return {}
+    clients = data.get("clients") if isinstance(data, dict) else None
+    if not isinstance(clients, dict):
+        return {}
+    out = {}
+    for client_id, info in clients.items():
+        value = info.get("epsilon_total") if isinstance(info, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[str(client_id)] = float(value)
     return out
 
 

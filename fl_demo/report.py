@@ -80,8 +80,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     fig.suptitle(
         f"Federated {report['model_type']}: {settings['hospitals']} hospitals,"
         f" {len(report['rounds'])} rounds, DP-SGD (noise {settings['noise_multiplier']}),"
-        f" label skew alpha={settings['alpha'] if settings['alpha'] is not None else 'IID'}"
-        f"  -  {report['wall_seconds']:.0f} s wall time",
+        f" label skew alpha={settings['alpha'] if settings['alpha'] is not None else 'IID'}",
         fontsize=13, fontweight="bold")
     _plot_learning(axes[0][0], report)
     _plot_epsilon(axes[0][1], report)
@@ -98,18 +97,24 @@ def _plot_learning(ax: Any, report: Mapping[str, Any]) -> None:
     rounds = [r for r in report["rounds"] if r["state"] == "completed"]
     metric2 = report["comparison"]["second_metric"]
     xs = [r["round"] for r in rounds]
-    lowest = 1.0
-    for key, label, color in (("accuracy", "accuracy", "tab:blue"),
-                              (metric2, LABELS.get(metric2, metric2), "tab:orange")):
-        ys = [_num(r["metrics"].get(f"eval_{key}")) for r in rounds]
-        ax.plot(xs, ys, marker="o", color=color, linewidth=2, label=f"global {label}")
-        lowest = min([lowest, *(y for y in ys if math.isfinite(y))])
-        below = key == "accuracy"  # accuracy labels under the line, the other's above
-        for x, y in zip(xs, ys, strict=True):
-            if math.isfinite(y):
-                ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points",
-                            xytext=(0, -13 if below else 7), ha="center", fontsize=8,
-                            color=color)
+    series = {key: [_num(r["metrics"].get(f"eval_{key}")) for r in rounds]
+              for key in ("accuracy", metric2)}
+    colors = {"accuracy": "tab:blue", metric2: "tab:orange"}
+    for key, ys in series.items():
+        ax.plot(xs, ys, marker="o", color=colors[key], linewidth=2,
+                label=f"global {LABELS.get(key, key)}")
+    # At each round the higher value is labelled above its point and the lower one
+    # below, so the two labels never sit on each other when the curves are close.
+    acc, other = series["accuracy"], series[metric2]
+    for i, x in enumerate(xs):
+        for key, y, peer in (("accuracy", acc[i], other[i]), (metric2, other[i], acc[i])):
+            if not math.isfinite(y):
+                continue
+            above = not math.isfinite(peer) or y > peer or (y == peer and key == "accuracy")
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points",
+                        xytext=(0, 7 if above else -13), ha="center", fontsize=8,
+                        color=colors[key])
+    lowest = min([1.0, *(y for ys in series.values() for y in ys if math.isfinite(y))])
     local = report["final"]["local_only"]
     if local:
         best_name, best = max(local.items(),
@@ -148,7 +153,7 @@ def _plot_epsilon(ax: Any, report: Mapping[str, Any]) -> None:
     ax.set_xticks(xs)
     ax.set_ylim(0, budget * 1.1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=9)
+    ax.legend(loc="lower right", fontsize=9)
 
 
 def _plot_comparison(ax: Any, report: Mapping[str, Any]) -> None:

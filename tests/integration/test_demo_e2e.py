@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from fl_demo.demo import DemoError, prepare_out_dir, projected_epsilon
+from fl_demo.live import _summary_epsilon
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOSPITALS = ["hospital_1", "hospital_2"]
@@ -56,6 +57,7 @@ def _assert_all_gone(pids: dict[str, int]) -> None:
     assert not left, f"the demo left processes running: {left}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_demo_two_hospitals_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "demo"
@@ -101,6 +103,7 @@ def test_demo_two_hospitals_two_rounds(tmp_path: Path) -> None:
     print(f"demo (2 hospitals, 2 rounds) took {seconds:.1f} s")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     out = tmp_path / "demo"
@@ -134,3 +137,28 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     _assert_all_gone(pids)
     assert not (out / "report.png").exists()
     assert json.loads((out / "report.json").read_text())["status"] == "failed"
+
+
+def test_out_dir_is_only_deleted_when_the_demo_made_it(tmp_path: Path) -> None:
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DemoError, match="refusing to delete"):
+        prepare_out_dir(precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    demo = tmp_path / "demo"
+    prepare_out_dir(demo)
+    (demo / "old_run.txt").write_text("stale")
+    prepare_out_dir(demo)  # made by the demo: recreated
+    assert not (demo / "old_run.txt").exists()
+
+
+def test_round_summary_epsilon_and_projection() -> None:
+    summary = json.dumps({"eval_accuracy": 0.9, "clients": {
+        "hospital_1": {"epsilon_total": 5.75, "num_examples": 136},
+        "hospital_2": {"num_examples": 154}}})
+    assert _summary_epsilon(summary) == {"hospital_1": 5.75}
+    assert _summary_epsilon("not json") == {}
+    # The projection is the trainer's own accounting: 136 examples, batch 32 -> 5
+    # Poisson batches per epoch, 2 epochs, noise 1.0 (5.75 in a real round 1).
+    assert projected_epsilon(136, 32, 2, 1.0, 1e-5) == pytest.approx(5.754, abs=0.01)
