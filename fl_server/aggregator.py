@@ -8,6 +8,7 @@ mid-stream has no effect on the round and can resume where the server stopped.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -280,6 +281,18 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             self._drop(up, stream_id)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"chunk refused: {exc}", exc.code,
                   getattr(exc, "field", ""))
+        except OSError as exc:
+            # The spool write failed (disk full, I/O error). The assembler has already
+            # hashed the chunk it could not store, so the upload cannot resume: drop it,
+            # and tell the client it is the server's storage, not its data.
+            self._drop(up, stream_id)
+            full = exc.errno == errno.ENOSPC
+            log_event(log, "upload_spool_failed", logging.ERROR, client=up.client_id,
+                      error=str(exc))
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED if full
+                  else grpc.StatusCode.UNAVAILABLE,
+                  f"the server cannot store this upload ({'disk full' if full else exc}):"
+                  " start again from chunk 0 later", "SERVER_STORAGE")
         if not context.is_active():
             abort(context, grpc.StatusCode.CANCELLED, "upload cancelled")
         if not final_seen:
