@@ -153,8 +153,10 @@ class DemoState:
         os.replace(tmp, path)
 
 
-def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, Any]:
-    """Run every step; returns the report (also written to report.json).
+def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
+             started: float | None = None) -> dict[str, Any]:
+    """Run every step; returns the report (also written to report.json). `started`
+    (time.monotonic()) is when the command began, so the wall time counts imports.
 
     Raises DemoError (or LaunchError) on failure and Interrupted on a stop signal,
     in both cases after every started process has been stopped."""
@@ -163,6 +165,8 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
     # Absolute: the daemons run with the demo folder as their working directory.
     settings = replace(settings, out=settings.out.resolve())
     state = DemoState(settings)
+    if started is not None:
+        state.started = started
     out = settings.out
     say = _printer(stream)
     prepare_out_dir(out)
@@ -277,7 +281,7 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
     state.job_id = watcher.job_id
     code = fed.server.returncode
     if code != 0:
-        raise DemoError(f"the server exited with code {code}; its log ends:\n"
+        raise DemoError(f"the server {_exit_text(code)}; its log ends:\n"
                         + fed.tail("server.log"))
     _wait_clients(fed)
     done = [r for r in state.rows if r.state == "completed"]
@@ -346,8 +350,18 @@ def _check_clients(fed: Federation) -> None:
     for name, proc in fed.clients.items():
         code = proc.poll()
         if code not in (None, 0):
-            raise DemoError(f"client {name} exited with code {code}; its log ends:\n"
+            raise DemoError(f"client {name} {_exit_text(code)}; its log ends:\n"
                             + fed.tail(f"{name}.log"))
+
+
+def _exit_text(code: int) -> str:
+    """Says "exited with code 3", or "was killed by SIGKILL" for Popen's negative codes."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _wait_clients(fed: Federation) -> None:
@@ -359,7 +373,7 @@ def _wait_clients(fed: Federation) -> None:
         except Exception:  # still running: stop_all ends it; the job itself is done
             continue
         if code != 0:
-            raise DemoError(f"client {name} exited with code {code}; its log ends:\n"
+            raise DemoError(f"client {name} {_exit_text(code)}; its log ends:\n"
                             + fed.tail(f"{name}.log"))
 
 
@@ -595,7 +609,8 @@ def _shielded(stream: TextIO) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None,
+         started: float | None = None) -> int:
     """Exit codes: 0 success, 1 the demo failed, 2 bad arguments, 128+N on signal N."""
     stream = stream or sys.stdout
     try:
@@ -605,7 +620,7 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
         return 2
     with _stop_signals():
         try:
-            run_demo(settings, stream)
+            run_demo(settings, stream, started)
         except Interrupted as exc:
             print(f"\nfl-demo: interrupted by {exc}; every process the demo started has been"
                   " stopped", file=sys.stderr)
