@@ -23,7 +23,7 @@ from fl_server.aggregator import abort, abort_refusal
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry
 from fl_server.rounds import RoundEngine, RoundRefusal
-from fl_server.security import TokenService
+from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
 from fl_server.validation import MAX_REASON, check_epsilon, check_metrics, check_num_examples
 
@@ -32,12 +32,14 @@ log = logging.getLogger("fl_server.coordinator")
 
 class CoordinatorService(cpb_grpc.CoordinatorServicer):
     def __init__(self, engine: RoundEngine, registry: ClientRegistry, store: Store,
-                 tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S) -> None:
+                 tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S,
+                 revocations: RevocationList | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.store = store
         self.tokens = tokens
         self.heartbeat_s = heartbeat_s
+        self.revocations = revocations
 
     def Join(self, request: cpb.JoinRequest, context: grpc.ServicerContext) -> cpb.JoinReply:
         ident = identity_of(context)
@@ -78,9 +80,22 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         # client stops counting as connected at once, not at the stream's next poll:
         # a round starting in between would select it and wait its deadline for it.
         context.add_callback(self.registry.wake)
+        revocations = self.revocations
+
+        def still_allowed() -> bool:
+            """The call is alive and its certificate not revoked since it began: the
+            interceptor checks each call once, at its start, and this call may last
+            for days; a revoked hospital's stream ends within a second."""
+            if not context.is_active():
+                return False
+            try:
+                return revocations is None or not revocations.is_revoked(ident.serial)
+            except AuthError:
+                return False  # an unusable revocation list fails closed
+
         try:
             yield from self.registry.task_stream(ident.client_id, self.heartbeat_s,
-                                                 context.is_active)
+                                                 still_allowed)
         finally:
             log_event(log, "task_stream_closed", client=ident.client_id)
 
