@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -302,7 +303,9 @@ class ClientDaemon:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float)
+    """Metrics worth sending: an undefined one (e.g. AUROC on a one-class test split
+    is NaN) is left out rather than sent and refused as absurd."""
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _device(name: str) -> torch.device:

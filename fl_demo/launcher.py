@@ -63,10 +63,10 @@ class Federation:
 
     def __init__(self, workdir: Path, hospitals: Sequence[str], model_type: str,
                  log_dir: Path | None = None) -> None:
-        self.workdir = workdir
+        self.workdir = workdir.resolve()  # daemons run with it as their working dir
         self.hospitals = list(hospitals)
         self.model_type = model_type
-        self.log_dir = log_dir or workdir / "logs"
+        self.log_dir = (log_dir or self.workdir / "logs").resolve()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.server: subprocess.Popen[bytes] | None = None
         self.clients: dict[str, subprocess.Popen[bytes]] = {}

@@ -415,11 +415,18 @@ class RoundEngine:
                 rs = self._open_round(round_no, attempt, cpb.EVALUATE, targets,
                                       self.cfg.eval_deadline_s)
                 self._wait_round(rs)
-                total = sum(int(e["num_examples"]) for e in rs.evaluations.values())
+                # weighted by test examples, per metric: a client may lack one (e.g. no
+                # AUROC on a one-class test split) without dragging the others down
+                sums: dict[str, float] = {}
+                weights: dict[str, float] = {}
                 for info in rs.evaluations.values():
-                    w = int(info["num_examples"]) / total if total else 0.0
+                    n = float(info["num_examples"])
                     for key, value in info["metrics"].items():
-                        metrics[f"fed_{key}"] = metrics.get(f"fed_{key}", 0.0) + w * value
+                        sums[key] = sums.get(key, 0.0) + n * value
+                        weights[key] = weights.get(key, 0.0) + n
+                for key, total in sums.items():
+                    if weights[key] > 0:
+                        metrics[f"fed_{key}"] = total / weights[key]
                 metrics["fed_eval_clients"] = float(len(rs.evaluations))
         return metrics
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGY_NAMES),
                    help="aggregation strategy")
     p.add_argument("--strategy_param", action="append", default=[], metavar="NAME=VALUE",
-                   help="strategy parameter, repeatable (e.g. mu=0.01 for fedprox, beta=0.1 for trimmed_mean)")
+                   help="strategy parameter, repeatable (e.g. mu=0.01 for fedprox,"
+                        " beta=0.1 for trimmed_mean)")
     p.add_argument("--fraction", type=float, default=d.fraction,
                    help="fraction of connected clients selected each round")
     p.add_argument("--min_clients", type=int, default=d.min_clients,
