@@ -83,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="default: the task's baseline epochs")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and shuffling")
     parser.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (1 is fastest for the small models)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     task = get_task(args.model_type)
     train_set, test_set, test_name = load_data(task, args.data_path)

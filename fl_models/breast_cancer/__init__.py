@@ -41,3 +41,8 @@ class BreastCancerTask(Task):
 
     def prepare(self, out_dir: Path, clients: int, alpha: float | None, seed: int) -> None:
         _dataset.prepare(out_dir, clients, alpha, seed)
+
+    def reference_metrics(
+        self, train: TensorDataset, test: TensorDataset
+    ) -> tuple[str, dict[str, float]]:
+        return "logistic_regression", _evaluate.logistic_regression_metrics(train, test)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fl_models.base import HyperParams
 
 # Epochs for the centralised baseline (fl_models.train); the data set is tiny.
-BASELINE_EPOCHS = 60
+BASELINE_EPOCHS = 15
 
 
 def hyperparams() -> HyperParams:

@@ -84,8 +84,8 @@ def label_windows(
     window_rhythms = rhythm_at.reshape(n_windows, LENGTH)
     is_af = np.array([r == AF_RHYTHM for r in rhythms])
     is_sinus = np.array([r in SINUS_RHYTHMS for r in rhythms])
-    af_fraction = is_af[window_rhythms].mean(axis=1)
-    sinus = is_sinus[window_rhythms].all(axis=1)
+    af_fraction: np.ndarray = is_af[window_rhythms].mean(axis=1)
+    sinus = np.asarray(is_sinus[window_rhythms].all(axis=1))
 
     labels = np.full(n_windows, EXCLUDED, dtype=np.int64)
     beats_in: list[list[str]] = [[] for _ in range(n_windows)]
@@ -201,8 +201,9 @@ def read_csv_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     heartbeat = n_samples == HEARTBEAT_SAMPLES
     if not heartbeat and n_samples > LENGTH:
         raise DataFormatError(
-            path, f"rows hold {n_samples} samples; expected at most {LENGTH} (10 s at {FS} Hz) "
-            f"or {HEARTBEAT_SAMPLES} (the MIT-BIH heartbeat layout)"
+            path,
+            f"rows hold {n_samples} samples; expected at most {LENGTH} (10 s at {FS} Hz) "
+            f"or {HEARTBEAT_SAMPLES} (the MIT-BIH heartbeat layout)",
         )
     signals = np.empty((len(rows), n_samples))
     labels = np.empty(len(rows), dtype=np.int64)
@@ -292,9 +293,7 @@ def _source(data_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def _holdout(
-    windows: np.ndarray, labels: np.ndarray, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(windows: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
     rows = holdout_indices(labels, split)
     return windows[rows], labels[rows]
 

@@ -11,7 +11,7 @@ def hyperparams() -> HyperParams:
     return HyperParams(
         local_epochs=2,
         batch_size=64,
-        learning_rate=0.05,
+        learning_rate=0.02,
         max_grad_norm=1.0,
         noise_multiplier=1.0,
         target_epsilon=8.0,

@@ -4,8 +4,8 @@ Each image has a circular field of view, an orange-red retina with vignetting an
 blotchy texture, a darker macula, an optic disc (bright, yellowish, of varying size
 and position, left or right eye) holding a paler cup, and vessels leaving the disc.
 The label is the clinical rule: glaucoma when the vertical cup-to-disc ratio (vCDR)
-exceeds about 0.6. Normal eyes draw vCDR from 0.2-0.56, glaucomatous ones from
-0.64-0.9; disc size varies by 50%, so the cup's absolute size alone does not
+exceeds about 0.6. Normal eyes draw vCDR from 0.2-0.55, glaucomatous ones from
+0.65-0.9; disc size varies by 45%, so the cup's absolute size alone does not
 decide, and the ratio must be judged at a few pixels' resolution.
 """
 
@@ -17,8 +17,8 @@ from fl_models.imaging import sigmoid, smooth_noise
 
 SIZE = 64
 CLASS_NAMES: tuple[str, ...] = ("normal", "glaucoma")
-NORMAL_VCDR = (0.2, 0.56)
-GLAUCOMA_VCDR = (0.64, 0.9)
+NORMAL_VCDR = (0.2, 0.55)
+GLAUCOMA_VCDR = (0.65, 0.9)
 _CHUNK = 256
 _VESSELS = 6
 
@@ -69,7 +69,7 @@ def _render(vcdr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # Optic disc (left or right of centre), macula on the other side.
     side = _col(rng.choice([-1.0, 1.0], n))
     disc_x, disc_y = centre + side * _col(u(11, 16)), _col(centre + u(-4, 4))
-    disc_rv = _col(u(5.5, 8.5))
+    disc_rv = _col(u(6.5, 9.5))
     disc_rh = disc_rv * _col(u(0.85, 1.0))
     macula = np.exp(
         -(
@@ -112,7 +112,7 @@ def _render(vcdr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     cup_rv = disc_rv * _col(vcdr)
     cup_rh = cup_rv * _col(u(0.75, 1.0))
     cup_x = disc_x + side * _col(u(-0.1, 0.15)) * disc_rh
-    cup = sigmoid((1 - np.hypot((xx - cup_x) / cup_rh, dy / cup_rv)) * 8) * _col(u(0.5, 0.9))
+    cup = sigmoid((1 - np.hypot((xx - cup_x) / cup_rh, dy / cup_rv)) * 10) * _col(u(0.7, 1.0))
     cup_colour = np.array([1.0, 0.95, 0.8], dtype=np.float32)
     rgb = rgb * (1 - cup[..., None]) + cup_colour * cup[..., None]
 

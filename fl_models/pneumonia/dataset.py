@@ -9,6 +9,7 @@ and intercept) and the VOI LUT or window, then is min-max scaled; MONOCHROME1 im
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def prepare(
     ignore extra arrays, and they make a partition checkable.
     """
     images, labels, _ = generate(samples, seed)
-    pending: dict[Path, dict[str, np.ndarray]] = {}
+    pending: dict[Path, dict[str, Any]] = {}
 
     def write(folder: Path, split: str, rows: np.ndarray) -> None:
         arrays = pending.setdefault(folder, {})

@@ -104,7 +104,7 @@ def _opacities(  # type: ignore[no-untyped-def]
     """Added density (brighter) inside the lungs, by pattern; zero for normal films."""
     n = len(patterns)
     u = lambda lo, hi: _col(rng.uniform(lo, hi, n).astype(np.float32))  # noqa: E731
-    strength = u(0.12, 0.3)
+    strength = u(0.15, 0.4)
     side = _col(rng.choice([-1.0, 1.0], n).astype(np.float32))
     one_lung = np.where(side < 0, right, left)
 

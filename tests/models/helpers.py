@@ -20,9 +20,14 @@ def small_task(name: str, samples: int = SMALL_SAMPLES) -> Task:
 
 
 def prepared(
-    name: str, root: Path, clients: int = 2, alpha: float | None = None, seed: int = 0
+    name: str,
+    root: Path,
+    clients: int = 2,
+    alpha: float | None = None,
+    seed: int = 0,
+    samples: int = SMALL_SAMPLES,
 ) -> Path:
     """A small federation of `name` written under root; returns its folder."""
-    out = root / f"{name}_{clients}_{alpha}_{seed}"
-    small_task(name).prepare(out, clients, alpha, seed)
+    out = root / f"{name}_{clients}_{alpha}_{seed}_{samples}"
+    small_task(name, samples).prepare(out, clients, alpha, seed)
     return out

