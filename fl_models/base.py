@@ -8,6 +8,7 @@ can be added without touching the client or the server.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -71,16 +72,12 @@ class HyperParams:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
-    def make_optimizer(self, params: object) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
         """Build the optimizer these settings name, so every trainer builds the same one."""
         if self.optimizer == "adam":
-            return torch.optim.Adam(
-                params,  # type: ignore[arg-type]
-                lr=self.learning_rate,
-                weight_decay=self.weight_decay,
-            )
+            return torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         return torch.optim.SGD(
-            params,  # type: ignore[arg-type]
+            params,
             lr=self.learning_rate,
             momentum=self.momentum,
             weight_decay=self.weight_decay,

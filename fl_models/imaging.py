@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from fl_models.base import DataFormatError
 from fl_models.files import normalise_name
@@ -27,8 +28,6 @@ def read_image(path: Path, size: int, mode: str) -> np.ndarray:
     The central square is kept before resizing, so round structures (the optic disc,
     the chest) stay round whatever the original aspect ratio.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -38,11 +37,8 @@ def read_image(path: Path, size: int, mode: str) -> np.ndarray:
     return square_resize(converted, size)
 
 
-def square_resize(image: object, size: int) -> np.ndarray:
+def square_resize(image: Image.Image, size: int) -> np.ndarray:
     """Centre-crop a PIL image to a square and resize it (area-averaging when shrinking)."""
-    from PIL import Image
-
-    assert isinstance(image, Image.Image)
     width, height = image.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
@@ -104,8 +100,6 @@ def write_class_folders(
     class_dirs: tuple[str, ...],
 ) -> None:
     """One lossless PNG per image in folder/<class_dirs[label]>/<id>.png."""
-    from PIL import Image
-
     for name in class_dirs:
         (folder / name).mkdir(parents=True, exist_ok=True)
     for image, label, index in zip(images, labels, ids, strict=True):

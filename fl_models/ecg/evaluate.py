@@ -13,7 +13,7 @@ def evaluate(
     model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
 ) -> dict[str, float]:
     probs, labels, loss = predict(model, dataset, batch_size)
-    return multiclass_metrics(labels, probs, loss, len(CLASS_NAMES))
+    return multiclass_metrics(labels, probs, loss)
 
 
 def confusion(

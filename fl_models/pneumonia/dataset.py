@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from fl_models.base import DataFormatError, check_split
 from fl_models.files import find_split_dir, require_exists
-from fl_models.imaging import IMAGE_SUFFIXES, read_class_folders, read_image
+from fl_models.imaging import IMAGE_SUFFIXES, read_class_folders, read_image, square_resize
 from fl_models.partition import holdout_indices, write_federation
 from fl_models.pneumonia.synthetic import SIZE, generate
 
@@ -34,8 +35,7 @@ ALIASES: dict[str, int] = {
 
 def read_dicom(path: Path) -> np.ndarray:
     """A DICOM image as uint8 [64, 64], modality and VOI LUT applied, MONOCHROME1 inverted."""
-    import pydicom
-    from PIL import Image
+    import pydicom  # imported here: only hospitals with DICOM data pay for it
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
@@ -52,10 +52,7 @@ def read_dicom(path: Path) -> np.ndarray:
         values = values.max() - values
     low, high = float(values.min()), float(values.max())
     scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    image = Image.fromarray(np.rint(scaled * 255).astype(np.uint8))
-    from fl_models.imaging import square_resize
-
-    return square_resize(image, SIZE)
+    return square_resize(Image.fromarray(np.rint(scaled * 255).astype(np.uint8)), SIZE)
 
 
 def _read_picture(path: Path) -> np.ndarray:
@@ -107,10 +104,6 @@ def _resize_all(images: np.ndarray, path: Path) -> np.ndarray:
         images = np.rint(images).astype(np.uint8)
     if images.shape[1:] == (SIZE, SIZE):
         return images
-    from PIL import Image
-
-    from fl_models.imaging import square_resize
-
     return np.stack([square_resize(Image.fromarray(image), SIZE) for image in images])
 
 

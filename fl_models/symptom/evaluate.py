@@ -20,7 +20,7 @@ def evaluate(
     model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
 ) -> dict[str, float]:
     probs, labels, loss = predict(model, dataset, batch_size)
-    return multiclass_metrics(labels, probs, loss, len(DISEASES))
+    return multiclass_metrics(labels, probs, loss)
 
 
 def confusion(
@@ -37,4 +37,4 @@ def naive_bayes_metrics(train: TensorDataset, test: TensorDataset) -> dict[str, 
     probs = np.zeros((len(x_test), len(DISEASES)))
     probs[:, model.classes_] = model.predict_proba(x_test)
     picked = np.clip(probs[np.arange(len(y_test)), y_test], 1e-12, 1.0)
-    return multiclass_metrics(y_test, probs, float(-np.log(picked).mean()), len(DISEASES))
+    return multiclass_metrics(y_test, probs, float(-np.log(picked).mean()))
