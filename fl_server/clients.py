@@ -35,24 +35,51 @@ class ClientEntry:
     epsilon_total: float = 0.0
     last_status: str = ""
     sessions: dict[str, Session] = field(default_factory=dict)
+    # Wakes only this client's task stream (on the registry's lock); see ClientRegistry.
+    wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
 
 
 class ClientRegistry:
-    """Thread-safe registry; the round engine and the gRPC handlers share it."""
+    """Thread-safe registry; the round engine and the gRPC handlers share it.
+
+    One lock guards everything. Waiters on `_lock` itself are those interested in
+    who is connected (the round engine); each client's task stream waits on its own
+    entry's `wakeup` condition (over the same lock), so handing one client a task
+    wakes one thread, not every connected client's: with N clients connected a
+    round assigning k tasks would otherwise cost k x N thread wake-ups (800 clients
+    connected, 10 selected: a 10-client round took 2.2x as long as with 10 connected).
+    """
 
     MAX_SESSIONS_PER_CLIENT = 4
 
     def __init__(self) -> None:
-        self._lock = threading.Condition()
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
         self._clients: dict[str, ClientEntry] = {}
         self._closed = False
+
+    def _entry(self, client_id: str) -> ClientEntry:
+        """The client's entry, created if new (call with the lock held)."""
+        entry = self._clients.get(client_id)
+        if entry is None:
+            entry = self._clients[client_id] = ClientEntry(client_id)
+        if entry.wakeup is None:
+            entry.wakeup = threading.Condition(self._mutex)
+        return entry
+
+    def _wake_all(self) -> None:
+        """Wake every waiter, task streams included (call with the lock held)."""
+        self._lock.notify_all()
+        for entry in self._clients.values():
+            if entry.wakeup is not None:
+                entry.wakeup.notify_all()
 
     # sessions -----------------------------------------------------------------
     def new_session(self, client_id: str, secret: bytes, num_examples: int,
                     session_id: str | None = None) -> Session:
         session = Session(session_id or uuid.uuid4().hex, client_id, secret, time.time())
         with self._lock:
-            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry = self._entry(client_id)
             entry.num_examples = num_examples
             entry.last_seen = time.time()
             entry.sessions[session.session_id] = session
@@ -78,9 +105,10 @@ class ClientRegistry:
     # task feed ----------------------------------------------------------------
     def assign(self, client_id: str, task: cpb.Task | None) -> None:
         with self._lock:
-            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry = self._entry(client_id)
             entry.pending = task
-            self._lock.notify_all()
+            assert entry.wakeup is not None
+            entry.wakeup.notify_all()
 
     def clear_task(self, client_id: str, task_id: str) -> None:
         with self._lock:
@@ -97,17 +125,20 @@ class ClientRegistry:
         with self._lock:
             for entry in self._clients.values():
                 entry.pending = task_factory(entry.client_id)
-            self._lock.notify_all()
+            self._wake_all()
 
     def task_stream(self, client_id: str, heartbeat_s: float,
                     is_active: Callable[[], bool]) -> Iterator[cpb.Task]:
         """Yields the client's pending task whenever it changes, heartbeats between."""
         with self._lock:
-            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry = self._entry(client_id)
             entry.stream_generation += 1
             entry.streams_open += 1
             generation = entry.stream_generation
-            self._lock.notify_all()
+            wakeup = entry.wakeup
+            assert wakeup is not None
+            self._lock.notify_all()  # one more connected client
+            wakeup.notify_all()  # an older stream of this client ends
         sent_id = ""
         last_yield = time.monotonic()
         try:
@@ -123,7 +154,7 @@ class ClientRegistry:
                         if wait <= 0:
                             pending = None
                             break
-                        self._lock.wait(timeout=min(wait, 1.0))
+                        wakeup.wait(timeout=min(wait, 1.0))
                         if not is_active():
                             return
                     entry.last_seen = time.time()
@@ -165,7 +196,7 @@ class ClientRegistry:
 
     def note_report(self, client_id: str, status: str, epsilon_total: float | None) -> None:
         with self._lock:
-            entry = self._clients.setdefault(client_id, ClientEntry(client_id))
+            entry = self._entry(client_id)
             entry.last_status = status
             if epsilon_total is not None:
                 entry.epsilon_total = epsilon_total
@@ -178,10 +209,10 @@ class ClientRegistry:
     def wake(self) -> None:
         """Wake every waiting task stream so each re-checks whether its call is alive."""
         with self._lock:
-            self._lock.notify_all()
+            self._wake_all()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
+            self._wake_all()
 
