@@ -136,6 +136,9 @@ def test_sigterm_stops_cleanly_and_a_killed_client_keeps_its_ledger(
                "the restarted hospital_1 to train again")
     after = ledger_entries(fed, "hospital_1")
     assert after[:len(kept)] == kept, "the restarted client rewrote its ledger"
+    # a client told to stop mid-job finishes or abandons its work and exits 0
+    fed.clients["hospital_2"].send_signal(signal.SIGTERM)
+    assert fed.clients["hospital_2"].wait(timeout=60) == 0, fed.tail("hospital_2.log")
     recorded = completed_rounds(fed)
     assert fed.server is not None
     fed.server.send_signal(signal.SIGTERM)
