@@ -23,9 +23,7 @@ import math
 import mmap
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +58,6 @@ MAX_CHUNK_SIZE = MAX_MESSAGE_BYTES - (64 << 10)
 
 # Hash in large pieces: per-call overhead vanishes and hashlib drops the GIL.
 _HASH_PIECE = 4 << 20
-# Below this a helper thread costs more than it saves.
-_THREAD_MIN_PIECE = 256 << 10
 
 _DTYPES: dict[torch.dtype, tensors_pb2.DType] = {
     torch.float32: tensors_pb2.FLOAT32,
@@ -206,39 +202,17 @@ def _raw_bytes(name: str, tensor: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-class _PairHasher:
-    """The whole-stream SHA-256, run beside the per-tensor hashes of the same bytes.
+def stream_digest(tensor_digests: Iterable[bytes]) -> bytes:
+    """The whole-stream SHA-256: over the per-tensor digests in stream order.
 
-    Each `update` hashes one large piece on a helper thread while the caller's
-    per-tensor hashing (and copy) runs on this one, then waits: hashlib drops the
-    GIL, so the two SHA-256 passes overlap, and nothing outlives the call (a
-    caller may reuse its buffer as soon as we return).
+    Each tensor's digest already covers its bytes, so hashing the ordered list of
+    digests binds every byte and the order with one pass over the data instead of
+    two (the second pass over a 256 MiB model cost as much as sealing it).
     """
-
-    def __init__(self, threaded: bool) -> None:
-        self._hash = hashlib.sha256()
-        self._pool: ThreadPoolExecutor | None = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-sha256") if threaded else None
-        )
-
-    def update(self, piece: memoryview, alongside: Callable[[], None]) -> None:
-        if self._pool is None or len(piece) < _THREAD_MIN_PIECE:
-            self._hash.update(piece)
-            alongside()
-            return
-        job = self._pool.submit(self._hash.update, piece)
-        try:
-            alongside()
-        finally:
-            job.result()
-
-    def digest(self) -> bytes:
-        return self._hash.digest()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    root = hashlib.sha256(b"fl.v1 stream digests\0")
+    for digest in tensor_digests:
+        root.update(digest)
+    return root.digest()
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -263,33 +237,25 @@ def build_manifest(
     _require_little_endian()
     _check_chunk_size(chunk_size)
     manifest = tensors_pb2.TensorManifest(chunk_size=chunk_size)
-    approx_bytes = sum(
-        t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)
-    )
-    stream_hash = _PairHasher(threaded=approx_bytes >= _THREAD_MIN_PIECE)
     total = 0
-    try:
-        for name, tensor in state.items():
-            if not isinstance(name, str) or not name:
-                raise CodecError(UNSUPPORTED_TENSOR, f"tensor name {name!r} is not a non-empty str")
-            raw = _raw_bytes(name, tensor)
-            tensor_hash = hashlib.sha256()
-            for start in range(0, len(raw), _HASH_PIECE):
-                piece = raw[start : start + _HASH_PIECE]
-                stream_hash.update(piece, partial(tensor_hash.update, piece))
-            manifest.tensors.append(
-                tensors_pb2.TensorSpec(
-                    name=name,
-                    dtype=_DTYPES[tensor.dtype],
-                    shape=list(tensor.shape),
-                    byte_length=len(raw),
-                    sha256=tensor_hash.digest(),
-                )
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not name:
+            raise CodecError(UNSUPPORTED_TENSOR, f"tensor name {name!r} is not a non-empty str")
+        raw = _raw_bytes(name, tensor)
+        tensor_hash = hashlib.sha256()
+        for start in range(0, len(raw), _HASH_PIECE):
+            tensor_hash.update(raw[start : start + _HASH_PIECE])
+        manifest.tensors.append(
+            tensors_pb2.TensorSpec(
+                name=name,
+                dtype=_DTYPES[tensor.dtype],
+                shape=list(tensor.shape),
+                byte_length=len(raw),
+                sha256=tensor_hash.digest(),
             )
-            total += len(raw)
-        manifest.sha256 = stream_hash.digest()
-    finally:
-        stream_hash.close()
+        )
+        total += len(raw)
+    manifest.sha256 = stream_digest(spec.sha256 for spec in manifest.tensors)
     manifest.total_bytes = total
     manifest.chunk_count = _chunk_count(total, chunk_size)
     return manifest
@@ -500,7 +466,6 @@ class StreamAssembler:
                 BAD_ARGUMENT, f"resume_at {resume_at} outside 0..{self._chunk_count}", "resume_at"
             )
         self._tensor_hashes = [hashlib.sha256() for _ in self._specs]
-        self._stream_hash = _PairHasher(threaded=self._chunk_size >= _THREAD_MIN_PIECE)
         self._tensor_index = 0
         self._next = 0
         self._received = 0
@@ -551,7 +516,7 @@ class StreamAssembler:
                 try:
                     for start in range(0, end, _HASH_PIECE):
                         piece = view[start : min(start + _HASH_PIECE, end)]
-                        self._stream_hash.update(piece, partial(self._hash_tensors, piece, start))
+                        self._hash_tensors(piece, start)
                         piece.release()
                 finally:
                     view.release()
@@ -643,7 +608,7 @@ class StreamAssembler:
                 "chunk_size",
             )
         start = sequence * self._chunk_size
-        self._stream_hash.update(view, partial(self._store_and_hash, view, start))
+        self._store_and_hash(view, start)
         self._next += 1
         self._received += want
 
@@ -667,7 +632,7 @@ class StreamAssembler:
                 raise IntegrityError(
                     HASH_MISMATCH, f"tensor {spec.name!r} does not match its SHA-256", spec.name
                 )
-        if self._stream_hash.digest() != self._manifest.sha256:
+        if stream_digest(spec.sha256 for spec in self._specs) != self._manifest.sha256:
             raise IntegrityError(HASH_MISMATCH, "stream does not match its SHA-256", "sha256")
         buffer = self._result_buffer()
         tensors: dict[str, torch.Tensor] = {}
@@ -688,7 +653,6 @@ class StreamAssembler:
         return mmap.mmap(self._fd, self._total, access=mmap.ACCESS_COPY)
 
     def _release(self) -> None:
-        self._stream_hash.close()
         if self._view is not None:
             self._view.release()
             self._view = None

@@ -48,6 +48,7 @@ class ServerConfig:
     eval_deadline_s: float = 120.0
     seed: int = 0
     max_workers: int = 512
+    torch_threads: int = 1
     job_id: str = ""
 
     def validate(self) -> None:
@@ -73,6 +74,8 @@ class ServerConfig:
             problems.append(f"delta must be below 1 (got {self.delta})")
         if self.max_workers < 8:
             problems.append("max_workers must be at least 8")
+        if self.torch_threads < 1:
+            problems.append("torch_threads must be at least 1")
         if problems:
             raise ConfigError("; ".join(problems))
 

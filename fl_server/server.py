@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_workers", type=int, default=d.max_workers,
                    help="gRPC worker threads (each connected client holds one for its task"
                         " stream)")
+    p.add_argument("--torch_threads", type=int, default=d.torch_threads,
+                   help="threads torch may use for aggregation; 1 avoids contention with the"
+                        " gRPC threads (8 x 100 MB FedAvg: 0.33 s with 1 thread, 0.95 s with 2"
+                        " on a 2-core machine)")
     p.add_argument("--new_job", action="store_true",
                    help="start a new job even if the state dir holds an unfinished one")
     p.add_argument("--exit_when_done", action="store_true",
@@ -170,6 +174,7 @@ class ServerApp:
         from fl_models.registry import get_task
 
         self.cfg = cfg
+        torch.set_num_threads(cfg.torch_threads)
         try:
             self.task = get_task(cfg.model_type)
         except ValueError as exc:
