@@ -11,6 +11,7 @@ ventricular-tachycardia rhythms) are left out, not forced into a class.
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from fl_models.base import DataFormatError, check_split
 from fl_models.ecg.synthetic import AF, FS, LENGTH, NORMAL, PVC, SECONDS, generate
 from fl_models.files import is_number, read_csv, require_exists
 from fl_models.partition import holdout_indices, write_federation
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES = 3000
 EXCLUDED = -1
@@ -133,7 +136,21 @@ def read_wfdb_record(record: Path) -> tuple[np.ndarray, np.ndarray]:
     aux = [a or "" for a in (annotation.aux_note or [""] * len(samples))]
     labels = label_windows(n_windows, samples, list(annotation.symbol), aux)
     keep = (labels != EXCLUDED) & np.isfinite(windows).all(axis=1)
+    _report_left_out(header, n_windows - int(keep.sum()), n_windows, "windows")
     return windows[keep], labels[keep]
+
+
+def _report_left_out(path: Path, left_out: int, total: int, what: str) -> None:
+    """Say how much of a file fits no class, so a mostly-unused file does not go unnoticed."""
+    if left_out:
+        log.info(
+            "%s: left out %d of %d %s that fit none of %s",
+            path,
+            left_out,
+            total,
+            what,
+            "normal/af/pvc",
+        )
 
 
 def write_wfdb_record(
@@ -223,6 +240,7 @@ def read_csv_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     windows = np.zeros((len(rows), LENGTH))
     windows[:, : signals.shape[1]] = signals[:, :LENGTH]
     keep = labels != EXCLUDED
+    _report_left_out(path, len(labels) - int(keep.sum()), len(labels), "rows")
     return windows[keep], labels[keep]
 
 

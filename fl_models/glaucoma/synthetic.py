@@ -4,8 +4,8 @@ Each image has a circular field of view, an orange-red retina with vignetting an
 blotchy texture, a darker macula, an optic disc (bright, yellowish, of varying size
 and position, left or right eye) holding a paler cup, and vessels leaving the disc.
 The label is the clinical rule: glaucoma when the vertical cup-to-disc ratio (vCDR)
-exceeds about 0.6. Normal eyes draw vCDR from 0.2-0.55, glaucomatous ones from
-0.65-0.9; disc size varies by 45%, so the cup's absolute size alone does not
+exceeds about 0.6. Normal eyes draw vCDR from 0.2-0.58, glaucomatous ones from
+0.62-0.9; disc size varies by 45%, so the cup's absolute size alone does not
 decide, and the ratio must be judged at a few pixels' resolution.
 """
 
@@ -17,8 +17,8 @@ from fl_models.imaging import sigmoid, smooth_noise
 
 SIZE = 64
 CLASS_NAMES: tuple[str, ...] = ("normal", "glaucoma")
-NORMAL_VCDR = (0.2, 0.55)
-GLAUCOMA_VCDR = (0.65, 0.9)
+NORMAL_VCDR = (0.2, 0.58)
+GLAUCOMA_VCDR = (0.62, 0.9)
 _CHUNK = 256
 _VESSELS = 6
 
