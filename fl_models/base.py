@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -141,3 +142,53 @@ class Task(ABC):
         regression in the network shows up as a gap rather than as a plain number.
         """
         return None
+
+
+class FolderTask(Task):
+    """A task whose behaviour lives in its folder's four modules.
+
+    Every task folder has the same dataset.py, model.py, hyperparams.py and
+    evaluate.py; a subclass names them (and its classes and input shape) and
+    inherits the wiring, so adding a model never means copying delegation code.
+    `samples` sizes the synthetic default data, for tasks that generate theirs
+    (dataset.DEFAULT_SAMPLES); tasks on real shipped data take none.
+    """
+
+    dataset_module: ModuleType
+    model_module: ModuleType
+    hyperparams_module: ModuleType
+    evaluate_module: ModuleType
+
+    def __init__(self, samples: int | None = None) -> None:
+        default = getattr(self.dataset_module, "DEFAULT_SAMPLES", None)
+        if samples is not None and default is None:
+            raise ValueError(f"{self.name} loads real data; 'samples' does not apply to it")
+        self.samples: int | None = default if samples is None else samples
+        self.hyperparams = self.hyperparams_module.hyperparams()
+        self.baseline_epochs = self.hyperparams_module.BASELINE_EPOCHS
+
+    def build_model(self) -> torch.nn.Module:
+        model: torch.nn.Module = self.model_module.build_model()
+        return model
+
+    def load_split(self, data_path: Path, split: str) -> TensorDataset:
+        dataset: TensorDataset = self.dataset_module.load_split(data_path, split)
+        return dataset
+
+    def evaluate(
+        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = self.evaluate_module.evaluate(model, dataset, batch_size)
+        return metrics
+
+    def confusion(
+        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
+    ) -> list[list[int]]:
+        matrix: list[list[int]] = self.evaluate_module.confusion(model, dataset, batch_size)
+        return matrix
+
+    def prepare(self, out_dir: Path, clients: int, alpha: float | None, seed: int) -> None:
+        if self.samples is None:
+            self.dataset_module.prepare(out_dir, clients, alpha, seed)
+        else:
+            self.dataset_module.prepare(out_dir, clients, alpha, seed, self.samples)

@@ -2,49 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch.utils.data import TensorDataset
 
-from fl_models.base import Task
-from fl_models.symptom import dataset as _dataset
-from fl_models.symptom import evaluate as _evaluate
-from fl_models.symptom import hyperparams as _hyperparams
-from fl_models.symptom import model as _model
+from fl_models.base import FolderTask
+from fl_models.symptom import dataset, evaluate, hyperparams, model
 from fl_models.symptom.vocabulary import DISEASES, SYMPTOMS
 
 
-class SymptomTask(Task):
+class SymptomTask(FolderTask):
     name = "symptom"
-
-    def __init__(self, samples: int = _dataset.DEFAULT_SAMPLES) -> None:
-        self.samples = samples
-        self.class_names = DISEASES
-        self.input_shape = (len(SYMPTOMS),)
-        self.hyperparams = _hyperparams.hyperparams()
-        self.baseline_epochs = _hyperparams.BASELINE_EPOCHS
-
-    def build_model(self) -> torch.nn.Module:
-        return _model.build_model()
-
-    def load_split(self, data_path: Path, split: str) -> TensorDataset:
-        return _dataset.load_split(data_path, split)
-
-    def evaluate(
-        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
-    ) -> dict[str, float]:
-        return _evaluate.evaluate(model, dataset, batch_size)
-
-    def confusion(
-        self, model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 256
-    ) -> list[list[int]]:
-        return _evaluate.confusion(model, dataset, batch_size)
-
-    def prepare(self, out_dir: Path, clients: int, alpha: float | None, seed: int) -> None:
-        _dataset.prepare(out_dir, clients, alpha, seed, self.samples)
+    class_names = DISEASES
+    input_shape = (len(SYMPTOMS),)
+    dataset_module = dataset
+    model_module = model
+    hyperparams_module = hyperparams
+    evaluate_module = evaluate
 
     def reference_metrics(
         self, train: TensorDataset, test: TensorDataset
     ) -> tuple[str, dict[str, float]]:
-        return "naive_bayes", _evaluate.naive_bayes_metrics(train, test)
+        return "naive_bayes", evaluate.naive_bayes_metrics(train, test)
