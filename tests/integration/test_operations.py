@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,19 @@ def test_health_reflection_and_status(federation: Federation) -> None:
     assert status.model_type == "breast_cancer"
     assert status.job_state == "running" and status.total_rounds == 1
     assert status.phase == "select" and len(status.model_sha256) == 64
+    # the operator's CLI: a table, or JSON for scripts
+    admin = [sys.executable, "-m", "fl_server.admin", "--server_url",
+             f"127.0.0.1:{fed.port}", "--keys_dir", str(fed.workdir / "keys")]
+    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
+    table = subprocess.run(admin, capture_output=True, text=True, timeout=60, env=env)
+    assert table.returncode == 0, table.stderr
+    assert f"job {status.job_id}" in table.stdout and "phase select" in table.stdout
+    as_json = subprocess.run([*admin, "--json"], capture_output=True, text=True, timeout=60,
+                             env=env)
+    assert json.loads(as_json.stdout)["model_sha256"] == status.model_sha256
+    wrong = subprocess.run([*admin, "--admin", "hospital_1"], capture_output=True, text=True,
+                           timeout=60, env=env)
+    assert wrong.returncode == 2 and "fl-admin: error:" in wrong.stderr
 
 
 def run_server(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,98 @@
+"""The operator's view of a running server:
+
+    python -m fl_server.admin --server_url HOST:PORT --keys_dir keys --admin operator
+
+Calls Status with an admin certificate (from `--issue-admin NAME`) and prints the
+job, the round and its phase, each hospital (connected, last seen, epsilon spent)
+and each recorded round with its metrics; `--json` prints the reply as JSON for
+scripts and monitoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from fl_core.tls import channel_credentials, channel_options, load_pem, parse_server_url, target
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import coordinator_pb2_grpc as cpb_grpc
+
+SHOWN_METRICS = ("train_loss", "eval_accuracy", "eval_auroc", "fed_accuracy", "epsilon_max")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-admin", description="Show the state of a running federated learning server.")
+    p.add_argument("--server_url", default="127.0.0.1:5000",
+                   help="host:port, grpcs://host:port or https://host[:port]")
+    p.add_argument("--keys_dir", type=Path, default=Path("keys"),
+                   help="the server's keys folder (holds ca.crt and clients/<admin>.{crt,key})")
+    p.add_argument("--admin", default="operator",
+                   help="name of the admin certificate made with --issue-admin")
+    p.add_argument("--server_name", default=None,
+                   help="name to check in the server certificate when it differs from the host")
+    p.add_argument("--json", action="store_true", help="print the Status reply as JSON")
+    p.add_argument("--timeout_s", type=float, default=10.0, help="seconds to wait for the server")
+    return p
+
+
+def fetch_status(args: argparse.Namespace) -> cpb.StatusReply:
+    host, port = parse_server_url(args.server_url)
+    keys: Path = args.keys_dir
+    creds = channel_credentials(load_pem(keys / "ca.crt"),
+                                load_pem(keys / "clients" / f"{args.admin}.crt"),
+                                load_pem(keys / "clients" / f"{args.admin}.key"))
+    with grpc.secure_channel(target(host, port), creds,
+                             options=channel_options(args.server_name)) as channel:
+        reply: cpb.StatusReply = cpb_grpc.CoordinatorStub(channel).Status(
+            cpb.StatusRequest(), timeout=args.timeout_s)
+        return reply
+
+
+def render(reply: cpb.StatusReply) -> str:
+    lines = [f"job {reply.job_id}  model {reply.model_type}  strategy {reply.strategy}  "
+             f"state {reply.job_state}",
+             f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
+             f"model sha256 {reply.model_sha256[:16]}",
+             "", "hospital             connected  last seen  examples  epsilon  last status"]
+    now = time.time()
+    for c in reply.clients:
+        seen = f"{now - c.last_seen_unix_ms / 1000:.0f}s ago" if c.last_seen_unix_ms else "-"
+        lines.append(f"{c.client_id:<20} {'yes' if c.connected else 'no':<10} {seen:>9}"
+                     f"  {c.num_examples:>8}  {c.epsilon_total:>7.2f}  {c.last_report_status}")
+    lines += ["", "round  state      sel  rep  fail  seconds  "
+              + "  ".join(f"{m:>13}" for m in SHOWN_METRICS)]
+    for r in reply.rounds:
+        values = "  ".join(f"{r.metrics[m]:>13.4f}" if m in r.metrics else f"{'-':>13}"
+                           for m in SHOWN_METRICS)
+        lines.append(f"{r.round:>5}  {r.state:<9} {r.selected:>4} {r.reported:>4} {r.failed:>5}"
+                     f"  {r.seconds:>7.2f}  {values}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        reply = fetch_status(args)
+    except (ValueError, OSError) as exc:
+        print(f"fl-admin: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"fl-admin: error: {exc.code().name}: {exc.details()}",  # type: ignore[attr-defined]
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    else:
+        print(render(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
