@@ -329,8 +329,9 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             finally:
                 if self.engine.strategy.streaming:
                     del tensors, delta
-        if self.engine.strategy.streaming:
-            up.spool_path.unlink(missing_ok=True)
+        # Unlinked now even when a non-streaming strategy still reads the update: its
+        # mapping keeps the data until the strategy lets go, and nothing is left behind.
+        up.spool_path.unlink(missing_ok=True)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
         log_event(log, "update_accepted", client=up.client_id, round=header.round,
                   bytes=up.manifest.total_bytes, chunks=up.manifest.chunk_count,

@@ -34,3 +34,18 @@ def test_two_hospitals_two_rounds(federation: Federation, breast_cancer_data: Pa
     for name in fed.hospitals:
         ledger = fed.workdir / "sites" / name / "state" / f"privacy_ledger_{name}.json"
         assert ledger.exists(), f"{name} kept no privacy ledger"
+
+
+def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
+        federation: Federation, breast_cancer_data: Path) -> None:
+    """A non-streaming strategy keeps updates memory-mapped from their spool files;
+    the files are unlinked at once (the mapping outlives them), so none pile up."""
+    fed = federation
+    fed.start_server([*SERVER_FAST, "--rounds", "2", "--strategy", "median", "--no_fed_eval"])
+    for name in fed.hospitals:
+        fed.start_client(name, breast_cancer_data / name, ["--epsilon_budget", "50"])
+    assert fed.wait_server(timeout_s=240) == 0, fed.tail("server.log")
+    db = sqlite3.connect(fed.workdir / "server_state" / "server.db")
+    rows = db.execute("SELECT round, state, reported FROM rounds ORDER BY round").fetchall()
+    assert rows == [(1, "completed", 2), (2, "completed", 2)]
+    assert not list((fed.workdir / "server_state" / "spool").glob("*.spool"))
