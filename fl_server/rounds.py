@@ -348,6 +348,7 @@ class RoundEngine:
             return False
         self.set_model(round_no, new_state)
         metrics = self._train_metrics(rs)
+        metrics.update(self.strategy.round_metrics())
         self._set_phase("evaluate")
         metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
         self._set_phase("checkpoint")

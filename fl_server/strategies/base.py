@@ -189,6 +189,11 @@ class Strategy(ABC):
                 self._examples = []
                 self._on_end()
 
+    def round_metrics(self) -> dict[str, float]:
+        """Figures about the round just finished for its summary (e.g. central DP's
+        epsilon); most strategies have none."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Server optimiser state for checkpoints; stateless strategies have none."""
         return {}

@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from fl_server.strategies.base import Strategy, StrategyError
+from fl_server.strategies.dp_fedavg import DPFedAvg
 from fl_server.strategies.fedavg import FedAvg
 from fl_server.strategies.fedavgm import FedAvgM
 from fl_server.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
@@ -33,6 +34,7 @@ _CLASSES: dict[str, type[Strategy]] = {
         Krum,
         MultiKrum,
         NormBounding,
+        DPFedAvg,
     )
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -49,3 +50,18 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
     rows = db.execute("SELECT round, state, reported FROM rounds ORDER BY round").fetchall()
     assert rows == [(1, "completed", 2), (2, "completed", 2)]
     assert not list((fed.workdir / "server_state" / "spool").glob("*.spool"))
+
+
+def test_central_dp_reports_its_epsilon_each_round(federation: Federation,
+                                                   breast_cancer_data: Path) -> None:
+    fed = federation
+    fed.start_server([*SERVER_FAST, "--rounds", "2", "--strategy", "dp_fedavg",
+                      "--strategy_param", "clip=0.5", "--strategy_param", "noise_multiplier=0.5",
+                      "--no_fed_eval"])
+    for name in fed.hospitals:
+        fed.start_client(name, breast_cancer_data / name, ["--epsilon_budget", "50"])
+    assert fed.wait_server(timeout_s=240) == 0, fed.tail("server.log")
+    db = sqlite3.connect(fed.workdir / "server_state" / "server.db")
+    rows = db.execute("SELECT metrics_json FROM rounds ORDER BY round").fetchall()
+    eps = [json.loads(r[0])["central_epsilon"] for r in rows]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]

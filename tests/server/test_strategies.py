@@ -550,6 +550,7 @@ def test_registry_names_and_parameters() -> None:
         "krum",
         "multi_krum",
         "norm_bounding",
+        "dp_fedavg",
     }
     for name in STRATEGY_NAMES:
         s = make_strategy(name)
