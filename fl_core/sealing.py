@@ -209,8 +209,8 @@ class _StreamCipher:
         )
 
 
-class StreamSealer:
-    """Seals one stream's chunks, refusing anything that could reuse a nonce.
+class _StreamEnd:
+    """One end of a sealed stream: its cipher, the next sequence, whether it ended.
 
     `start_sequence` lets a resumed transfer continue where the receiver stopped.
     """
@@ -226,7 +226,12 @@ class StreamSealer:
 
     @property
     def done(self) -> bool:
+        """The final chunk has been sealed (or opened)."""
         return self._done
+
+
+class StreamSealer(_StreamEnd):
+    """Seals one stream's chunks, refusing anything that could reuse a nonce."""
 
     def seal(
         self, sequence: int, plaintext: bytes | bytearray | memoryview, final: bool
@@ -250,26 +255,12 @@ class StreamSealer:
         )
 
 
-class StreamOpener:
+class StreamOpener(_StreamEnd):
     """Opens one stream's chunks in order; `finish()` proves the stream was not cut.
 
     A refused chunk leaves the opener unchanged, but the caller should abandon
     the stream on SEAL_INVALID: the bytes were not what the sender sealed.
     """
-
-    def __init__(self, key: bytes, ctx: StreamContext, start_sequence: int = 0) -> None:
-        self._cipher = _StreamCipher(key, ctx)
-        self._next = start_sequence
-        self._done = False
-
-    @property
-    def next_sequence(self) -> int:
-        return self._next
-
-    @property
-    def done(self) -> bool:
-        """The final chunk has been opened."""
-        return self._done
 
     def open(self, chunk: tensors_pb2.SealedChunk) -> bytes:
         cipher = self._cipher
