@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check fl_core fl_server fl_client fl_models fl_demo tests bench
+	$(PY) -m ruff check fl_core fl_server fl_client fl_models fl_demo fl_sim tests bench
 	$(PY) -m mypy
 
 demo: $(STAMP)

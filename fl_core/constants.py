@@ -41,3 +41,17 @@ RECONNECT_BASE_S: Final = 0.5
 RECONNECT_MAX_S: Final = 30.0
 HEARTBEAT_INTERVAL_S: Final = 30.0
 RPC_TIMEOUT_S: Final = 60.0
+
+# Operations (fl_core/tls_diagnosis.py, the doctors, fl_core/logs.py).
+# A trust failure (unknown CA, wrong name, expired or revoked certificate) is tried this
+# many times in a row (a server may be mid-way through a certificate rotation), then
+# the client exits naming the file to fix; network outages keep the endless backoff.
+TRUST_FAILURE_ATTEMPTS: Final = 3
+TLS_PROBE_TIMEOUT_S: Final = 5.0
+# The doctors warn when a certificate expires within this many days, and fail on a
+# clock this far from the server's (JWT lifetimes and certificate dates assume agreement).
+CERT_EXPIRY_WARN_DAYS: Final = 30
+MAX_CLOCK_SKEW_S: Final = 60.0
+# --log_file rotation defaults: 5 files of 20 MiB keep weeks of round logs in 100 MiB.
+LOG_FILE_MAX_BYTES: Final = 20 << 20
+LOG_FILE_BACKUPS: Final = 5
