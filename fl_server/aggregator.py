@@ -44,7 +44,7 @@ from fl_proto import tensors_pb2 as tpb
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, Session
 from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
-from fl_server.validation import check_metrics, check_num_examples
+from fl_server.validation import check_update_header
 
 log = logging.getLogger("fl_server.aggregator")
 
@@ -212,7 +212,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                   f"stream id {header.stream_id!r} is not this task's upload stream",
                   "WRONG_STREAM")
-        problem = check_num_examples(header.num_examples) or check_metrics(header.metrics)
+        problem = check_update_header(header, self.registry.num_examples(client_id))
         if problem:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")
         with self._lock:

@@ -25,7 +25,7 @@ from fl_server.clients import ClientRegistry
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
-from fl_server.validation import MAX_REASON, check_epsilon, check_metrics, check_num_examples
+from fl_server.validation import check_join, check_report
 
 log = logging.getLogger("fl_server.coordinator")
 
@@ -51,7 +51,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   f"this server trains {cfg.model_type!r}; the client has"
                   f" {request.model_type!r} data")
-        problem = check_num_examples(request.num_examples)
+        problem = check_join(request)
         if problem:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")
         private_key, public_bytes = generate_keypair()
@@ -102,18 +102,18 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
     def Report(self, request: cpb.ReportRequest,
                context: grpc.ServicerContext) -> cpb.ReportReply:
         ident = identity_of(context)
-        problem = (check_metrics(request.metrics)
-                   or check_epsilon(request.epsilon_round, request.epsilon_total)
-                   or (check_num_examples(request.num_examples)
-                       if request.status == cpb.OK else None))
-        if len(request.reason) > MAX_REASON:
-            problem = f"reason longer than {MAX_REASON} characters"
-        if request.status == cpb.REPORT_STATUS_UNSPECIFIED:
-            problem = "report status is unspecified"
+        # Everything checked before the engine sees it: a refused report changes nothing
+        # (the client is not marked failed, no row is stored).
+        problem = check_report(request, self.registry.num_examples(ident.client_id))
         if problem:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"report refused: {problem}",
                   "BAD_VALUE")
         try:
+            _, task = self.engine.task_of(ident.client_id, request.task_id)
+            if request.kind != task.kind:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                      f"report refused: kind {cpb.TaskKind.Name(request.kind)} is not the"
+                      f" task's {cpb.TaskKind.Name(task.kind)}", "BAD_VALUE")
             self.engine.report(ident.client_id, request)
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
