@@ -131,9 +131,10 @@ class ServerConnection:
 
     def tasks(self) -> Any:
         """The server-streamed task feed (iterate it; `.cancel()` ends it)."""
+        metadata = self.metadata()  # first: it may re-join, and the session must be the token's
+        assert self.session is not None
         return self.coordinator.Tasks(
-            cpb.TaskStreamRequest(session_id=self.session.session_id if self.session else ""),
-            metadata=self.metadata())
+            cpb.TaskStreamRequest(session_id=self.session.session_id), metadata=metadata)
 
     def report(self, request: cpb.ReportRequest) -> None:
         self.coordinator.Report(request, metadata=self.metadata(), timeout=RPC_TIMEOUT_S)

@@ -75,6 +75,13 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
     def Tasks(self, request: cpb.TaskStreamRequest,
               context: grpc.ServicerContext) -> Iterator[cpb.Task]:
         ident = identity_of(context)
+        if request.session_id != ident.session_id:
+            # A session id is the token's; a stream opened naming another session (a
+            # stale one, or someone else's) is a client bug or a probe, never served.
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"task stream refused: session_id {request.session_id[:64]!r} is not the"
+                  " session of this call's token (send the session_id Join returned with it)",
+                  "SESSION_MISMATCH", "session_id")
         log_event(log, "task_stream_open", client=ident.client_id)
         # Wake the stream the moment the call ends (client gone, cancelled), so the
         # client stops counting as connected at once, not at the stream's next poll:

@@ -56,6 +56,7 @@ class Frozen:
     task: cpb.Task | None        # the attacker's TRAIN task
     freezer_task: cpb.Task
     sha_before: str
+    freezer_session: str = ""  # the session id the freezer holds its task under
     evil_accepted: bool = False  # set by a case whose attacker sent one valid update
     close_by_deadline: bool = False  # the case lets the round deadline close it
     expect_attempt: int = 1
@@ -132,7 +133,9 @@ class Arena:
             assert last.round == freezer_task.round - 1 and last.state == "completed"
             assert status.model_sha256 == last.model_sha256
             assert checkpoint_sha(self.state_dir, self.job_id, last.round) == last.model_sha256
-            frozen = Frozen(freezer_task.round, evil_task, freezer_task, last.model_sha256)
+            assert freezer.session is not None
+            frozen = Frozen(freezer_task.round, evil_task, freezer_task, last.model_sha256,
+                            freezer_session=freezer.session.session_id)
             yield frozen
             # While the round was held, nothing the attacker did moved the model.
             after = self.status()

@@ -31,7 +31,7 @@ from tests.hostile.kit import (
     tls_probe,
     wait_for,
 )
-from tests.hostile.live.arena import BYSTANDER, EVIL, FREEZER, REVOKED, Arena
+from tests.hostile.live.arena import BYSTANDER, EVIL, REVOKED, Arena
 from tests.security.jwt_forge import (
     active_key,
     forge,
@@ -232,20 +232,31 @@ def test_another_clients_token(arena: Arena, evil: HostileClient) -> None:
 
 
 def test_session_of_another_client_cannot_read_tasks(arena: Arena, evil: HostileClient) -> None:
-    """The task feed is keyed by the certificate's identity: a client sees only its
-    own tasks, whatever session id it sends."""
-    with arena.frozen_round() as frozen:
+    """The attacker names the freezer's real session (which holds a pending TRAIN task)
+    in its task-stream request: refused, PERMISSION_DENIED, because the session must be
+    the one in the caller's token. The same stream with its own session is live and
+    carries only the attacker's own task of the same round."""
+    with arena.frozen_round(evil) as frozen:
         assert evil.channel is not None and evil.session is not None
-        stream = cpb_grpc.CoordinatorStub(evil.channel).Tasks(
-            cpb.TaskStreamRequest(session_id="session-of-" + FREEZER),
-            metadata=(("authorization", f"Bearer {evil.session.token}"),), timeout=1.5)
-        seen: list[cpb.Task] = []
+        assert frozen.freezer_session and frozen.freezer_session != evil.session.session_id
+        stub = cpb_grpc.CoordinatorStub(evil.channel)
+        bearer = (("authorization", f"Bearer {evil.session.token}"),)
+        refusal = refused(lambda: stub.Tasks(
+            cpb.TaskStreamRequest(session_id=frozen.freezer_session), metadata=bearer,
+            timeout=TIMEOUT))
+        assert refusal.code == grpc.StatusCode.PERMISSION_DENIED, refusal
+        assert "is not the session of this call's token" in refusal.details, refusal
+        assert refusal.detail_code == "SESSION_MISMATCH", refusal
+        # the control: its own session opens a live stream that re-sends its own task
+        own = stub.Tasks(cpb.TaskStreamRequest(session_id=evil.session.session_id),
+                         metadata=bearer, timeout=TIMEOUT)
         try:
-            for task in stream:
-                seen.append(task)
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-        assert all(t.task_id != frozen.freezer_task.task_id for t in seen)
+            first = next(t for t in own if t.kind != cpb.HEARTBEAT)
+        finally:
+            own.cancel()
+        assert first.task_id == frozen.evil_task.task_id, first
+        assert first.task_id != frozen.freezer_task.task_id
+        assert first.round == frozen.round
 
 
 def test_certificate_revoked_while_its_task_stream_is_open(arena: Arena) -> None:
