@@ -177,24 +177,45 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status")
+    __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status", "phase", "upload_chunks_done", "upload_chunks_total", "updates_accepted", "refusals", "epsilon_budget", "selected")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     connected: bool
     last_seen_unix_ms: int
     num_examples: int
     epsilon_total: float
     last_report_status: str
-    def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., num_examples: _Optional[int] = ..., epsilon_total: _Optional[float] = ..., last_report_status: _Optional[str] = ...) -> None: ...
+    phase: str
+    upload_chunks_done: int
+    upload_chunks_total: int
+    updates_accepted: int
+    refusals: int
+    epsilon_budget: float
+    selected: bool
+    def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., num_examples: _Optional[int] = ..., epsilon_total: _Optional[float] = ..., last_report_status: _Optional[str] = ..., phase: _Optional[str] = ..., upload_chunks_done: _Optional[int] = ..., upload_chunks_total: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., refusals: _Optional[int] = ..., epsilon_budget: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256")
+    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256", "client_epsilon")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ClientEpsilonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +230,7 @@ class RoundSummary(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: int
@@ -217,10 +239,23 @@ class RoundSummary(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     seconds: float
     model_sha256: str
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+    client_epsilon: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ..., client_epsilon: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class StatusEvent(_message.Message):
+    __slots__ = ("unix_ms", "kind", "client_id", "message")
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    unix_ms: int
+    kind: str
+    client_id: str
+    message: str
+    def __init__(self, unix_ms: _Optional[int] = ..., kind: _Optional[str] = ..., client_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job_id", "model_type", "strategy", "round", "total_rounds", "phase", "job_state", "clients", "rounds", "model_sha256")
+    __slots__ = ("job_id", "model_type", "strategy", "round", "total_rounds", "phase", "job_state", "clients", "rounds", "model_sha256", "events", "now_unix_ms", "phase_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +266,9 @@ class StatusReply(_message.Message):
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NOW_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_type: str
     strategy: str
@@ -241,4 +279,7 @@ class StatusReply(_message.Message):
     clients: _containers.RepeatedCompositeFieldContainer[ClientStatus]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     model_sha256: str
-    def __init__(self, job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., strategy: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., job_state: _Optional[str] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[StatusEvent]
+    now_unix_ms: int
+    phase_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., strategy: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., job_state: _Optional[str] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., events: _Optional[_Iterable[_Union[StatusEvent, _Mapping]]] = ..., now_unix_ms: _Optional[int] = ..., phase_seconds: _Optional[float] = ...) -> None: ...
