@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
+from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
     SealError,
@@ -48,21 +49,8 @@ from fl_server.validation import check_update_header
 
 log = logging.getLogger("fl_server.aggregator")
 
-ERROR_DETAIL_KEY = "fl-error-bin"
-
-
-
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
-          detail_code: str = "", field: str = "") -> NoReturn:
-    """Abort with a status and a machine-readable ErrorDetail in trailing metadata."""
-    detail = tpb.ErrorDetail(code=detail_code or code.name, message=message, field=field)
-    context.set_trailing_metadata(((ERROR_DETAIL_KEY, detail.SerializeToString()),))
-    context.abort(code, message)
-    raise AssertionError("unreachable")  # context.abort raises
-
-
 def abort_refusal(context: grpc.ServicerContext, refusal: RoundRefusal) -> NoReturn:
-    abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message)
+    abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message, refusal.reason)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
+from fl_core.errors import Refusal, abort
 from fl_server.security import AuthError, RevocationList, TokenService, cert_sha256
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,11 @@ class _Peer:
 
 
 class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 @functools.lru_cache(maxsize=4096)
@@ -207,14 +209,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 "auth refused method=%s peer=%s code=%s reason=%r",
                 method, context.peer(), refusal.code.name, refusal.message,
             )
-            context.abort(refusal.code, refusal.message)
+            abort(context, refusal.code, refusal.message, refusal.reason)
 
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> Identity:
         unauthenticated = grpc.StatusCode.UNAUTHENTICATED
         auth = cast(Mapping[str, list[bytes]], context.auth_context())
         pems = auth.get("x509_pem_cert") or []
         if not pems:
-            raise _Refused(unauthenticated, "no client certificate")
+            raise _Refused(unauthenticated, "no client certificate", Refusal.NO_CERTIFICATE)
         try:
             peer = _parse_peer(bytes(pems[0]))
         except AuthError as exc:
@@ -232,7 +234,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except AuthError as exc:
             raise _Refused(unauthenticated, str(exc)) from None
         if revoked:
-            raise _Refused(unauthenticated, "certificate revoked")
+            raise _Refused(unauthenticated, "certificate revoked", Refusal.CERT_REVOKED)
         claims: Mapping[str, Any] = MappingProxyType({})
         session_id: str | None = None
         if method not in self._public:
@@ -241,7 +243,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     _bearer(context.invocation_metadata()), peer.cert_sha256
                 )
             except AuthError as exc:
-                raise _Refused(unauthenticated, str(exc)) from None
+                raise _Refused(unauthenticated, str(exc), Refusal.BAD_TOKEN) from None
             if verified["sub"] != peer.client_id:
                 raise _Refused(
                     unauthenticated,
@@ -258,6 +260,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} needs an admin certificate; {peer.client_id!r} has role "
                 f"{peer.role!r}",
+                Refusal.NOT_ADMIN,
             )
         return Identity(
             peer.client_id, peer.role, peer.cert_sha256, peer.serial, session_id, claims

@@ -17,18 +17,20 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fl_core.errors import Refusal
 from fl_core.logs import log_event
 from fl_core.tensor_codec import build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
+from fl_server.faults import fault_point
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
 
@@ -39,12 +41,14 @@ PHASES = ("idle", "select", "distribute", "train", "collect", "aggregate", "eval
 
 
 class RoundRefusal(Exception):
-    """An update or report the current round cannot take; `code` names the gRPC status."""
+    """An update or report the current round cannot take; `code` names the gRPC status,
+    `reason` the machine-readable Refusal sent with it."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: Refusal | str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = str(reason)
 
 
 @dataclass
@@ -112,7 +116,8 @@ class RoundEngine:
     def current_model(self) -> ModelVersion:
         with self._cv:
             if self.model is None:
-                raise RoundRefusal("UNAVAILABLE", "the global model is not loaded yet")
+                raise RoundRefusal("UNAVAILABLE", "the global model is not loaded yet",
+                                   Refusal.MODEL_NOT_READY)
             return self.model
 
     # gRPC-facing ----------------------------------------------------------------
@@ -121,14 +126,16 @@ class RoundEngine:
         with self._cv:
             rs = self.current
             if rs is None or not rs.open:
-                raise RoundRefusal("FAILED_PRECONDITION", "no round is open")
+                raise RoundRefusal("FAILED_PRECONDITION", "no round is open", Refusal.NO_ROUND)
             task = rs.tasks.get(client_id)
             if task is None:
                 raise RoundRefusal("PERMISSION_DENIED",
-                                   f"client {client_id} was not selected for round {rs.round}")
+                                   f"client {client_id} was not selected for round {rs.round}",
+                                   Refusal.NOT_SELECTED)
             if task.task_id != task_id:
                 raise RoundRefusal("FAILED_PRECONDITION",
-                                   f"task {task_id!r} is not the open task of round {rs.round}")
+                                   f"task {task_id!r} is not the open task of round {rs.round}",
+                                   Refusal.WRONG_TASK)
             return rs, task
 
     def check_update_allowed(self, client_id: str, task_id: str, job_id: str,
@@ -137,18 +144,20 @@ class RoundEngine:
         if job_id != rs.job_id or round_no != rs.round:
             raise RoundRefusal("FAILED_PRECONDITION",
                                f"update names job {job_id!r} round {round_no}; the open round"
-                               f" is {rs.job_id!r} round {rs.round}")
+                               f" is {rs.job_id!r} round {rs.round}", Refusal.WRONG_ROUND)
         if task.kind != cpb.TRAIN:
-            raise RoundRefusal("FAILED_PRECONDITION", "the open task is not a training task")
+            raise RoundRefusal("FAILED_PRECONDITION", "the open task is not a training task",
+                               Refusal.WRONG_TASK)
         with self._cv:
             if client_id in rs.accepted:
                 raise RoundRefusal("ALREADY_EXISTS",
                                    f"client {client_id} already sent its update for round"
-                                   f" {rs.round}")
+                                   f" {rs.round}", Refusal.DUPLICATE_UPDATE)
             if client_id in rs.failed:
                 raise RoundRefusal("FAILED_PRECONDITION",
                                    f"client {client_id} was already recorded as failed in round"
-                                   f" {rs.round}: {rs.failed[client_id]}")
+                                   f" {rs.round}: {rs.failed[client_id]}",
+                                   Refusal.ALREADY_FAILED)
         return rs
 
     def accept_update(self, client_id: str, task_id: str, job_id: str, round_no: int,
@@ -158,11 +167,12 @@ class RoundEngine:
         rs = self.check_update_allowed(client_id, task_id, job_id, round_no)
         with self._cv:
             if not rs.open or self.current is not rs:
-                raise RoundRefusal("FAILED_PRECONDITION", f"round {rs.round} closed")
+                raise RoundRefusal("FAILED_PRECONDITION", f"round {rs.round} closed",
+                                   Refusal.ROUND_CLOSED)
             if client_id in rs.accepted:
                 raise RoundRefusal("ALREADY_EXISTS",
                                    f"client {client_id} already sent its update for round"
-                                   f" {rs.round}")
+                                   f" {rs.round}", Refusal.DUPLICATE_UPDATE)
             self.strategy.accept(client_id, delta, num_examples)
             rs.accepted[client_id] = {"num_examples": num_examples, "metrics": dict(metrics)}
             self.registry.clear_task(client_id, task_id)
@@ -263,9 +273,8 @@ class RoundEngine:
                                     {"round": round_no, "attempt": attempt, "reason": reason},
                                     job_id=self.job_id)
             return None
-        wanted = max(self.cfg.min_clients, math.ceil(self.cfg.fraction * len(available)))
-        rng = random.Random(f"{self.cfg.seed}:{self.job_id}:{round_no}:{attempt}")
-        return sorted(rng.sample(available, min(wanted, len(available))))
+        return select_clients(available, self.cfg.min_clients, self.cfg.fraction,
+                              self.cfg.seed, self.job_id, round_no, attempt)
 
     def _open_round(self, round_no: int, attempt: int, kind: cpb.TaskKind,
                     clients: list[str],
@@ -276,8 +285,7 @@ class RoundEngine:
         for cid in clients:
             config = cpb.TrainConfig()
             config.CopyFrom(self.train_config)
-            config.seed = (self.cfg.seed * 1_000_003 + round_no * 1009 + attempt
-                           + zlib.crc32(cid.encode()) % 997) & 0xFFFFFFFF
+            config.seed = task_seed(self.cfg.seed, round_no, attempt, cid)
             tasks[cid] = cpb.Task(
                 task_id=uuid.uuid4().hex, kind=kind, job_id=self.job_id, round=round_no,
                 model_type=self.cfg.model_type, config=config, deadline_unix_ms=deadline_ms,
@@ -321,7 +329,7 @@ class RoundEngine:
                         silent=len(rs.outstanding()))
         for cid in rs.outstanding():
             rs.failed[cid] = "no update before the round deadline"
-        required = max(1, math.ceil(self.cfg.quorum * len(selected)))
+        required = quorum_required(self.cfg.quorum, len(selected))
         if len(rs.accepted) < required:
             reason = (f"quorum not reached: {len(rs.accepted)} of {len(selected)} updates,"
                       f" need {required}")
@@ -346,6 +354,7 @@ class RoundEngine:
                                      "clients": sorted(rs.accepted)}, job_id=self.job_id)
             self.last_failure = reason
             return False
+        fault_point("aggregate", round_no)  # tests only: off unless FL_FAULT_POINT names it
         self.set_model(round_no, new_state)
         metrics = self._train_metrics(rs)
         metrics.update(self.strategy.round_metrics())
@@ -388,19 +397,7 @@ class RoundEngine:
 
     @staticmethod
     def _train_metrics(rs: RoundState) -> dict[str, float]:
-        total = sum(int(i["num_examples"]) for i in rs.accepted.values()) or 1
-        sums: dict[str, float] = {}
-        for info in rs.accepted.values():
-            w = int(info["num_examples"]) / total
-            for key, value in info.get("metrics", {}).items():
-                if key.startswith("epsilon") or key == "dp_enabled":
-                    continue
-                sums[key] = sums.get(key, 0.0) + w * float(value)
-        eps = [float(i["metrics"]["epsilon_total"]) for i in rs.accepted.values()
-               if "epsilon_total" in i.get("metrics", {})]
-        if eps:
-            sums["epsilon_max"] = max(eps)
-        return sums
+        return train_metrics(rs.accepted)
 
     def _evaluate(self, round_no: int, attempt: int, clients: list[str]) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -447,3 +444,44 @@ class RoundEngine:
             return {"round": self.round, "phase": self.phase, "job_state": self.job_state,
                     "last_metrics": dict(self.last_metrics),
                     "model_sha256": self.model.sha256 if self.model else ""}
+
+
+# --- a round's arithmetic, as plain functions (the simulator, fl_sim, calls them too) ---
+def select_clients(available: Sequence[str], min_clients: int, fraction: float, seed: int,
+                   job_id: str, round_no: int, attempt: int) -> list[str]:
+    """The clients a round trains: ``max(min_clients, ceil(fraction x available))`` of
+    them, drawn by an RNG seeded from (seed, job, round, attempt) so a rerun with the
+    same seed selects the same clients, and a retried attempt draws afresh."""
+    wanted = max(min_clients, math.ceil(fraction * len(available)))
+    rng = random.Random(f"{seed}:{job_id}:{round_no}:{attempt}")
+    return sorted(rng.sample(list(available), min(wanted, len(available))))
+
+
+def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
+    """TrainConfig.seed of one client's task: distinct per client, round and attempt,
+    reproducible from the job's seed (it seeds init only, never DP noise)."""
+    return (seed * 1_000_003 + round_no * 1009 + attempt
+            + zlib.crc32(client_id.encode()) % 997) & 0xFFFFFFFF
+
+
+def quorum_required(quorum: float, selected: int) -> int:
+    """Updates a round needs to close: ceil(quorum x selected), at least one."""
+    return max(1, math.ceil(quorum * selected))
+
+
+def train_metrics(accepted: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The round's training metrics: each client's, weighted by its examples (epsilons
+    excluded), plus the largest cumulative epsilon among the clients as epsilon_max."""
+    total = sum(int(i["num_examples"]) for i in accepted.values()) or 1
+    sums: dict[str, float] = {}
+    for info in accepted.values():
+        w = int(info["num_examples"]) / total
+        for key, value in info.get("metrics", {}).items():
+            if key.startswith("epsilon") or key == "dp_enabled":
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+    eps = [float(i["metrics"]["epsilon_total"]) for i in accepted.values()
+           if "epsilon_total" in i.get("metrics", {})]
+    if eps:
+        sums["epsilon_max"] = max(eps)
+    return sums

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from fl_client.connection import ServerConnection, TransferError
 from fl_client.identity import load_client_tls
 from fl_core.constants import MAX_MESSAGE_BYTES
+from fl_core.errors import refusal_of as decode_refusal
 from fl_core.sealing import StreamContext, StreamSealer, manifest_digest, stream_key
 from fl_core.stream_ids import upload_stream_id
 from fl_core.tensor_codec import build_manifest, iter_chunks
@@ -47,7 +48,6 @@ from fl_proto import tensors_pb2 as tpb
 from fl_server.store import state_sha256
 
 TIMEOUT = 10.0
-ERROR_DETAIL_KEY = "fl-error-bin"
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -60,21 +60,16 @@ class Refusal:
 
     code: grpc.StatusCode
     details: str
-    detail_code: str = ""  # ErrorDetail.code from the "fl-error-bin" trailer, if any
+    detail_code: str = ""  # ErrorInfo.reason from grpc-status-details-bin, if any
 
     def __str__(self) -> str:
         return f"{self.code.name} [{self.detail_code}] {self.details}"
 
 
 def refusal_of(exc: grpc.RpcError) -> Refusal:
-    code = exc.code()  # type: ignore[attr-defined]
-    details = exc.details() or ""  # type: ignore[attr-defined]
-    detail_code = ""
-    trailers = getattr(exc, "trailing_metadata", lambda: None)() or ()
-    for key, value in trailers:
-        if key == ERROR_DETAIL_KEY:
-            detail_code = tpb.ErrorDetail.FromString(value).code
-    return Refusal(code, details, detail_code)
+    """The status and the ErrorInfo reason (google.rpc rich error model) of a refusal."""
+    info = decode_refusal(exc)
+    return Refusal(info.code, info.message, "" if info.reason == info.code.name else info.reason)
 
 
 def refused(call: Callable[[], Any]) -> Refusal:
