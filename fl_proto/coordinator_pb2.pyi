@@ -42,16 +42,22 @@ REFUSED: ReportStatus
 FAILED: ReportStatus
 
 class JoinRequest(_message.Message):
-    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version")
+    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version", "previous_session_id", "replace_session", "epsilon_budget")
     X25519_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     x25519_public_key: bytes
     model_type: str
     num_examples: int
     client_version: str
-    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    previous_session_id: str
+    replace_session: bool
+    epsilon_budget: float
+    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., previous_session_id: _Optional[str] = ..., replace_session: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("session_id", "token", "token_expires_unix", "server_x25519_public_key", "job_id", "model_type", "client_id")
@@ -92,7 +98,14 @@ class PrivacyConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "update_kind", "privacy", "seed")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "update_kind", "privacy", "seed", "strategy_settings")
+    class StrategySettingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +113,7 @@ class TrainConfig(_message.Message):
     UPDATE_KIND_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -107,7 +121,8 @@ class TrainConfig(_message.Message):
     update_kind: UpdateKind
     privacy: PrivacyConfig
     seed: int
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    strategy_settings: _containers.ScalarMap[str, float]
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest")
@@ -177,13 +192,15 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClientStatus(_message.Message):
-    __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status", "phase", "upload_chunks_done", "upload_chunks_total", "updates_accepted", "refusals", "epsilon_budget", "selected")
+    __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status", "last_report_reason", "epsilon_budget_left", "phase", "upload_chunks_done", "upload_chunks_total", "updates_accepted", "refusals", "epsilon_budget", "selected")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REPORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_LEFT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +214,8 @@ class ClientStatus(_message.Message):
     num_examples: int
     epsilon_total: float
     last_report_status: str
+    last_report_reason: str
+    epsilon_budget_left: float
     phase: str
     upload_chunks_done: int
     upload_chunks_total: int
@@ -204,10 +223,10 @@ class ClientStatus(_message.Message):
     refusals: int
     epsilon_budget: float
     selected: bool
-    def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., num_examples: _Optional[int] = ..., epsilon_total: _Optional[float] = ..., last_report_status: _Optional[str] = ..., phase: _Optional[str] = ..., upload_chunks_done: _Optional[int] = ..., upload_chunks_total: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., refusals: _Optional[int] = ..., epsilon_budget: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., num_examples: _Optional[int] = ..., epsilon_total: _Optional[float] = ..., last_report_status: _Optional[str] = ..., last_report_reason: _Optional[str] = ..., epsilon_budget_left: _Optional[float] = ..., phase: _Optional[str] = ..., upload_chunks_done: _Optional[int] = ..., upload_chunks_total: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., refusals: _Optional[int] = ..., epsilon_budget: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256", "client_epsilon")
+    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256", "wait_seconds", "client_epsilon")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +249,7 @@ class RoundSummary(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
@@ -239,8 +259,9 @@ class RoundSummary(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     seconds: float
     model_sha256: str
+    wait_seconds: float
     client_epsilon: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ..., client_epsilon: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., client_epsilon: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
     __slots__ = ("unix_ms", "kind", "client_id", "message")
