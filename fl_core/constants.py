@@ -55,3 +55,21 @@ MAX_CLOCK_SKEW_S: Final = 60.0
 # --log_file rotation defaults: 5 files of 20 MiB keep weeks of round logs in 100 MiB.
 LOG_FILE_MAX_BYTES: Final = 20 << 20
 LOG_FILE_BACKUPS: Final = 5
+
+# Secure aggregation (SecAgg+, fl_core/secagg). Keystream is generated and added to
+# the masked vector this many bytes at a time (memory beyond the vector: one chunk).
+SECAGG_MASK_CHUNK_BYTES: Final = 1 << 20
+# Fixed point: each coordinate is clipped to [-clip, clip] and scaled so that a full
+# weight maps to 2^(bits-1); the sum of weights is at most 1, so sums stay < 2^31.
+SECAGG_DEFAULT_BITS: Final = 24
+SECAGG_MIN_BITS: Final = 8
+SECAGG_MAX_BITS: Final = 30
+SECAGG_DEFAULT_CLIP: Final = 4.0
+# Shares needed = floor(fraction x holders) + 1 (strictly more than half by default).
+SECAGG_DEFAULT_THRESHOLD: Final = 0.5
+# Up to this many selected hospitals every pair is masked (complete graph); above it,
+# each hospital has k ~ SECAGG_DEGREE_FACTOR x log2(n) neighbours (Bell et al. 2020).
+SECAGG_COMPLETE_GRAPH_MAX: Final = 24
+SECAGG_DEGREE_FACTOR: Final = 6.0
+# How long each key/share/unmask stage waits for the hospitals still missing.
+SECAGG_STAGE_TIMEOUT_S: Final = 60.0

@@ -1,0 +1,59 @@
+"""The mask generator: AES-256-CTR keystream read as little-endian uint32 words.
+
+A mask is as long as the model (one word per parameter), so it is never built
+whole: the keystream is produced into one reusable chunk (MASK_CHUNK_BYTES) and
+added to (or subtracted from) the target buffer slice by slice, modulo 2^32 by
+uint32 wrap-around. Memory beyond the target is one chunk whatever the model size.
+
+Each seed is used for exactly one mask (seeds are derived per round and pair), so
+a fixed zero counter block is safe: AES-CTR under a fresh key is a PRG. Measured
+at about 2 GB/s per core with AES-NI (bench/secagg.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from fl_core.constants import SECAGG_MASK_CHUNK_BYTES
+from fl_core.secagg import SecAggError
+
+SEED_BYTES = 32
+_WORD = 4
+_ZERO_IV = bytes(16)
+_ZEROS = bytes(SECAGG_MASK_CHUNK_BYTES)
+
+BAD_SEED = "BAD_SEED"
+
+
+def _check(seed: bytes, target: np.ndarray) -> None:
+    if len(seed) != SEED_BYTES:
+        raise SecAggError(BAD_SEED, f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if target.dtype != np.uint32 or target.ndim != 1 or not target.flags.c_contiguous:
+        raise SecAggError(BAD_SEED, "masks apply to a contiguous 1-D uint32 buffer")
+
+
+def apply_mask(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
+    """target += sign * PRG(seed) (mod 2^32), in place, one chunk of keystream at a time."""
+    _check(seed, target)
+    if sign not in (1, -1):
+        raise SecAggError(BAD_SEED, f"sign must be +1 or -1, got {sign}")
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+    words_per_chunk = SECAGG_MASK_CHUNK_BYTES // _WORD
+    # update_into may need block_size - 1 spare bytes after the output
+    raw = bytearray(SECAGG_MASK_CHUNK_BYTES + 15)
+    chunk = np.frombuffer(raw, dtype="<u4", count=words_per_chunk)
+    op = np.add if sign == 1 else np.subtract
+    total = target.shape[0]
+    for start in range(0, total, words_per_chunk):
+        n = min(words_per_chunk, total - start)
+        encryptor.update_into(_ZEROS[: n * _WORD], raw)
+        view = target[start:start + n]
+        op(view, chunk[:n], out=view)
+
+
+def mask_words(seed: bytes, count: int) -> np.ndarray:
+    """The first `count` words of a mask as a new array (tests and small vectors only)."""
+    out = np.zeros(count, dtype=np.uint32)
+    apply_mask(out, seed)
+    return out

@@ -1,0 +1,103 @@
+"""Fixed-point quantization of weighted updates into Z_2^32, and back.
+
+Masks are uniform in Z_2^32, so what they hide must be integers mod 2^32. Each
+hospital sends q = round_stoch(w * clip(x, -c, c) * s) mod 2^32 per coordinate, with
+- c the declared clipping range (--secagg_clip), x a coordinate of its delta,
+- w = its weight in the sum, at most 1 (n_i / D for example weighting, where D is
+  the server's declared divisor, at least the sum of the weights it accepts),
+- s = 2^(bits-1) / c the scale, so |w * clip(x) * s| <= 2^(bits-1),
+- round_stoch(y) = floor(y + u), u ~ U[0, 1): unbiased (E = y) and |error| < 1.
+Summed over m hospitals whose weights add to at most 1, |sum| <= 2^(bits-1) + m,
+below 2^31 for bits <= 30, so the sum read as a signed 32-bit integer is exact.
+
+Error bound (per coordinate, documented in docs/SECURITY.md): the dequantized sum
+differs from sum_i w_i clip(x_i) by less than m / s = m c / 2^(bits-1); it is
+unbiased. Clipping itself changes only coordinates beyond +-c.
+
+The rounding noise comes from the OS's random source (never the job's seed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fl_core.constants import SECAGG_MAX_BITS, SECAGG_MIN_BITS
+from fl_core.secagg import SecAggError
+
+BAD_QUANTIZATION = "BAD_QUANTIZATION"
+_SLICE = 1 << 18  # elements quantized at a time (bounds the float64 temporaries)
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    bits: int
+    clip: float
+
+    def __post_init__(self) -> None:
+        if not SECAGG_MIN_BITS <= self.bits <= SECAGG_MAX_BITS:
+            raise SecAggError(BAD_QUANTIZATION, f"quantization bits must be in"
+                              f" {SECAGG_MIN_BITS}..{SECAGG_MAX_BITS}, got {self.bits}")
+        if not (self.clip > 0 and np.isfinite(self.clip)):
+            raise SecAggError(BAD_QUANTIZATION, f"clip range must be > 0, got {self.clip}")
+
+    @property
+    def scale(self) -> float:
+        return float(1 << (self.bits - 1)) / self.clip
+
+    def error_bound(self, count: int) -> float:
+        """Upper bound on |dequantized sum - weighted clipped sum| per coordinate."""
+        return count / self.scale
+
+    def max_count(self) -> int:
+        """Most hospitals whose sum cannot wrap: 2^(bits-1) + m < 2^31."""
+        return (1 << 31) - 1 - (1 << (self.bits - 1))
+
+
+def rounding_rng() -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
+
+
+def quantize_into(out: np.ndarray, tensors: Iterable[torch.Tensor], weight: float,
+                  params: QuantParams, rng: np.random.Generator | None = None) -> None:
+    """Writes the quantized, weighted, clipped coordinates of `tensors` (flattened in
+    order) into `out` (uint32, exactly as long as all of them together)."""
+    if not 0.0 <= weight <= 1.0:
+        raise SecAggError(BAD_QUANTIZATION, f"a hospital's weight must be in [0, 1], got {weight}")
+    if out.dtype != np.uint32 or out.ndim != 1:
+        raise SecAggError(BAD_QUANTIZATION, "the output must be a 1-D uint32 buffer")
+    rng = rng or rounding_rng()
+    factor = weight * params.scale
+    pos = 0
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        n = flat.numel()
+        if pos + n > out.shape[0]:
+            raise SecAggError(BAD_QUANTIZATION, "the tensors are longer than the buffer")
+        for start in range(0, n, _SLICE):
+            part = flat[start:start + _SLICE].to(torch.float64).numpy()
+            y = np.clip(part, -params.clip, params.clip)
+            if not np.all(np.isfinite(y)):
+                raise SecAggError(BAD_QUANTIZATION, "the update holds NaN values")
+            y *= factor
+            y += rng.random(y.shape[0])
+            np.floor(y, out=y)
+            out[pos + start:pos + start + y.shape[0]] = y.astype(np.int64).astype(np.uint32)
+        pos += n
+    if pos != out.shape[0]:
+        raise SecAggError(BAD_QUANTIZATION,
+                          f"the tensors hold {pos} coordinates, the buffer {out.shape[0]}")
+
+
+def signed(total: np.ndarray) -> np.ndarray:
+    """A uint32 sum read as the signed integers it encodes (a view, no copy)."""
+    return total.view(np.int32)
+
+
+def dequantize(total: np.ndarray, params: QuantParams, multiplier: float = 1.0) -> np.ndarray:
+    """sum_i w_i clip(x_i) * multiplier as float64, from the unmasked uint32 sum."""
+    return signed(total).astype(np.float64) * (multiplier / params.scale)
