@@ -233,11 +233,7 @@ class ClientDaemon:
             return
         finally:
             bar.close()
-        metrics = dict(result.metrics)
-        metrics.update(epsilon_round=result.epsilon_round, epsilon_total=self.ledger.spent(),
-                       dp_enabled=1.0 if result.dp_enabled else 0.0,
-                       train_seconds=result.seconds)
-        metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        metrics = update_metrics(result, self.ledger.spent())
         up = Progress("upload", 1, " chunks")
 
         def upload_progress(done: int, total: int) -> None:
@@ -300,6 +296,16 @@ class ClientDaemon:
         call = self._call
         if call is not None:
             call.cancel()
+
+
+def update_metrics(result: Any, epsilon_total: float) -> dict[str, float]:
+    """The metrics an update carries (the simulator's virtual hospitals send the same):
+    the trainer's own, this round's and the cumulative epsilon, whether DP was on, and
+    the training time; undefined values are left out."""
+    metrics = dict(result.metrics)
+    metrics.update(epsilon_round=result.epsilon_round, epsilon_total=epsilon_total,
+                   dp_enabled=1.0 if result.dp_enabled else 0.0, train_seconds=result.seconds)
+    return {k: float(v) for k, v in metrics.items() if _is_number(v)}
 
 
 def _is_number(value: Any) -> bool:
