@@ -29,9 +29,11 @@ from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
+from fl_client.site_data import class_counts, describe
 from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
 from fl_core.logs import log_event, setup_logging
 from fl_core.tls import parse_server_url, target
+from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
 from fl_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("fl_client.client")
@@ -99,11 +101,17 @@ class ClientDaemon:
             log.warning("no local test split in %s (%s): evaluation tasks will use the"
                         " training data", args.data_path, exc)
             self.test_set = self.train_set
+        for split, data in (("train", self.train_set), ("test", self.test_set)):
+            counts = class_counts(data, self.task.class_names)
+            log_event(log, "data_loaded", split=split, path=str(args.data_path),
+                      examples=len(data), classes=describe(counts))
         host, port = parse_server_url(args.server_url)
         ca, cert, key = load_client_tls(args.keys_dir, self.client_id)
         self.conn = ServerConnection(target(host, port), ca, cert, key, self.client_id,
                                      args.model_type, len(self.train_set),
                                      server_name=args.server_name)
+        self.trust = TrustFailures(host, port, client_tls_files(args.keys_dir, self.client_id),
+                                   args.server_name)
         state_dir = args.state_dir or Path("client_state") / self.client_id
         torch.manual_seed(0)
         self.reference = self.task.build_model().state_dict()
@@ -122,6 +130,7 @@ class ClientDaemon:
                 self.conn.connect()
                 self.conn.join()
                 offline_since = None
+                self.trust.reset()
                 delays = backoff_delays(RECONNECT_BASE_S, RECONNECT_MAX_S)
                 log_event(log, "connected", client=self.client_id, server=self.conn.target,
                           epsilon_spent=f"{self.ledger.spent():.3f}",
@@ -137,8 +146,10 @@ class ClientDaemon:
                             grpc.StatusCode.FAILED_PRECONDITION) or (
                         code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (details or "")):
                     print(f"fl-client: error: the server refused this client: {code.name}:"
-                          f" {details}", file=sys.stderr)
+                          f" {details}{self._refusal_fix(details)}", file=sys.stderr)
                     return 3
+                if code == grpc.StatusCode.UNAVAILABLE and self._untrusted(details):
+                    return 5
                 log_event(log, "disconnected", code=code.name, details=(details or "")[:200])
             except TransferError as exc:
                 log_event(log, "transfer_failed", reason=str(exc)[:300])
@@ -153,6 +164,28 @@ class ClientDaemon:
             self.stop.wait(delay)
         log_event(log, "stopped", client=self.client_id, tasks_done=self.tasks_done)
         return 0
+
+    def _untrusted(self, details: str | None) -> bool:
+        """True once a trust failure (not an outage) has repeated TRUST_FAILURE_ATTEMPTS
+        times: the message names the cause and the file to fix."""
+        found = self.trust.check(details)
+        if found is None:
+            return False
+        log_event(log, "tls_failure", logging.WARNING, cause=found.cause.name,
+                  attempt=self.trust.count,
+                  of=self.trust.attempts, detail=found.line())
+        if not self.trust.exhausted:
+            return False
+        print(f"fl-client: error: TLS to {self.conn.target} failed {self.trust.count} times:"
+              f" {found.line()}", file=sys.stderr)
+        return True
+
+    def _refusal_fix(self, details: str | None) -> str:
+        if "revoked" not in (details or ""):
+            return ""
+        fix = explain(Cause.CLIENT_CERT_REVOKED, self.trust.files, self.conn.target,
+                      self.trust.host, None).fix
+        return f"; fix: {fix}"
 
     def _serve_tasks(self) -> bool:
         """Handle pushed tasks until the stream ends; True when the job is over."""
