@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fl_proto import secagg_pb2 as fl__proto_dot_secagg__pb2
 from fl_proto import tensors_pb2 as fl__proto_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66l_proto/coordinator.proto\x12\x05\x66l.v1\x1a\x16\x66l_proto/tensors.proto\"\xb8\x01\n\x0bJoinRequest\x12\x19\n\x11x25519_public_key\x18\x01 \x01(\x0c\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x1b\n\x13previous_session_id\x18\x07 \x01(\t\x12\x17\n\x0freplace_session\x18\x08 \x01(\x08\x12\x16\n\x0e\x65psilon_budget\x18\t \x01(\x01\"\xa3\x01\n\tJoinReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1a\n\x12token_expires_unix\x18\x03 \x01(\x03\x12 \n\x18server_x25519_public_key\x18\x04 \x01(\x0c\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x12\n\nmodel_type\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"\'\n\x11TaskStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"x\n\rPrivacyConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x16\n\x0etarget_epsilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\"\xbe\x02\n\x0bTrainConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x04 \x01(\x01\x12&\n\x0bupdate_kind\x18\x05 \x01(\x0e\x32\x11.fl.v1.UpdateKind\x12%\n\x07privacy\x18\x06 \x01(\x0b\x32\x14.fl.v1.PrivacyConfig\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x43\n\x11strategy_settings\x18\x08 \x03(\x0b\x32(.fl.v1.TrainConfig.StrategySettingsEntry\x1a\x37\n\x15StrategySettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd6\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1d\n\x04kind\x18\x02 \x01(\x0e\x32\x0f.fl.v1.TaskKind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x12\n\nmodel_type\x18\x05 \x01(\t\x12\"\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x12.fl.v1.TrainConfig\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12-\n\x0emodel_manifest\x18\x08 \x01(\x0b\x32\x15.fl.v1.TensorManifest\"\xf5\x02\n\rReportRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.fl.v1.TaskKind\x12#\n\x06status\x18\x05 \x01(\x0e\x32\x13.fl.v1.ReportStatus\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x32\n\x07metrics\x18\x07 \x03(\x0b\x32!.fl.v1.ReportRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12\x15\n\repsilon_round\x18\t \x01(\x01\x12\x15\n\repsilon_total\x18\n \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01\x12\x12\n\ndp_enabled\x18\x0c \x01(\x08\x12\x15\n\rtrain_seconds\x18\r \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0bReportReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xef\x02\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x15\n\repsilon_total\x18\x05 \x01(\x01\x12\x1a\n\x12last_report_status\x18\x06 \x01(\t\x12\x1a\n\x12last_report_reason\x18\x07 \x01(\t\x12\x1b\n\x13\x65psilon_budget_left\x18\x08 \x01(\x01\x12\r\n\x05phase\x18\x14 \x01(\t\x12\x1a\n\x12upload_chunks_done\x18\x15 \x01(\r\x12\x1b\n\x13upload_chunks_total\x18\x16 \x01(\r\x12\x18\n\x10updates_accepted\x18\x17 \x01(\r\x12\x10\n\x08refusals\x18\x18 \x01(\r\x12\x16\n\x0e\x65psilon_budget\x18\x19 \x01(\x01\x12\x10\n\x08selected\x18\x1a \x01(\x08\"\xf6\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\r\x12\x10\n\x08reported\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .fl.v1.RoundSummary.MetricsEntry\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\x12>\n\x0e\x63lient_epsilon\x18\x14 \x03(\x0b\x32&.fl.v1.RoundSummary.ClientEpsilonEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12\x43lientEpsilonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\x0bStatusEvent\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xbb\x02\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x11\n\tjob_state\x18\x07 \x01(\t\x12$\n\x07\x63lients\x18\x08 \x03(\x0b\x32\x13.fl.v1.ClientStatus\x12#\n\x06rounds\x18\t \x03(\x0b\x32\x13.fl.v1.RoundSummary\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\"\n\x06\x65vents\x18\x14 \x03(\x0b\x32\x12.fl.v1.StatusEvent\x12\x13\n\x0bnow_unix_ms\x18\x15 \x01(\x03\x12\x15\n\rphase_seconds\x18\x16 \x01(\x01*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x08\n\x04STOP\x10\x03\x12\r\n\tHEARTBEAT\x10\x04*A\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WEIGHTS\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02*N\n\x0cReportStatus\x12\x1d\n\x19REPORT_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x32\xd5\x01\n\x0b\x43oordinator\x12,\n\x04Join\x12\x12.fl.v1.JoinRequest\x1a\x10.fl.v1.JoinReply\x12\x30\n\x05Tasks\x12\x18.fl.v1.TaskStreamRequest\x1a\x0b.fl.v1.Task0\x01\x12\x32\n\x06Report\x12\x14.fl.v1.ReportRequest\x1a\x12.fl.v1.ReportReply\x12\x32\n\x06Status\x12\x14.fl.v1.StatusRequest\x1a\x12.fl.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66l_proto/coordinator.proto\x12\x05\x66l.v1\x1a\x15\x66l_proto/secagg.proto\x1a\x16\x66l_proto/tensors.proto\"\xb8\x01\n\x0bJoinRequest\x12\x19\n\x11x25519_public_key\x18\x01 \x01(\x0c\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x1b\n\x13previous_session_id\x18\x07 \x01(\t\x12\x17\n\x0freplace_session\x18\x08 \x01(\x08\x12\x16\n\x0e\x65psilon_budget\x18\t \x01(\x01\"\xa3\x01\n\tJoinReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1a\n\x12token_expires_unix\x18\x03 \x01(\x03\x12 \n\x18server_x25519_public_key\x18\x04 \x01(\x0c\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12\x12\n\nmodel_type\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"\'\n\x11TaskStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"x\n\rPrivacyConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x16\n\x0etarget_epsilon\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\"\xbe\x02\n\x0bTrainConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x04 \x01(\x01\x12&\n\x0bupdate_kind\x18\x05 \x01(\x0e\x32\x11.fl.v1.UpdateKind\x12%\n\x07privacy\x18\x06 \x01(\x0b\x32\x14.fl.v1.PrivacyConfig\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x43\n\x11strategy_settings\x18\x08 \x03(\x0b\x32(.fl.v1.TrainConfig.StrategySettingsEntry\x1a\x37\n\x15StrategySettingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xfb\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1d\n\x04kind\x18\x02 \x01(\x0e\x32\x0f.fl.v1.TaskKind\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x12\n\nmodel_type\x18\x05 \x01(\t\x12\"\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x12.fl.v1.TrainConfig\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x07 \x01(\x03\x12-\n\x0emodel_manifest\x18\x08 \x01(\x0b\x32\x15.fl.v1.TensorManifest\x12#\n\x06secagg\x18\x14 \x01(\x0b\x32\x13.fl.v1.SecAggConfig\"\xf5\x02\n\rReportRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.fl.v1.TaskKind\x12#\n\x06status\x18\x05 \x01(\x0e\x32\x13.fl.v1.ReportStatus\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x32\n\x07metrics\x18\x07 \x03(\x0b\x32!.fl.v1.ReportRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x08 \x01(\x04\x12\x15\n\repsilon_round\x18\t \x01(\x01\x12\x15\n\repsilon_total\x18\n \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01\x12\x12\n\ndp_enabled\x18\x0c \x01(\x08\x12\x15\n\rtrain_seconds\x18\r \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0bReportReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xef\x02\n\x0c\x43lientStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x15\n\repsilon_total\x18\x05 \x01(\x01\x12\x1a\n\x12last_report_status\x18\x06 \x01(\t\x12\x1a\n\x12last_report_reason\x18\x07 \x01(\t\x12\x1b\n\x13\x65psilon_budget_left\x18\x08 \x01(\x01\x12\r\n\x05phase\x18\x14 \x01(\t\x12\x1a\n\x12upload_chunks_done\x18\x15 \x01(\r\x12\x1b\n\x13upload_chunks_total\x18\x16 \x01(\r\x12\x18\n\x10updates_accepted\x18\x17 \x01(\r\x12\x10\n\x08refusals\x18\x18 \x01(\r\x12\x16\n\x0e\x65psilon_budget\x18\x19 \x01(\x01\x12\x10\n\x08selected\x18\x1a \x01(\x08\"\xf6\x02\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x10\n\x08selected\x18\x03 \x01(\r\x12\x10\n\x08reported\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\x31\n\x07metrics\x18\x06 \x03(\x0b\x32 .fl.v1.RoundSummary.MetricsEntry\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\x12>\n\x0e\x63lient_epsilon\x18\x14 \x03(\x0b\x32&.fl.v1.RoundSummary.ClientEpsilonEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12\x43lientEpsilonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\x0bStatusEvent\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xbb\x02\n\x0bStatusReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x05 \x01(\r\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x11\n\tjob_state\x18\x07 \x01(\t\x12$\n\x07\x63lients\x18\x08 \x03(\x0b\x32\x13.fl.v1.ClientStatus\x12#\n\x06rounds\x18\t \x03(\x0b\x32\x13.fl.v1.RoundSummary\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\x12\"\n\x06\x65vents\x18\x14 \x03(\x0b\x32\x12.fl.v1.StatusEvent\x12\x13\n\x0bnow_unix_ms\x18\x15 \x01(\x03\x12\x15\n\rphase_seconds\x18\x16 \x01(\x01*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x08\n\x04STOP\x10\x03\x12\r\n\tHEARTBEAT\x10\x04*A\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07WEIGHTS\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02*N\n\x0cReportStatus\x12\x1d\n\x19REPORT_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0b\n\x07REFUSED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x32\xd9\x03\n\x0b\x43oordinator\x12,\n\x04Join\x12\x12.fl.v1.JoinRequest\x1a\x10.fl.v1.JoinReply\x12\x30\n\x05Tasks\x12\x18.fl.v1.TaskStreamRequest\x1a\x0b.fl.v1.Task0\x01\x12\x32\n\x06Report\x12\x14.fl.v1.ReportRequest\x1a\x12.fl.v1.ReportReply\x12\x32\n\x06Status\x12\x14.fl.v1.StatusRequest\x1a\x12.fl.v1.StatusReply\x12G\n\rAdvertiseKeys\x12\x1b.fl.v1.AdvertiseKeysRequest\x1a\x19.fl.v1.AdvertiseKeysReply\x12;\n\tShareKeys\x12\x17.fl.v1.ShareKeysRequest\x1a\x15.fl.v1.ShareKeysReply\x12\x36\n\x0b\x41waitUnmask\x12\x11.fl.v1.UnmaskPoll\x1a\x14.fl.v1.UnmaskRequest\x12\x44\n\x0cRevealShares\x12\x1a.fl.v1.RevealSharesRequest\x1a\x18.fl.v1.RevealSharesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,46 +41,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2688
-  _globals['_TASKKIND']._serialized_end=2775
-  _globals['_UPDATEKIND']._serialized_start=2777
-  _globals['_UPDATEKIND']._serialized_end=2842
-  _globals['_REPORTSTATUS']._serialized_start=2844
-  _globals['_REPORTSTATUS']._serialized_end=2922
-  _globals['_JOINREQUEST']._serialized_start=62
-  _globals['_JOINREQUEST']._serialized_end=246
-  _globals['_JOINREPLY']._serialized_start=249
-  _globals['_JOINREPLY']._serialized_end=412
-  _globals['_TASKSTREAMREQUEST']._serialized_start=414
-  _globals['_TASKSTREAMREQUEST']._serialized_end=453
-  _globals['_PRIVACYCONFIG']._serialized_start=455
-  _globals['_PRIVACYCONFIG']._serialized_end=575
-  _globals['_TRAINCONFIG']._serialized_start=578
-  _globals['_TRAINCONFIG']._serialized_end=896
-  _globals['_TRAINCONFIG_STRATEGYSETTINGSENTRY']._serialized_start=841
-  _globals['_TRAINCONFIG_STRATEGYSETTINGSENTRY']._serialized_end=896
-  _globals['_TASK']._serialized_start=899
-  _globals['_TASK']._serialized_end=1113
-  _globals['_REPORTREQUEST']._serialized_start=1116
-  _globals['_REPORTREQUEST']._serialized_end=1489
-  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_start=1443
-  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_end=1489
-  _globals['_REPORTREPLY']._serialized_start=1491
-  _globals['_REPORTREPLY']._serialized_end=1522
-  _globals['_STATUSREQUEST']._serialized_start=1524
-  _globals['_STATUSREQUEST']._serialized_end=1539
-  _globals['_CLIENTSTATUS']._serialized_start=1542
-  _globals['_CLIENTSTATUS']._serialized_end=1909
-  _globals['_ROUNDSUMMARY']._serialized_start=1912
-  _globals['_ROUNDSUMMARY']._serialized_end=2286
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1443
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1489
-  _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._serialized_start=2234
-  _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._serialized_end=2286
-  _globals['_STATUSEVENT']._serialized_start=2288
-  _globals['_STATUSEVENT']._serialized_end=2368
-  _globals['_STATUSREPLY']._serialized_start=2371
-  _globals['_STATUSREPLY']._serialized_end=2686
-  _globals['_COORDINATOR']._serialized_start=2925
-  _globals['_COORDINATOR']._serialized_end=3138
+  _globals['_TASKKIND']._serialized_start=2748
+  _globals['_TASKKIND']._serialized_end=2835
+  _globals['_UPDATEKIND']._serialized_start=2837
+  _globals['_UPDATEKIND']._serialized_end=2902
+  _globals['_REPORTSTATUS']._serialized_start=2904
+  _globals['_REPORTSTATUS']._serialized_end=2982
+  _globals['_JOINREQUEST']._serialized_start=85
+  _globals['_JOINREQUEST']._serialized_end=269
+  _globals['_JOINREPLY']._serialized_start=272
+  _globals['_JOINREPLY']._serialized_end=435
+  _globals['_TASKSTREAMREQUEST']._serialized_start=437
+  _globals['_TASKSTREAMREQUEST']._serialized_end=476
+  _globals['_PRIVACYCONFIG']._serialized_start=478
+  _globals['_PRIVACYCONFIG']._serialized_end=598
+  _globals['_TRAINCONFIG']._serialized_start=601
+  _globals['_TRAINCONFIG']._serialized_end=919
+  _globals['_TRAINCONFIG_STRATEGYSETTINGSENTRY']._serialized_start=864
+  _globals['_TRAINCONFIG_STRATEGYSETTINGSENTRY']._serialized_end=919
+  _globals['_TASK']._serialized_start=922
+  _globals['_TASK']._serialized_end=1173
+  _globals['_REPORTREQUEST']._serialized_start=1176
+  _globals['_REPORTREQUEST']._serialized_end=1549
+  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_start=1503
+  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_end=1549
+  _globals['_REPORTREPLY']._serialized_start=1551
+  _globals['_REPORTREPLY']._serialized_end=1582
+  _globals['_STATUSREQUEST']._serialized_start=1584
+  _globals['_STATUSREQUEST']._serialized_end=1599
+  _globals['_CLIENTSTATUS']._serialized_start=1602
+  _globals['_CLIENTSTATUS']._serialized_end=1969
+  _globals['_ROUNDSUMMARY']._serialized_start=1972
+  _globals['_ROUNDSUMMARY']._serialized_end=2346
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1503
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1549
+  _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._serialized_start=2294
+  _globals['_ROUNDSUMMARY_CLIENTEPSILONENTRY']._serialized_end=2346
+  _globals['_STATUSEVENT']._serialized_start=2348
+  _globals['_STATUSEVENT']._serialized_end=2428
+  _globals['_STATUSREPLY']._serialized_start=2431
+  _globals['_STATUSREPLY']._serialized_end=2746
+  _globals['_COORDINATOR']._serialized_start=2985
+  _globals['_COORDINATOR']._serialized_end=3458
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from fl_proto import secagg_pb2 as _secagg_pb2
 from fl_proto import tensors_pb2 as _tensors_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -125,7 +126,7 @@ class TrainConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest")
+    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +135,7 @@ class Task(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     job_id: str
@@ -142,7 +144,8 @@ class Task(_message.Message):
     config: TrainConfig
     deadline_unix_ms: int
     model_manifest: _tensors_pb2.TensorManifest
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ...) -> None: ...
+    secagg: _secagg_pb2.SecAggConfig
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "status", "reason", "metrics", "num_examples", "epsilon_round", "epsilon_total", "delta", "dp_enabled", "train_seconds")

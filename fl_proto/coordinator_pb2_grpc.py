@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from fl_proto import coordinator_pb2 as fl__proto_dot_coordinator__pb2
+from fl_proto import secagg_pb2 as fl__proto_dot_secagg__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -54,6 +55,26 @@ class CoordinatorStub:
                 request_serializer=fl__proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=fl__proto_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fl.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fl__proto_dot_secagg__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_secagg__pb2.AdvertiseKeysReply.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fl.v1.Coordinator/ShareKeys',
+                request_serializer=fl__proto_dot_secagg__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_secagg__pb2.ShareKeysReply.FromString,
+                _registered_method=True)
+        self.AwaitUnmask = channel.unary_unary(
+                '/fl.v1.Coordinator/AwaitUnmask',
+                request_serializer=fl__proto_dot_secagg__pb2.UnmaskPoll.SerializeToString,
+                response_deserializer=fl__proto_dot_secagg__pb2.UnmaskRequest.FromString,
+                _registered_method=True)
+        self.RevealShares = channel.unary_unary(
+                '/fl.v1.Coordinator/RevealShares',
+                request_serializer=fl__proto_dot_secagg__pb2.RevealSharesRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_secagg__pb2.RevealSharesReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +111,31 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (secagg.proto). Each answers when its stage closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitUnmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +158,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=fl__proto_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=fl__proto_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fl__proto_dot_secagg__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fl__proto_dot_secagg__pb2.AdvertiseKeysReply.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fl__proto_dot_secagg__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fl__proto_dot_secagg__pb2.ShareKeysReply.SerializeToString,
+            ),
+            'AwaitUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitUnmask,
+                    request_deserializer=fl__proto_dot_secagg__pb2.UnmaskPoll.FromString,
+                    response_serializer=fl__proto_dot_secagg__pb2.UnmaskRequest.SerializeToString,
+            ),
+            'RevealShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealShares,
+                    request_deserializer=fl__proto_dot_secagg__pb2.RevealSharesRequest.FromString,
+                    response_serializer=fl__proto_dot_secagg__pb2.RevealSharesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +288,114 @@ class Coordinator:
             '/fl.v1.Coordinator/Status',
             fl__proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
             fl__proto_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/AdvertiseKeys',
+            fl__proto_dot_secagg__pb2.AdvertiseKeysRequest.SerializeToString,
+            fl__proto_dot_secagg__pb2.AdvertiseKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/ShareKeys',
+            fl__proto_dot_secagg__pb2.ShareKeysRequest.SerializeToString,
+            fl__proto_dot_secagg__pb2.ShareKeysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/AwaitUnmask',
+            fl__proto_dot_secagg__pb2.UnmaskPoll.SerializeToString,
+            fl__proto_dot_secagg__pb2.UnmaskRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/RevealShares',
+            fl__proto_dot_secagg__pb2.RevealSharesRequest.SerializeToString,
+            fl__proto_dot_secagg__pb2.RevealSharesReply.FromString,
             options,
             channel_credentials,
             insecure,
