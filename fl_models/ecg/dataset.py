@@ -114,9 +114,9 @@ def read_wfdb_record(record: Path) -> tuple[np.ndarray, np.ndarray]:
     import wfdb  # imported here: only hospitals with WFDB data pay for it
 
     record = record.with_suffix("") if record.suffix == ".hea" else record
-    header = record.with_suffix(".hea")
+    header = _companion(record, ".hea")
     require_exists(header)
-    if not record.with_suffix(".atr").is_file():
+    if not _companion(record, ".atr").is_file():
         raise DataFormatError(header, "has no .atr annotation file next to it")
     try:
         data = wfdb.rdrecord(str(record))
@@ -138,6 +138,11 @@ def read_wfdb_record(record: Path) -> tuple[np.ndarray, np.ndarray]:
     keep = (labels != EXCLUDED) & np.isfinite(windows).all(axis=1)
     _report_left_out(header, n_windows - int(keep.sum()), n_windows, "windows")
     return windows[keep], labels[keep]
+
+
+def _companion(record: Path, extension: str) -> Path:
+    """`record` + `extension`: a record name may hold dots, so not `with_suffix`."""
+    return record.with_name(record.name + extension)
 
 
 def _report_left_out(path: Path, left_out: int, total: int, what: str) -> None:
@@ -271,8 +276,11 @@ def _source(data_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
     Named split first (<split>.hea record, <split>.csv, or a <split>/ folder); else the
     folder's records are divided by record (a patient never on both sides) or, for a
-    single record or CSV file, by window with the fixed 80/20 hold-out.
+    single record or CSV file, by window with the fixed 80/20 hold-out. A record may
+    be named the WFDB way, without extension (`.../mitdb/100` for 100.hea/.dat/.atr).
     """
+    if not data_path.exists() and _companion(data_path, ".hea").is_file():
+        return _holdout(*read_wfdb_record(data_path), split)
     require_exists(data_path)
     if data_path.is_file():
         if data_path.suffix.lower() == ".csv":

@@ -77,6 +77,17 @@ def test_task_loads_a_single_record_folder_as_disjoint_splits(tmp_path: Path) ->
     assert train.tensors[0].shape[1:] == (1, LENGTH)
 
 
+def test_task_loads_a_record_named_without_extension(tmp_path: Path) -> None:
+    """`--data_path .../mitdb/100`: the WFDB way of naming a record (100.hea, .dat, .atr)."""
+    record = _write_record(tmp_path)
+    assert not record.exists()
+    task = EcgTask()
+    train, test = task.load_split(record, "train"), task.load_split(record, "test")
+    assert len(train) + len(test) == 3
+    with pytest.raises(DataFormatError, match="does not exist"):
+        task.load_split(tmp_path / "missing_record", "train")
+
+
 @pytest.mark.skipif(
     not (MITDB / "100.hea").is_file(),
     reason=f"MIT-BIH record 100 not found at {MITDB} (shared real-data folder absent)",
@@ -93,6 +104,8 @@ def test_reads_real_mitbih_record_100() -> None:
     assert 0.5 < float(np.percentile(windows.max(axis=1), 50)) < 3.0
     task = EcgTask()
     assert len(task.load_split(MITDB, "train")) + len(task.load_split(MITDB, "test")) == len(labels)
+    by_name = [task.load_split(MITDB / "100", split) for split in ("train", "test")]
+    assert sum(len(part) for part in by_name) == len(labels)
 
 
 def test_heartbeat_csv_layout_is_resampled_padded_and_mapped(tmp_path: Path) -> None:
