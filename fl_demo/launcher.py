@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -74,24 +74,25 @@ class Federation:
         self._logs: list[object] = []
 
     # processes ----------------------------------------------------------------------
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str,
+               extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         log_file = open(self.log_dir / log_name, "ab")  # noqa: SIM115 - closed in stop_all
         self._logs.append(log_file)
-        env = dict(os.environ)
+        env = {**os.environ, **(extra_env or {})}
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "1")
         return subprocess.Popen([PYTHON, *args], stdout=log_file, stderr=subprocess.STDOUT,
                                 cwd=self.workdir, env=env, start_new_session=True)
 
     def start_server(self, extra: Sequence[str] = (), timeout_s: float = 60.0,
-                     port: int = 0) -> int:
+                     port: int = 0, env: Mapping[str, str] | None = None) -> int:
         ready = self.workdir / "server.ready"
         ready.unlink(missing_ok=True)
         args = ["-m", "fl_server.server", "--host", "127.0.0.1", "--port", str(port),
                 "--keys_dir", str(self.workdir / "keys"),
                 "--state_dir", str(self.workdir / "server_state"),
                 "--model_type", self.model_type, "--ready_file", str(ready), *extra]
-        self.server = self._spawn(args, "server.log")
+        self.server = self._spawn(args, "server.log", env)  # env: e.g. FL_FAULT_POINT
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if ready.exists():

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fl_demo.launcher import Federation
+from fl_server.faults import FAULT_ENV
 from tests.hostile.kit import (
     RoundRow,
     ScriptedClient,
@@ -36,36 +36,27 @@ FLAGS = ["--rounds", str(ROUNDS), "--min_clients", "2", "--quorum", "1.0", "--se
 
 def run_job(fed: Federation, kill_in_round: int | None
             ) -> tuple[str, list[RoundRow], dict[str, object]]:
-    """One whole job with two scripted hospitals; optionally SIGKILL the server the
-    moment both updates of `kill_in_round` are acknowledged (the server is then
-    aggregating and checkpointing), and restart it on the same port."""
-    port = fed.start_server(FLAGS)
+    """One whole job with two scripted hospitals; optionally the server SIGKILLs itself
+    at the fault point inside aggregation of `kill_in_round` (FL_FAULT_POINT, see
+    fl_server/faults.py: after the strategy has aggregated, before the new model is
+    set, checkpointed or the round recorded), and is restarted on the same port
+    without the fault point."""
+    fault_env = {FAULT_ENV: f"aggregate@{kill_in_round}"} if kill_in_round else {}
+    port = fed.start_server(FLAGS, env=fault_env)
     state_dir = fed.workdir / "server_state"
-    acknowledged: dict[int, int] = {}
-    lock = threading.Lock()
-    killed = threading.Event()
-
-    def on_receipt(round_no: int) -> None:
-        with lock:
-            acknowledged[round_no] = acknowledged.get(round_no, 0) + 1
-            if round_no == kill_in_round and acknowledged[round_no] == 2 \
-                    and not killed.is_set():
-                assert fed.server is not None
-                fed.server.send_signal(signal.SIGKILL)
-                killed.set()
-
     clients = [ScriptedClient(lambda: fed.port, site_identity(fed.workdir, f"hospital_{i + 1}"),
-                              f"hospital_{i + 1}", i, on_receipt=on_receipt) for i in range(2)]
+                              f"hospital_{i + 1}", i) for i in range(2)]
     info: dict[str, object] = {}
     with scripted_clients(clients):
         if kill_in_round is not None:
-            assert killed.wait(timeout=120), f"round {kill_in_round} never got both updates"
             assert fed.server is not None
-            assert fed.server.wait(timeout=30) == -signal.SIGKILL
+            assert fed.wait_server(timeout_s=120) == -signal.SIGKILL, fed.tail("server.log")
             job_before = read_jobs(state_dir)
             info["recorded_at_kill"] = [r.round for r in read_rounds(state_dir)]
-            phases = re.findall(rf"round={kill_in_round} phase=(\w+)",
-                                (fed.log_dir / "server.log").read_text())
+            log_text = (fed.log_dir / "server.log").read_text()
+            info["fault_logged"] = f"fault_point point=aggregate round={kill_in_round}" \
+                in log_text
+            phases = re.findall(rf"round={kill_in_round} phase=(\w+)", log_text)
             info["phase_at_kill"] = phases[-1] if phases else ""
             fed.start_server(FLAGS, port=port)
             info["job_before"] = job_before
@@ -101,12 +92,11 @@ def test_server_killed_during_aggregation_continues_the_same_job(
         results = {name: future.result(timeout=400) for name, future in runs.items()}
     (work_a, job_a, rounds_a, _), (work_b, job_b, rounds_b, info) = \
         results["uninterrupted"], results["killed"]
-    print(f"killed in phase {info['phase_at_kill']!r} of round {KILL_IN_ROUND}; rounds"
-          f" recorded then: {info['recorded_at_kill']}")
-    # killed once both updates were in: the engine waking to aggregate, aggregating,
-    # checkpointing, or (if it was quick) just after the round was recorded
-    assert info["phase_at_kill"] in ("train", "collect", "aggregate", "evaluate",
-                                     "checkpoint"), info
+    # it died at the fault point, inside aggregation of the round, and that round was
+    # not recorded: the rounds before it were, exactly once
+    assert info["fault_logged"], info
+    assert info["phase_at_kill"] == "aggregate", info
+    assert info["recorded_at_kill"] == list(range(1, KILL_IN_ROUND)), info
     assert [r.round for r in rounds_b] == list(range(1, ROUNDS + 1))  # each exactly once
     assert all(r.state == "completed" and r.accepted == {"hospital_1", "hospital_2"}
                for r in rounds_b)
