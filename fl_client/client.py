@@ -30,6 +30,15 @@ from fl_client.identity import load_client_tls
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
 from fl_client.site_data import class_counts, describe
+from fl_client.task_policy import (
+    EvaluationPolicy,
+    LocalPolicy,
+    TaskRefused,
+    check_global_model,
+    noisy_accuracy,
+    round_metrics,
+    training_config,
+)
 from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
 from fl_core.logs import log_event, setup_logging
 from fl_core.tls import parse_server_url, target
@@ -67,12 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epsilon per round; overrides the server's setting when set")
     p.add_argument("--noise_multiplier", type=float, default=0.0,
                    help="DP noise multiplier; overrides the server's setting when set")
-    p.add_argument("--delta", type=float, default=0.0, help="DP delta (0: the server's)")
+    p.add_argument("--delta", type=float, default=0.0,
+                   help="DP delta this hospital accounts at (0: the task's default); it is"
+                        " used whatever delta the server asks for")
     p.add_argument("--max_grad_norm", type=float, default=0.0,
                    help="per-sample clipping bound (0: the server's)")
     p.add_argument("--epsilon_budget", type=float, default=DEFAULT_EPSILON_BUDGET,
                    help="total epsilon this hospital will ever spend; tasks that would"
                         " exceed it are refused")
+    p.add_argument("--eval_noise_multiplier", type=float, default=0.0,
+                   help="answer evaluations with accuracy only, plus Gaussian noise of this"
+                        " multiplier (charged to the privacy ledger); 0: exact metrics,"
+                        " rounded")
     p.add_argument("--allow_no_dp", action="store_true",
                    help="permit training WITHOUT differential privacy when the server asks")
     p.add_argument("--server_name", default=None,
@@ -117,6 +132,11 @@ class ClientDaemon:
         self.reference = self.task.build_model().state_dict()
         self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
                                     args.delta or self.task.hyperparams.delta)
+        self.policy = LocalPolicy(delta=self.ledger.delta, target_epsilon=args.target_epsilon,
+                                  noise_multiplier=args.noise_multiplier,
+                                  max_grad_norm=args.max_grad_norm,
+                                  allow_no_dp=args.allow_no_dp)
+        self.evaluations = EvaluationPolicy()
         self.stop = threading.Event()
         self._call: Any = None
         self.tasks_done = 0
@@ -242,10 +262,20 @@ class ClientDaemon:
     def _train(self, task: cpb.Task) -> None:
         from fl_client.local_training import PrivacyRequired, train_round
 
-        config = cpb.TrainConfig()
-        config.CopyFrom(task.config)
-        self._apply_local_privacy(config)
-        global_state = self._fetch(task)
+        try:
+            config = training_config(task.config, self.policy,
+                                     self.task.hyperparams.max_grad_norm)
+            global_state = self._fetch(task)
+            check_global_model(global_state)
+        except TaskRefused as exc:
+            log_event(log, "task_refused", round=task.round, reason=str(exc))
+            self._report(task, cpb.REFUSED, reason=str(exc))
+            return
+        warning = self.evaluations.trained(task.job_id, task.round,
+                                           task.model_manifest.sha256.hex())
+        if warning:
+            log_event(log, "evaluations_stopped", logging.WARNING, job=task.job_id,
+                      reason=warning)
         epochs = max(1, config.local_epochs)
         bar = Progress("train", epochs, " epochs")
 
@@ -284,29 +314,36 @@ class ClientDaemon:
         # No separate OK report: the update's header carried the metrics and epsilon,
         # and the round may already have closed by the time a report would arrive.
 
-    def _apply_local_privacy(self, config: cpb.TrainConfig) -> None:
-        """The hospital's own privacy flags override what the server asked for."""
-        a = self.args
-        if a.target_epsilon:
-            config.privacy.target_epsilon = a.target_epsilon
-        if a.noise_multiplier:
-            config.privacy.noise_multiplier = a.noise_multiplier
-            if not a.target_epsilon:
-                config.privacy.target_epsilon = 0.0
-        if a.delta:
-            config.privacy.delta = a.delta
-        if a.max_grad_norm:
-            config.privacy.max_grad_norm = a.max_grad_norm
-
     def _evaluate(self, task: cpb.Task) -> None:
+        """Evaluate the job's global model, under the hospital's evaluation policy
+        (fl_client/task_policy.py): refused with the reason, never answered exactly
+        for a model the job did not distribute or on too small a test split."""
         from fl_client.local_training import evaluate_state
 
-        state = self._fetch(task)
+        examples = len(self.test_set)
+        sigma = self.args.eval_noise_multiplier
+        try:
+            self.evaluations.admit(task.job_id, task.round, task.model_manifest.sha256.hex(),
+                                   examples)
+            state = self._fetch(task)
+            check_global_model(state)
+            if sigma > 0:
+                self.ledger.ensure_budget(sigma, 1.0, 1)
+        except (TaskRefused, BudgetExceeded) as exc:
+            log_event(log, "task_refused", kind="EVALUATE", round=task.round, reason=str(exc))
+            self._report(task, cpb.REFUSED, reason=str(exc))
+            return
         metrics = evaluate_state(self.task, state, self.test_set, self.device)
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if sigma > 0:
+            # Only accuracy has a known sensitivity (1/examples): the others are dropped.
+            self.ledger.record(task.job_id, task.round, sigma, 1.0, 1)
+            metrics = {"accuracy": noisy_accuracy(metrics.get("accuracy", 0.0), examples,
+                                                  sigma)}
+        metrics = round_metrics(metrics)
         shown: dict[str, Any] = {k: f"{v:.4f}" for k, v in metrics.items()}
         log_event(log, "evaluated", round=task.round, **shown)
-        self._report(task, cpb.OK, metrics=metrics, num_examples=len(self.test_set))
+        self._report(task, cpb.OK, metrics=metrics, num_examples=examples)
 
     def _report(self, task: cpb.Task, status: cpb.ReportStatus, reason: str = "",
                 metrics: dict[str, float] | None = None, num_examples: int = 0,
@@ -338,7 +375,7 @@ def update_metrics(result: Any, epsilon_total: float) -> dict[str, float]:
     metrics = dict(result.metrics)
     metrics.update(epsilon_round=result.epsilon_round, epsilon_total=epsilon_total,
                    dp_enabled=1.0 if result.dp_enabled else 0.0, train_seconds=result.seconds)
-    return {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    return round_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
 
 
 def _is_number(value: Any) -> bool:

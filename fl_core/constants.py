@@ -23,6 +23,41 @@ KEEPALIVE_TIME_MS: Final = 300_000
 KEEPALIVE_TIMEOUT_MS: Final = 20_000
 MIN_PING_INTERVAL_MS: Final = 60_000
 
+# Every call bounded (issue 11). A stalled call holds a server worker thread, so the
+# threads are the budget: streaming calls (uploads, downloads, task feeds, health
+# Watch, reflection) may hold at most max_workers minus a reserve, and the reserve
+# keeps Status, health Check, Join and Report answerable whatever the streams do.
+CALL_RESERVE_WORKERS: Final = 8  # at most a quarter of --max_workers, at least 2
+# Concurrent calls one identity (certificate CN) may hold, per kind of call.
+CALLS_PER_IDENTITY: Final = {
+    "upload": 2, "download": 2, "tasks": 2, "watch": 2, "reflection": 1,
+    "stream": 2,  # any other streaming method
+    "unary": 8,
+}
+# ... and all streaming calls of one identity together (an honest hospital holds its
+# task feed plus one download or upload, two task feeds for a moment on reconnect).
+STREAMS_PER_IDENTITY: Final = 4
+# A client stream must send its first message (an update's header) this soon, and
+# then never fall silent longer than the idle limit; a server stream whose message
+# the client does not take within the send limit is ended too.
+STREAM_HEADER_DEADLINE_S: Final = 10.0
+STREAM_IDLE_S: Final = 120.0
+STREAM_SEND_STALL_S: Final = 120.0
+# Refusal log lines: at most BURST per peer per INTERVAL (the rest counted).
+REFUSAL_LOG_INTERVAL_S: Final = 60.0
+REFUSAL_LOG_BURST: Final = 5
+REFUSAL_LOG_MAX_PEERS: Final = 1024
+
+# What a hospital accepts and reports (fl_client/task_policy.py). Metrics leave the
+# hospital rounded to METRIC_DECIMALS places; an EVALUATE task is answered at most
+# EVAL_MAX_PER_JOB times per job and not at all on a test split smaller than
+# EVAL_MIN_TEST_EXAMPLES (small splits make each patient's weight in a metric large).
+METRIC_DECIMALS: Final = 3
+EVAL_MAX_PER_JOB: Final = 1000
+EVAL_MIN_TEST_EXAMPLES: Final = 20
+MAX_LOCAL_EPOCHS: Final = 1000
+MAX_LOCAL_BATCH_SIZE: Final = 1 << 20
+
 # Identity.
 JWT_AUDIENCE: Final = "fl-server"
 JWT_ISSUER: Final = "fl-server"
