@@ -76,6 +76,12 @@ RECONNECT_BASE_S: Final = 0.5
 RECONNECT_MAX_S: Final = 30.0
 HEARTBEAT_INTERVAL_S: Final = 30.0
 RPC_TIMEOUT_S: Final = 60.0
+# Observability (issue 14): the server's Prometheus endpoint (0 turns it off; the
+# client's is off unless --metrics_port is given); dashboard's page and refresh.
+SERVER_METRICS_PORT: Final = 9464
+METRICS_HOST: Final = "127.0.0.1"
+DASHBOARD_PORT: Final = 8080
+DASHBOARD_REFRESH_S: Final = 1.0
 
 # Operations (fl_core/tls_diagnosis.py, the doctors, fl_core/logs.py).
 # A trust failure (unknown CA, wrong name, expired or revoked certificate) is tried this

@@ -42,8 +42,10 @@ from fl_proto import aggregator_pb2 as apb
 from fl_proto import aggregator_pb2_grpc as apb_grpc
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
+from fl_server import audit
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, Session
+from fl_server.metrics import OBSERVED, RESUMED
 from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
 from fl_server.validation import check_update_header
 
@@ -153,7 +155,10 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         start = int(request.resume_from)
         for seq, plain in enumerate(iter_chunks(model.state, model.manifest, start=start),
                                     start=start):
-            yield apb.ModelStreamMessage(chunk=sealer.seal(seq, plain, seq == count - 1))
+            chunk = sealer.seal(seq, plain, seq == count - 1)
+            yield apb.ModelStreamMessage(chunk=chunk)
+            OBSERVED.download(client_id, task.task_id, seq == count - 1, len(chunk.ciphertext),
+                              resumed=0 < start == seq)
 
     # UploadStatus ----------------------------------------------------------------
     def UploadStatus(self, request: apb.UploadStatusRequest,
@@ -214,6 +219,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                       f"resume from chunk {up.opener.next_sequence}, not"
                       f" {header.resume_from}", "RESUME_MISMATCH")
+            RESUMED.labels("up").inc()
             return up
         if header.resume_from != 0:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
@@ -260,6 +266,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                           "data after the final chunk", "AFTER_FINAL")
                 plain = up.opener.open(msg.chunk)
                 up.assembler.add_chunk(msg.chunk.sequence, plain)
+                OBSERVED.chunk_received(up.client_id, up.task_id, msg.chunk.sequence + 1,
+                                        up.manifest.chunk_count, len(msg.chunk.ciphertext))
                 if msg.chunk.final:
                     final_seen = True
         except SealError as exc:
@@ -321,6 +329,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         # mapping keeps the data until the strategy lets go, and nothing is left behind.
         up.spool_path.unlink(missing_ok=True)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
+        audit.update_accepted(up.client_id, header.round, up.manifest.total_bytes, metrics)
         log_event(log, "update_accepted", client=up.client_id, round=header.round,
                   bytes=up.manifest.total_bytes, chunks=up.manifest.chunk_count,
                   examples=header.num_examples)

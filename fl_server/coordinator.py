@@ -19,9 +19,11 @@ from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
+from fl_server import audit
 from fl_server.aggregator import abort, abort_refusal
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry
+from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
@@ -68,6 +70,7 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
         self.store.upsert_client(ident.client_id, num_examples=int(request.num_examples))
         log_event(log, "client_joined", client=ident.client_id, session=session_id[:8],
                   examples=request.num_examples)
+        audit.joined(ident.client_id, session_id, int(request.num_examples), ident.cert_sha256)
         return cpb.JoinReply(session_id=session_id, token=token, token_expires_unix=expires,
                              server_x25519_public_key=public_bytes, job_id=self.engine.job_id,
                              model_type=cfg.model_type, client_id=ident.client_id)
@@ -140,6 +143,8 @@ class CoordinatorService(cpb_grpc.CoordinatorServicer):
 
     def Status(self, request: cpb.StatusRequest,
                context: grpc.ServicerContext) -> cpb.StatusReply:
+        ident = identity_of(context)
+        audit.admin_call(ident.client_id, "Status", ident.cert_sha256)
         return build_status(self.engine, self.registry, self.store)
 
 
@@ -162,6 +167,7 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
         for key, value in row.metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 summary.metrics[key] = float(value)
+    fill_status(reply, engine, store)
     return reply
 
 

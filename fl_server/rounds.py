@@ -28,9 +28,11 @@ from fl_core.logs import log_event
 from fl_core.tensor_codec import build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
+from fl_server.audit import round_completed, round_failed
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
 from fl_server.faults import fault_point
+from fl_server.metrics import OBSERVED
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
 
@@ -242,6 +244,8 @@ class RoundEngine:
                 log_event(log, "job_failed", job=self.job_id, round=round_no, reason=reason)
                 self.store.record_failed_round(self.job_id, round_no,
                                                RoundSummary(0, 0, 0, 0.0), reason)
+                round_failed(self.job_id, round_no, self.cfg.max_round_attempts, reason,
+                             final=True)
                 self.job_state = "failed"
                 self._set_phase("failed")
                 self.store.set_job_state(self.job_id, "failed")
@@ -256,6 +260,7 @@ class RoundEngine:
     def _set_phase(self, phase: str, **fields: Any) -> None:
         with self._cv:
             self.phase = phase
+        OBSERVED.phase_changed(phase)
         log_event(log, "phase", job=self.job_id, round=self.round, phase=phase, **fields)
 
     def _select(self, round_no: int, attempt: int) -> list[str] | None:
@@ -338,6 +343,7 @@ class RoundEngine:
             self.store.record_event("round_attempt_failed",
                                     {"round": round_no, "attempt": attempt, "reason": reason,
                                      "failures": rs.failed}, job_id=self.job_id)
+            round_failed(self.job_id, round_no, attempt, reason)
             self.last_failure = reason
             return False
         self._set_phase("aggregate", updates=len(rs.accepted))
@@ -352,6 +358,7 @@ class RoundEngine:
             self.store.record_event("round_attempt_failed",
                                     {"round": round_no, "attempt": attempt, "reason": reason,
                                      "clients": sorted(rs.accepted)}, job_id=self.job_id)
+            round_failed(self.job_id, round_no, attempt, reason)
             self.last_failure = reason
             return False
         fault_point("aggregate", round_no)  # tests only: off unless FL_FAULT_POINT names it
@@ -371,6 +378,8 @@ class RoundEngine:
                                  for cid, info in rs.accepted.items()}})
         self.store.complete_round(self.job_id, round_no, summary, model.state,
                                   self.strategy.state_dict(), model_sha256=model.sha256)
+        round_completed(self.job_id, round_no, seconds, len(selected), len(rs.accepted),
+                        rs.failed, model.sha256)
         with self._cv:
             self.last_metrics = metrics
         shown: dict[str, Any] = {k: f"{v:.4g}" for k, v in metrics.items()}

@@ -26,6 +26,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fl_core.constants import METRICS_HOST, SERVER_METRICS_PORT
 from fl_core.logs import log_event, setup_logging
 from fl_core.tls import SERVER_OPTIONS, server_credentials
 from fl_proto import aggregator_pb2, coordinator_pb2
@@ -33,10 +34,12 @@ from fl_proto import aggregator_pb2_grpc as apb_grpc
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from fl_server.aggregator import AggregatorService
+from fl_server.audit import RefusalObserver
 from fl_server.auth import AuthInterceptor
 from fl_server.clients import ClientRegistry
 from fl_server.config import ConfigError, ServerConfig, build_config, parse_strategy_params
 from fl_server.coordinator import CoordinatorService
+from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
 from fl_server.security import RevocationList, TokenService, load_server_tls
 from fl_server.store import Store
@@ -133,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready_file", type=Path,
                    help="write {\"port\": N, \"pid\": P} here once serving")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    p.add_argument("--metrics_port", type=int, default=SERVER_METRICS_PORT,
+                   help="Prometheus /metrics port (0: off; a busy default port only warns)")
+    p.add_argument("--metrics_host", default=METRICS_HOST,
+                   help="address the metrics endpoint listens on")
     return p
 
 
@@ -247,7 +254,8 @@ class ServerApp:
                                       admin_methods=set(ADMIN_METHODS))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                         thread_name_prefix="grpc"),
-                             interceptors=[interceptor], options=SERVER_OPTIONS,
+                             interceptors=[RefusalObserver(), interceptor],
+                             options=SERVER_OPTIONS,
                              maximum_concurrent_rpcs=cfg.max_workers * 2)
         cpb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             explicit.add("strategy_params")
         cfg = build_config(args, explicit)
         app = ServerApp(cfg, new_job=args.new_job)
+        observe(app, args.metrics_host, args.metrics_port, "metrics_port" in explicit)
         port = app.start()
     except (ConfigError, StartupError, ValueError, OSError) as exc:
         print(f"fl-server: error: {exc}", file=sys.stderr)
