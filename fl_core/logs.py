@@ -3,17 +3,27 @@
 One event per line, key=value (or JSON), so an operator can grep a round or a
 client across days of logs and a collector can parse them without a schema.
 Fields are passed as `extra={"fields": {...}}` or through `log_event`.
+
+Lines go to stderr (journald or a terminal keeps them), or with `--log_file` to a
+file rotated by size (`--log_max_bytes`, `--log_backups`), so a daemon that runs for
+months on a hospital machine cannot fill its disk with logs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json as _json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["KeyValueFormatter", "JsonFormatter", "log_event", "setup_logging"]
+from fl_core.constants import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES
+
+__all__ = ["KeyValueFormatter", "JsonFormatter", "add_log_file_flags", "log_event",
+           "setup_logging", "setup_logging_from_args"]
 
 _RESERVED = ("ts", "level", "logger", "msg")
 _MARK = "_fl_core_handler"
@@ -81,24 +91,67 @@ def setup_logging(
     level: int | str = logging.INFO,
     json: bool = False,
     stream: IO[str] | None = None,
+    log_file: Path | None = None,
+    max_bytes: int = LOG_FILE_MAX_BYTES,
+    backups: int = LOG_FILE_BACKUPS,
 ) -> logging.Logger:
-    """Send logger `name` (and its children) to stderr, one structured line per event.
+    """Send logger `name` (and its children) to stderr, one structured line per event;
+    or, with `log_file`, to that file, rotated at `max_bytes` keeping `backups` old
+    files (`daemon.log.1` .. `.N`; `backups=0` truncates instead of keeping any).
 
     Calling it again replaces the handler it installed rather than adding another,
-    so lines are never duplicated.
+    so lines are never duplicated. OSError if the log file cannot be opened.
     """
     logger = logging.getLogger(name)
     logger.setLevel(level.upper() if isinstance(level, str) else level)
-    for handler in list(logger.handlers):
-        if getattr(handler, _MARK, False):
-            logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    for old in list(logger.handlers):
+        if getattr(old, _MARK, False):
+            logger.removeHandler(old)
+            old.close()
+    handler: logging.Handler
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if json else KeyValueFormatter())
     setattr(handler, _MARK, True)
     logger.addHandler(handler)
     if name:
         logger.propagate = False
     return logger
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of bytes")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def add_log_file_flags(parser: argparse.ArgumentParser) -> None:
+    """`--log_file`, `--log_max_bytes`, `--log_backups`: the same on both daemons."""
+    parser.add_argument("--log_file", type=Path, default=None,
+                        help="write the log here instead of stderr, rotated by size")
+    parser.add_argument("--log_max_bytes", type=_positive, default=LOG_FILE_MAX_BYTES,
+                        help="rotate --log_file when it reaches this many bytes")
+    parser.add_argument("--log_backups", type=_count, default=LOG_FILE_BACKUPS,
+                        help="rotated files kept (daemon.log.1 .. .N)")
+
+
+def setup_logging_from_args(name: str, args: argparse.Namespace) -> logging.Logger:
+    """`setup_logging` with `--log_level` and the flags `add_log_file_flags` added."""
+    return setup_logging(name, args.log_level, log_file=getattr(args, "log_file", None),
+                         max_bytes=getattr(args, "log_max_bytes", LOG_FILE_MAX_BYTES),
+                         backups=getattr(args, "log_backups", LOG_FILE_BACKUPS))
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
