@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import torch
 
+from fl_client.config import add_config_flag, parse_args
 from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
@@ -40,7 +41,7 @@ from fl_client.task_policy import (
     training_config,
 )
 from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
-from fl_core.logs import log_event, setup_logging
+from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
 from fl_proto import coordinator_pb2 as cpb
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_reconnect_s", type=float, default=0.0,
                    help="give up after this many seconds without a server (0: never)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    add_log_file_flags(p)
+    add_config_flag(p)
     return p
 
 
@@ -393,8 +396,12 @@ def _device(name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging("fl_client", args.log_level)
+    args = parse_args(build_parser(), argv)
+    try:
+        setup_logging_from_args("fl_client", args)
+    except OSError as exc:
+        print(f"fl-client: error: cannot open the log file: {exc}", file=sys.stderr)
+        return 2
     try:
         daemon = ClientDaemon(args)
     except (ValueError, OSError, LedgerError) as exc:
