@@ -19,6 +19,9 @@ the round protocol lives in fl_server/secagg_round.py and fl_client/secagg_clien
 
 from __future__ import annotations
 
+# The one tensor a masked upload carries: the masked words as int32 (uint32 bits).
+MASKED_TENSOR = "secagg.masked"
+
 
 class SecAggError(Exception):
     """A secure-aggregation step that cannot proceed; `code` is machine-readable."""

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from fl_server.strategies.base import Strategy, accumulation_dtype
+from fl_server.strategies.base import Strategy, StrategyError, accumulation_dtype
 
 
 class FedAvg(Strategy):
@@ -50,6 +50,26 @@ class FedAvg(Strategy):
         for name, t in delta.items():
             self._sums[name].add_(t, alpha=alpha)
         self._weight_total += float(num_examples)
+
+    def accept_sum(self, client_ids: list[str], sums: dict[str, torch.Tensor],
+                   weight_total: float) -> None:
+        """Takes a round's already-summed update (secure aggregation: the server never
+        sees the terms): ``sums`` is sum_k n_k delta_k (or, for equal-weight strategies,
+        sum_k delta_k, clipped by the hospitals) and ``weight_total`` sum_k n_k (or k)."""
+        with self._lock:
+            if self._global is None:
+                raise StrategyError("accept_sum called outside a round")
+            if self._client_ids:
+                raise StrategyError("a summed update cannot join individual updates")
+            if not client_ids or not weight_total > 0:
+                raise StrategyError("a summed update needs contributors and a positive weight")
+            checked = self._check_delta("secure sum", sums)
+            global_state = self._global_state()
+            self._sums = {name: t.to(accumulation_dtype(global_state[name].dtype))
+                          for name, t in checked.items()}
+            self._weight_total = float(weight_total)
+            self._client_ids = list(client_ids)
+            self._examples = [1] * len(client_ids)
 
     def _mean_delta(self) -> dict[str, torch.Tensor]:
         """The example-weighted mean delta; consumes the running sums."""
