@@ -114,3 +114,22 @@ SECAGG_COMPLETE_GRAPH_MAX: Final = 24
 SECAGG_DEGREE_FACTOR: Final = 6.0
 # How long each key/share/unmask stage waits for the hospitals still missing.
 SECAGG_STAGE_TIMEOUT_S: Final = 60.0
+
+# One live session per identity: a fresh Join waits this long for a task stream whose
+# connection died (a killed daemon restarted at once) before refusing ALREADY_EXISTS.
+SESSION_TAKEOVER_GRACE_S: Final = 3.0
+# A client refused because its identity is live elsewhere tries this many times
+# (SESSION_CONFLICT_RETRY_S apart: a dead peer's connection may take a keepalive to
+# notice) before it exits with the message.
+SESSION_CONFLICT_ATTEMPTS: Final = 3
+SESSION_CONFLICT_RETRY_S: Final = 5.0
+
+# --- privacy accounting and the job's budget planner (issue 13) ---
+# The PRV accountant's epsilon error: its figure is an upper bound at most this far
+# above the true epsilon; a smaller error means a finer grid (cost ~ 1 / error).
+PRV_EPS_ERROR: Final = 0.01
+# Above this many grid points (x distinct mechanisms) the ledger uses RDP instead of
+# PRV: memory and time grow with it (~16 bytes a point, FFTs over it).
+PRV_MAX_GRID_POINTS: Final = 20_000_000
+# The planner aims each hospital at [1 - tolerance, 1] x its epsilon per job.
+PLANNER_TOLERANCE: Final = 0.02
