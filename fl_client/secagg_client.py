@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import grpc
 import numpy as np
 import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fl_core.secagg import SecAggError
+from fl_core.constants import RPC_TIMEOUT_S
+from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.secagg.adverts import Advert, RoundId, Verifier, sign_advert
 from fl_core.secagg.graph import neighbour_count, neighbours, positions, threshold
 from fl_core.secagg.masks import mask_in_place
@@ -180,7 +184,7 @@ class SecAggClientSession:
         return w
 
     def masked_input(self, delta: Sequence[torch.Tensor], num_examples: int,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
+                     noise_key: bytes | None = None) -> np.ndarray:
         """The quantized, weighted, clipped delta plus every mask, as uint32 words."""
         if not self.sharers:
             raise SecAggError(BAD_SHARES, "masked input asked for before the share stage")
@@ -194,7 +198,7 @@ class SecAggClientSession:
             if norm > self.cfg.l2_clip:
                 tensors = [t * (self.cfg.l2_clip / norm) for t in tensors]
         vector = np.zeros(length, dtype=np.uint32)
-        quantize_into(vector, tensors, self.weight(num_examples), self.params, rng)
+        quantize_into(vector, tensors, self.weight(num_examples), self.params, noise_key)
         peers = {p: a.mask_public_key for p, a in self.adverts.items() if p in self.sharers}
         mask_in_place(vector, self.rid, self.client_id, self.seed, self.mask_key, peers)
         return vector
@@ -230,10 +234,54 @@ class SecAggClientSession:
         return out
 
 
-class SecureTransport:
-    """The four calls the protocol makes (ServerConnection implements them)."""
+class SecureRound:
+    """Drives one secure TRAIN task over a ServerConnection: keys and shares before
+    training (so a substituted key costs no privacy budget), the masked input in the
+    ordinary sealed upload, then the reveal."""
 
-    advertise_keys: Callable[[spb.AdvertiseKeysRequest, float], spb.AdvertiseKeysReply]
-    share_keys: Callable[[spb.ShareKeysRequest, float], spb.ShareKeysReply]
-    await_unmask: Callable[[spb.UnmaskPoll, float], spb.UnmaskRequest]
-    reveal_shares: Callable[[spb.RevealSharesRequest, float], spb.RevealSharesReply]
+    def __init__(self, conn: Any, client_id: str, task: cpb.Task, ca_pem: bytes,
+                 cert_pem: bytes, key_pem: bytes) -> None:
+        self.conn = conn
+        self.task = task
+        self.session = SecAggClientSession(client_id, task, ca_pem, cert_pem, key_pem)
+        self.stage_s = max(1.0, task.secagg.stage_timeout_s)
+
+    def _call(self, method: str, request: Any, timeout: float) -> Any:
+        try:
+            return getattr(self.conn.coordinator, method)(
+                request, metadata=self.conn.metadata(), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code().name  # type: ignore[attr-defined]
+            raise SecAggError("SERVER_REFUSED", f"{method}: {code}:"
+                              f" {exc.details()}") from None  # type: ignore[attr-defined]
+
+    def _deadline_left(self) -> float:
+        return max(0.0, self.task.deadline_unix_ms / 1000 - time.time())
+
+    def setup(self) -> None:
+        """Advertise keys, check every peer's, exchange shares."""
+        wait = 2 * self.stage_s + RPC_TIMEOUT_S
+        reply = self._call("AdvertiseKeys", spb.AdvertiseKeysRequest(
+            task_id=self.task.task_id, advert=self.session.advert()), wait)
+        shares = self.session.on_adverts(reply)
+        reply = self._call("ShareKeys", spb.ShareKeysRequest(
+            task_id=self.task.task_id, shares=shares), wait)
+        self.session.on_shares(reply)
+
+    def masked_state(self, state: Mapping[str, torch.Tensor],
+                     global_state: Mapping[str, torch.Tensor], is_delta: bool,
+                     num_examples: int) -> dict[str, torch.Tensor]:
+        """The one-tensor state to upload: the masked, quantized delta."""
+        deltas = [(state[name] if is_delta else state[name] - ref).reshape(-1)
+                  for name, ref in global_state.items() if ref.is_floating_point()]
+        vector = self.session.masked_input(deltas, num_examples)
+        return {MASKED_TENSOR: torch.from_numpy(vector.view(np.int32))}
+
+    def finish(self) -> int:
+        """Waits for the unmask request and reveals; returns hospitals that dropped."""
+        request = self._call("AwaitUnmask", spb.UnmaskPoll(task_id=self.task.task_id),
+                             self._deadline_left() + 2 * self.stage_s + RPC_TIMEOUT_S)
+        shares = self.session.on_unmask(request)
+        self._call("RevealShares", spb.RevealSharesRequest(task_id=self.task.task_id,
+                                                           shares=shares), RPC_TIMEOUT_S)
+        return len(request.dropped)

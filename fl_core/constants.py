@@ -98,8 +98,9 @@ LOG_FILE_MAX_BYTES: Final = 20 << 20
 LOG_FILE_BACKUPS: Final = 5
 
 # Secure aggregation (SecAgg+, fl_core/secagg). Keystream is generated and added to
-# the masked vector this many bytes at a time (memory beyond the vector: one chunk).
-SECAGG_MASK_CHUNK_BYTES: Final = 1 << 20
+# the masked vector this many bytes at a time (memory beyond the vector: one chunk;
+# small enough that the vector's window stays in cache across all of a hospital's masks).
+SECAGG_MASK_CHUNK_BYTES: Final = 256 << 10
 # Fixed point: each coordinate is clipped to [-clip, clip] and scaled so that a full
 # weight maps to 2^(bits-1); the sum of weights is at most 1, so sums stay < 2^31.
 SECAGG_DEFAULT_BITS: Final = 24

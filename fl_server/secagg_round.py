@@ -25,23 +25,28 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
 
+import grpc
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fl_core.logs import log_event
-from fl_core.secagg import SecAggError
+from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.secagg.adverts import Advert, RoundId, Verifier
 from fl_core.secagg.graph import neighbour_count, neighbours, positions, threshold
-from fl_core.secagg.masks import remove_dropped_masks, remove_self_masks
+from fl_core.secagg.masks import dropped_mask_removals, remove_masks, self_mask_removals
 from fl_core.secagg.quantize import QuantParams, dequantize
 from fl_core.secagg.shamir import combine
 from fl_proto import secagg_pb2 as spb
+from fl_server.aggregator import abort
+from fl_server.auth import identity_of
+from fl_server.rounds import RoundRefusal
 
 log = logging.getLogger("fl_server.secagg")
 
-MASKED_TENSOR = "secagg.masked"
 # Strategies whose aggregate is a (weighted) sum of the updates: they can take the
 # unmasked sum. The rest need each update on its own, which secure aggregation hides.
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
@@ -365,12 +370,14 @@ class SecAggRound:
                 elif s.kind == spb.MASK_KEY and s.owner in keys and owner_ok:
                     keys[s.owner][x] = bytes(s.share)
         try:
-            remove_self_masks(total, self.rid, {c: combine(seeds[c], self.t) for c in survivors})
+            removals = self_mask_removals(
+                self.rid, {c: combine(seeds[c], self.t) for c in survivors})
             for d in dropped:
                 sk = X25519PrivateKey.from_private_bytes(combine(keys[d], self.t))
                 alive = [(s, bytes(self.adverts[s].mask_public_key))
                          for s in self.graph[d] if s in self.examples]
-                remove_dropped_masks(total, self.rid, d, sk, alive)
+                removals += dropped_mask_removals(self.rid, d, sk, alive)
+            remove_masks(total, removals)  # one pass over the sum
         except SecAggError as exc:
             with self._cv:
                 self.stage = FAILED
@@ -390,3 +397,97 @@ class SecAggRound:
         log_event(log, "secagg_unmasked", round=self.rid.round, survivors=len(survivors),
                   dropped=len(dropped), t=self.t, k=self.k)
         return UnmaskedSum(sums, weight_total, survivors, dropped)
+
+
+class SecureAggregation:
+    """The job's secure-aggregation policy: opens one SecAggRound per round attempt."""
+
+    def __init__(self, settings: SecAggSettings, strategy: Any, ca_pem: bytes,
+                 crl_path: Path) -> None:
+        refusal = strategy_refusal(strategy.name)
+        if refusal:
+            raise ValueError(refusal)
+        self.settings = settings
+        self.equal_weights = strategy.name in EQUAL_WEIGHT_STRATEGIES
+        self.l2_clip = float(getattr(strategy, "bound", 0.0)) \
+            if strategy.name in CLIENT_CLIP_PARAM else 0.0
+        self.ca_pem = ca_pem
+        self.crl_path = crl_path
+
+    def open_round(self, job_id: str, round_no: int, participants: Sequence[str],
+                   global_state: Mapping[str, torch.Tensor], examples: Mapping[str, int],
+                   on_dropped: Callable[[str, str], None] | None = None) -> SecAggRound:
+        crl = self.crl_path.read_bytes() if self.crl_path.exists() else b""
+        layout = [(name, t.shape, t.dtype) for name, t in global_state.items()
+                  if t.is_floating_point()]
+        return SecAggRound(job_id, round_no, participants, self.settings, layout,
+                           {c: max(1, int(examples.get(c, 1))) for c in participants},
+                           self.equal_weights, self.l2_clip, Verifier(self.ca_pem, crl or None),
+                           crl, on_dropped)
+
+
+def _abort(context: grpc.ServicerContext, refusal: SecAggRefusal | RoundRefusal) -> NoReturn:
+    abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message)
+
+
+class SecAggServicer:
+    """The four secure-aggregation rpcs of service Coordinator (mixed into
+    CoordinatorService, which provides `engine`). Each finds the caller's open secure
+    round from its task id; identity is the certificate's, as for every call."""
+
+    engine: Any
+
+    def _secure_round(self, task_id: str, context: grpc.ServicerContext
+                      ) -> tuple[str, SecAggRound]:
+        client_id, sa, _ = self._secure_round_state(task_id, context)
+        return client_id, sa
+
+    def _secure_round_state(self, task_id: str, context: grpc.ServicerContext
+                            ) -> tuple[str, SecAggRound, Any]:
+        client_id = identity_of(context).client_id
+        try:
+            rs, _ = self.engine.task_of(client_id, task_id)
+        except RoundRefusal as refusal:
+            _abort(context, refusal)
+        sa = getattr(rs, "secagg", None)
+        if sa is None:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"round {rs.round} is not securely aggregated")
+        return client_id, sa, rs
+
+    def _wait_s(self, sa: SecAggRound) -> float:
+        return 2 * sa.settings.stage_timeout_s
+
+    def AdvertiseKeys(self, request: spb.AdvertiseKeysRequest,
+                      context: grpc.ServicerContext) -> spb.AdvertiseKeysReply:
+        cid, sa = self._secure_round(request.task_id, context)
+        try:
+            return sa.advertise(cid, request.advert, self._wait_s(sa))
+        except SecAggRefusal as refusal:
+            _abort(context, refusal)
+
+    def ShareKeys(self, request: spb.ShareKeysRequest,
+                  context: grpc.ServicerContext) -> spb.ShareKeysReply:
+        cid, sa = self._secure_round(request.task_id, context)
+        try:
+            return sa.share(cid, list(request.shares), self._wait_s(sa))
+        except SecAggRefusal as refusal:
+            _abort(context, refusal)
+
+    def AwaitUnmask(self, request: spb.UnmaskPoll,
+                    context: grpc.ServicerContext) -> spb.UnmaskRequest:
+        cid, sa, rs = self._secure_round_state(request.task_id, context)
+        left = rs.deadline - time.monotonic()
+        try:
+            return sa.await_unmask(cid, max(1.0, left + sa.settings.stage_timeout_s))
+        except SecAggRefusal as refusal:
+            _abort(context, refusal)
+
+    def RevealShares(self, request: spb.RevealSharesRequest,
+                     context: grpc.ServicerContext) -> spb.RevealSharesReply:
+        cid, sa = self._secure_round(request.task_id, context)
+        try:
+            sa.reveal(cid, list(request.shares))
+        except SecAggRefusal as refusal:
+            _abort(context, refusal)
+        return spb.RevealSharesReply(accepted=True)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fl_core.constants import PROTOCOL_VERSION
 from fl_core.secagg import SecAggError
 from fl_core.secagg.adverts import RoundId, lp
-from fl_core.secagg.prg import SEED_BYTES, apply_mask
+from fl_core.secagg.prg import SEED_BYTES, apply_masks
 
 BAD_MASK_KEY = "BAD_MASK_KEY"
 
@@ -55,22 +55,25 @@ def sign(a: str, b: str) -> int:
 def mask_in_place(vector: np.ndarray, rid: RoundId, client_id: str, self_seed: bytes,
                   mask_key: X25519PrivateKey, peer_mask_keys: Mapping[str, bytes]) -> None:
     """Turns a hospital's quantized vector into its masked input, in place."""
-    apply_mask(vector, self_seed_key(self_seed, rid, client_id), 1)
-    for peer, public in sorted(peer_mask_keys.items()):
-        apply_mask(vector, pair_seed(mask_key, public, rid, client_id, peer),
-                   sign(client_id, peer))
+    masks = [(self_seed_key(self_seed, rid, client_id), 1)]
+    masks += [(pair_seed(mask_key, public, rid, client_id, peer), sign(client_id, peer))
+              for peer, public in sorted(peer_mask_keys.items())]
+    apply_masks(vector, masks)
 
 
-def remove_self_masks(total: np.ndarray, rid: RoundId, seeds: Mapping[str, bytes]) -> None:
-    for cid, seed in sorted(seeds.items()):
-        apply_mask(total, self_seed_key(seed, rid, cid), -1)
+def self_mask_removals(rid: RoundId, seeds: Mapping[str, bytes]) -> list[tuple[bytes, int]]:
+    """The (seed, sign) masks that take the survivors' self-masks out of the sum."""
+    return [(self_seed_key(seed, rid, cid), -1) for cid, seed in sorted(seeds.items())]
 
 
-def remove_dropped_masks(total: np.ndarray, rid: RoundId, dropped: str,
-                         dropped_key: X25519PrivateKey,
-                         survivors: Iterable[tuple[str, bytes]]) -> None:
-    """Removes the pairwise masks survivors added with a hospital that dropped: each
+def dropped_mask_removals(rid: RoundId, dropped: str, dropped_key: X25519PrivateKey,
+                          survivors: Iterable[tuple[str, bytes]]) -> list[tuple[bytes, int]]:
+    """The masks that take out what survivors added with a hospital that dropped: each
     survivor i added sign(i, dropped) * PRG(s_i,dropped)."""
-    for cid, public in sorted(survivors):
-        apply_mask(total, pair_seed(dropped_key, public, rid, dropped, cid),
-                   -sign(cid, dropped))
+    return [(pair_seed(dropped_key, public, rid, dropped, cid), -sign(cid, dropped))
+            for cid, public in sorted(survivors)]
+
+
+def remove_masks(total: np.ndarray, removals: list[tuple[bytes, int]]) -> None:
+    """Applies every removal in one pass over the sum."""
+    apply_masks(total, removals)

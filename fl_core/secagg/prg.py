@@ -12,6 +12,8 @@ at about 2 GB/s per core with AES-NI (bench/secagg.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -26,30 +28,44 @@ _ZEROS = bytes(SECAGG_MASK_CHUNK_BYTES)
 BAD_SEED = "BAD_SEED"
 
 
-def _check(seed: bytes, target: np.ndarray) -> None:
-    if len(seed) != SEED_BYTES:
-        raise SecAggError(BAD_SEED, f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+def apply_masks(target: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+    """target += sum of sign * PRG(seed) over `masks` (mod 2^32), in place.
+
+    One pass over the target: for each window of MASK_CHUNK_BYTES (small enough to
+    stay in cache) every mask's next keystream block is generated and added, so a
+    hospital's k + 1 masks cost one trip through memory, not k + 1.
+    """
+    for seed, sign in masks:
+        if len(seed) != SEED_BYTES:
+            raise SecAggError(BAD_SEED, f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+        if sign not in (1, -1):
+            raise SecAggError(BAD_SEED, f"sign must be +1 or -1, got {sign}")
     if target.dtype != np.uint32 or target.ndim != 1 or not target.flags.c_contiguous:
         raise SecAggError(BAD_SEED, "masks apply to a contiguous 1-D uint32 buffer")
-
-
-def apply_mask(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
-    """target += sign * PRG(seed) (mod 2^32), in place, one chunk of keystream at a time."""
-    _check(seed, target)
-    if sign not in (1, -1):
-        raise SecAggError(BAD_SEED, f"sign must be +1 or -1, got {sign}")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+    streams = [(Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor(),
+                np.add if sign == 1 else np.subtract) for seed, sign in masks]
     words_per_chunk = SECAGG_MASK_CHUNK_BYTES // _WORD
     # update_into may need block_size - 1 spare bytes after the output
     raw = bytearray(SECAGG_MASK_CHUNK_BYTES + 15)
     chunk = np.frombuffer(raw, dtype="<u4", count=words_per_chunk)
-    op = np.add if sign == 1 else np.subtract
     total = target.shape[0]
     for start in range(0, total, words_per_chunk):
         n = min(words_per_chunk, total - start)
-        encryptor.update_into(_ZEROS[: n * _WORD], raw)
         view = target[start:start + n]
-        op(view, chunk[:n], out=view)
+        for encryptor, op in streams:
+            encryptor.update_into(_ZEROS[: n * _WORD], raw)
+            op(view, chunk[:n], out=view)
+
+
+def apply_mask(target: np.ndarray, seed: bytes, sign: int = 1) -> None:
+    """target += sign * PRG(seed) (mod 2^32), in place, one chunk of keystream at a time."""
+    apply_masks(target, [(seed, sign)])
+
+
+def keystream_words(seed: bytes, out: np.ndarray) -> None:
+    """Fills a uint32 buffer with PRG(seed) (e.g. uniform rounding noise)."""
+    out.fill(0)
+    apply_mask(out, seed)
 
 
 def mask_words(seed: bytes, count: int) -> np.ndarray:

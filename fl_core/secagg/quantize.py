@@ -14,7 +14,8 @@ Error bound (per coordinate, documented in docs/SECURITY.md): the dequantized su
 differs from sum_i w_i clip(x_i) by less than m / s = m c / 2^(bits-1); it is
 unbiased. Clipping itself changes only coordinates beyond +-c.
 
-The rounding noise comes from the OS's random source (never the job's seed).
+The rounding noise is AES-CTR keystream under a key from the OS's random source
+(never the job's seed): fast (~2 GB/s) and uniform to 2^-32.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fl_core.constants import SECAGG_MAX_BITS, SECAGG_MIN_BITS
 from fl_core.secagg import SecAggError
+from fl_core.secagg.prg import SEED_BYTES
 
 BAD_QUANTIZATION = "BAD_QUANTIZATION"
 _SLICE = 1 << 18  # elements quantized at a time (bounds the float64 temporaries)
@@ -58,35 +61,49 @@ class QuantParams:
         return (1 << 31) - 1 - (1 << (self.bits - 1))
 
 
-def rounding_rng() -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
-
-
 def quantize_into(out: np.ndarray, tensors: Iterable[torch.Tensor], weight: float,
-                  params: QuantParams, rng: np.random.Generator | None = None) -> None:
+                  params: QuantParams, noise_key: bytes | None = None) -> None:
     """Writes the quantized, weighted, clipped coordinates of `tensors` (flattened in
-    order) into `out` (uint32, exactly as long as all of them together)."""
+    order) into `out` (uint32, exactly as long as all of them together).
+
+    The rounding noise u is AES-CTR keystream under `noise_key` (fresh from the OS
+    when None; tests pass one to reproduce a quantization), read as 32-bit fractions.
+    """
     if not 0.0 <= weight <= 1.0:
         raise SecAggError(BAD_QUANTIZATION, f"a hospital's weight must be in [0, 1], got {weight}")
     if out.dtype != np.uint32 or out.ndim != 1:
         raise SecAggError(BAD_QUANTIZATION, "the output must be a 1-D uint32 buffer")
-    rng = rng or rounding_rng()
+    key = noise_key or os.urandom(SEED_BYTES)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     factor = weight * params.scale
+    buf = np.empty(_SLICE, dtype=np.float64)
+    noise = np.empty(_SLICE, dtype=np.float64)
+    raw = bytearray(4 * _SLICE + 15)
+    words = np.frombuffer(raw, dtype="<u4", count=_SLICE)
+    zeros = bytes(4 * _SLICE)
     pos = 0
     for tensor in tensors:
         flat = tensor.detach().reshape(-1)
-        n = flat.numel()
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.to(torch.float32)
+        values = flat.numpy()
+        n = values.shape[0]
         if pos + n > out.shape[0]:
             raise SecAggError(BAD_QUANTIZATION, "the tensors are longer than the buffer")
         for start in range(0, n, _SLICE):
-            part = flat[start:start + _SLICE].to(torch.float64).numpy()
-            y = np.clip(part, -params.clip, params.clip)
-            if not np.all(np.isfinite(y)):
+            m = min(_SLICE, n - start)
+            y, u = buf[:m], noise[:m]
+            np.copyto(y, values[start:start + m])
+            np.clip(y, -params.clip, params.clip, out=y)
+            if not np.isfinite(y.sum()):
                 raise SecAggError(BAD_QUANTIZATION, "the update holds NaN values")
-            y *= factor
-            y += rng.random(y.shape[0])
+            np.multiply(y, factor, out=y)
+            encryptor.update_into(zeros[: 4 * m], raw)
+            np.multiply(words[:m], 2.0 ** -32, out=u)
+            np.add(y, u, out=y)
             np.floor(y, out=y)
-            out[pos + start:pos + start + y.shape[0]] = y.astype(np.int64).astype(np.uint32)
+            # |y| <= 2^(bits-1) + 1 < 2^31: exact as int32, whose bits are the residue
+            np.copyto(out[pos + start:pos + start + m].view(np.int32), y, casting="unsafe")
         pos += n
     if pos != out.shape[0]:
         raise SecAggError(BAD_QUANTIZATION,

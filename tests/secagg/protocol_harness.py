@@ -89,12 +89,11 @@ def run(hospitals: list[Hospital], ca: TestCA | None = None, *,
             s.on_shares(server.share(h.cid, shares, 10))
             if h.drop_before == "upload":
                 return
-            rng = np.random.Generator(np.random.PCG64(h.seed))
+            noise_key = h.seed.to_bytes(32, "big")
             h.quantized = np.zeros(h.delta.numel(), dtype=np.uint32)
             from fl_core.secagg.quantize import quantize_into
-            quantize_into(h.quantized, [h.delta], s.weight(h.examples), s.params,
-                          np.random.Generator(np.random.PCG64(h.seed)))
-            vec = s.masked_input([h.delta], h.examples, rng)
+            quantize_into(h.quantized, [h.delta], s.weight(h.examples), s.params, noise_key)
+            vec = s.masked_input([h.delta], h.examples, noise_key)
             server.fold(h.cid, torch.from_numpy(vec.view(np.int32)), h.examples)
             h.uploaded = True
         except (SecAggError, SecAggRefusal) as exc:

@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from fl_core.secagg import SecAggError
 from fl_core.secagg.adverts import RoundId
 from fl_core.secagg.graph import neighbours, positions, threshold
-from fl_core.secagg.masks import mask_in_place, remove_dropped_masks, remove_self_masks
+from fl_core.secagg.masks import (
+    dropped_mask_removals,
+    mask_in_place,
+    remove_masks,
+    self_mask_removals,
+)
 from fl_core.secagg.shamir import combine, split
 
 RID = RoundId("job", 2, "sess")
@@ -58,11 +63,12 @@ def test_unmasked_sum_is_exactly_the_survivors_sum(n: int, length: int,
     def rebuild(shares: dict[int, bytes], owner: str) -> bytes:
         alive = {pos[h]: shares[pos[h]] for h in holders[owner] if h not in dropped}
         return combine(alive, t)
-    remove_self_masks(total, RID, {c: rebuild(seed_shares[c], c) for c in survivors})
+    removals = self_mask_removals(RID, {c: rebuild(seed_shares[c], c) for c in survivors})
     for d in sorted(dropped):
         sk = X25519PrivateKey.from_private_bytes(rebuild(key_shares[d], d))
-        remove_dropped_masks(total, RID, d, sk,
-                             [(s, pubs[s]) for s in graph[d] if s not in dropped])
+        removals += dropped_mask_removals(RID, d, sk,
+                                          [(s, pubs[s]) for s in graph[d] if s not in dropped])
+    remove_masks(total, removals)
     expected = np.zeros(length, dtype=np.uint32)
     for c in survivors:
         expected += inputs[c]

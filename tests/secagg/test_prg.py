@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fl_core.constants import SECAGG_MASK_CHUNK_BYTES
 from fl_core.secagg import SecAggError
-from fl_core.secagg.prg import apply_mask, mask_words
+from fl_core.secagg.prg import apply_mask, apply_masks, mask_words
 
 
 def test_mask_is_the_aes_ctr_keystream_across_chunk_boundaries() -> None:
@@ -51,3 +51,15 @@ def test_only_flat_uint32_buffers(bad: np.ndarray) -> None:
 def test_seed_length_is_checked() -> None:
     with pytest.raises(SecAggError):
         apply_mask(np.zeros(4, dtype=np.uint32), b"short")
+
+
+def test_several_masks_in_one_pass_equal_one_at_a_time() -> None:
+    count = SECAGG_MASK_CHUNK_BYTES // 4 * 3 + 7
+    seeds = [os.urandom(32) for _ in range(4)]
+    signs = [1, -1, 1, -1]
+    one_pass = np.arange(count, dtype=np.uint32)
+    apply_masks(one_pass, list(zip(seeds, signs, strict=True)))
+    each = np.arange(count, dtype=np.uint32)
+    for seed, sign in zip(seeds, signs, strict=True):
+        apply_mask(each, seed, sign)
+    assert np.array_equal(one_pass, each)

@@ -1,0 +1,158 @@
+"""Secure aggregation (SecAgg+) costs.
+
+    python -m bench.secagg [--quick] [--only mask per_hospital]
+
+- mask: the PRG mask generator (AES-256-CTR keystream added into a uint32 buffer
+  chunk by chunk), GB/s of mask on one core, next to a plain numpy uint32 add of the
+  same buffer (the floor: a mask can be no faster than adding it); and the
+  quantization (clip, weight, stochastic rounding) in M coordinates/s. Target: mask
+  generation >= 1 GB/s per core.
+- per_hospital: one hospital's own CPU time for a whole secure round at 100k
+  parameters among n = 25, 50, 100 hospitals (verify the neighbours' signed adverts,
+  Shamir-share and seal to each neighbour, open the neighbours' shares, quantize and
+  mask, answer the unmask request), measured in-process on the real protocol
+  objects (the network is not in it). With the complete graph the work would grow
+  like n; SecAgg+ keeps it like k = O(log n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.common import median, print_header, table, verdict
+from fl_core.constants import SECAGG_MASK_CHUNK_BYTES
+from fl_core.secagg.prg import apply_mask, apply_masks
+from fl_core.secagg.quantize import QuantParams, quantize_into
+
+BENCHES = ("mask", "per_hospital")
+
+
+def _time(fn: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def bench_mask(mb: int, runs: int) -> bool:
+    print_header(f"Mask generation ({mb} MB vector, one core, median of {runs})")
+    words = mb * 1_000_000 // 4
+    buf = np.zeros(words, dtype=np.uint32)
+    other = np.ones(words, dtype=np.uint32)
+    seeds = [os.urandom(32) for _ in range(10)]
+    small = np.zeros(SECAGG_MASK_CHUNK_BYTES // 4, dtype=np.uint32)
+    reps = max(1, buf.nbytes // small.nbytes)
+    t_gen = _time(lambda: [apply_mask(small, seeds[0]) for _ in range(reps)], runs)
+    t_one = _time(lambda: apply_mask(buf, seeds[0]), runs)
+    t_ten = _time(lambda: apply_masks(buf, [(s, 1) for s in seeds]), runs)
+    t_add = _time(lambda: np.add(buf, other, out=buf), runs)
+    params = QuantParams(24, 4.0)
+    x = torch.randn(words)
+    t_q = _time(lambda: quantize_into(buf, [x], 0.5, params), runs)
+    gb = buf.nbytes / 1e9
+    print(table(["step", "seconds", "GB of mask/s", "M coords/s"], [
+        ["keystream + add, in cache (pure generation)", t_gen, gb / t_gen, words / t_gen / 1e6],
+        ["1 mask over the vector", t_one, gb / t_one, words / t_one / 1e6],
+        ["10 masks in one pass over the vector", t_ten, 10 * gb / t_ten,
+         10 * words / t_ten / 1e6],
+        ["numpy uint32 add over the vector (memory floor)", t_add, gb / t_add,
+         words / t_add / 1e6],
+        ["quantize (clip, weight, stochastic round)", t_q, "-", words / t_q / 1e6],
+    ]))
+    gbs = 10 * gb / t_ten
+    ok = gbs >= 1.0
+    print(f"\nmask generation {gbs:.2f} GB/s per core over a {mb} MB vector (10 masks, one"
+          f" pass; target >= 1): {verdict(ok)}")
+    return ok
+
+
+def bench_per_hospital(sizes: list[int], params_count: int) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    from fl_client.secagg_client import SecAggClientSession
+    from fl_core.secagg.graph import neighbour_count, threshold
+    from fl_proto import coordinator_pb2 as cpb
+    from fl_proto import secagg_pb2 as spb
+    from tests.secagg.ca_helpers import TestCA
+
+    print_header(f"One hospital's CPU per secure round ({params_count // 1000}k parameters,"
+                 " in-process, no network)")
+    ca = TestCA()
+    rows = []
+    per: dict[int, float] = {}
+    delta = [torch.randn(params_count) * 0.01]
+    for n in sizes:
+        ids = [f"h{i:03d}" for i in range(n)]
+        k = neighbour_count(n)
+        t = threshold(k, 0.5)
+        cfg = spb.SecAggConfig(session_id="bench", participants=ids, threshold=t, neighbours=k,
+                               bits=24, clip=4.0, weight_divisor=float(n), equal_weights=True,
+                               vector_length=params_count, stage_timeout_s=10)
+        task = cpb.Task(task_id="t", job_id="job", round=1, secagg=cfg)
+        sessions = {}
+        for cid in ids:
+            key, pem, _ = ca.issue(cid)
+            key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+            sessions[cid] = SecAggClientSession(cid, task, ca.pem, pem, key_pem)
+        adverts = spb.AdvertiseKeysReply(adverts=[s.advert() for s in sessions.values()])
+        me = sessions[ids[0]]
+        # everyone else's shares, as the server would relay them
+        boxes: list[spb.EncryptedShare] = []
+        for cid, s in sessions.items():
+            if cid == ids[0]:
+                continue
+            if ids[0] in s.peers:
+                boxes += [b for b in s.on_adverts(adverts) if b.receiver == ids[0]]
+        stages: dict[str, float] = {}
+        t0 = time.process_time()
+        mine = me.on_adverts(adverts)
+        stages["adverts+shares out"] = time.process_time() - t0
+        t0 = time.process_time()
+        me.on_shares(spb.ShareKeysReply(shares=boxes, sharers=ids))
+        stages["shares in"] = time.process_time() - t0
+        t0 = time.process_time()
+        me.masked_input(delta, 1)
+        stages["masked input"] = time.process_time() - t0
+        t0 = time.process_time()
+        me.on_unmask(spb.UnmaskRequest(survivors=ids))
+        stages["reveal"] = time.process_time() - t0
+        total = sum(stages.values())
+        per[n] = total
+        rows.append([n, k, t, len(mine), *[stages[s] for s in stages], total])
+    print(table(["hospitals", "k", "t", "shares sent", "adverts+shares out (s)",
+                 "shares in (s)", "masked input (s)", "reveal (s)", "total (s)"], rows))
+    grow = per[sizes[-1]] / per[sizes[0]]
+    ratio_n = sizes[-1] / sizes[0]
+    ok = grow < ratio_n / 1.5
+    print(f"\nper-hospital cost x{grow:.2f} from {sizes[0]} to {sizes[-1]} hospitals"
+          f" (n grew x{ratio_n:.0f}; SecAgg+ should grow like k): {verdict(ok)}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.secagg", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="*", choices=BENCHES)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    want = set(args.only or BENCHES)
+    if "mask" in want:
+        bench_mask(40 if args.quick else 100, 3 if args.quick else 5)
+    if "per_hospital" in want:
+        bench_per_hospital([25, 50, 100], 100_000)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
