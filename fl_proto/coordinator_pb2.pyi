@@ -85,18 +85,22 @@ class TaskStreamRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class PrivacyConfig(_message.Message):
-    __slots__ = ("enabled", "noise_multiplier", "target_epsilon", "delta", "max_grad_norm")
+    __slots__ = ("enabled", "noise_multiplier", "target_epsilon", "delta", "max_grad_norm", "epsilon_per_job", "total_rounds")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     noise_multiplier: float
     target_epsilon: float
     delta: float
     max_grad_norm: float
-    def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    epsilon_per_job: float
+    total_rounds: int
+    def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., epsilon_per_job: _Optional[float] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "update_kind", "privacy", "seed", "strategy_settings")
