@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
+from fl_core.ratelimit import RefusalLog, peer_host
 from fl_server.security import AuthError, RevocationList, TokenService, cert_sha256
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._revocations = revocations
         self._public = frozenset(public_methods)
         self._admin = frozenset(admin_methods)
+        self._refusal_log = RefusalLog(log)
         self._lock = threading.Lock()
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -205,10 +207,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         try:
             return self._authenticate(context, method)
         except _Refused as refusal:
-            log.warning(
-                "auth refused method=%s peer=%s code=%s reason=%r",
-                method, context.peer(), refusal.code.name, refusal.message,
-            )
+            # Rate-limited per address: a client refusing itself in a loop must not
+            # write a line per call (counts of the dropped lines are kept).
+            self._refusal_log.event(peer_host(context.peer()), "auth_refused",
+                                    method=method, code=refusal.code.name,
+                                    reason=refusal.message[:200])
             abort(context, refusal.code, refusal.message, refusal.reason)
 
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> Identity:
