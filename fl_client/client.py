@@ -28,6 +28,7 @@ import torch
 from fl_client.config import add_config_flag, parse_args
 from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
+from fl_client.metrics import add_metrics_flags, watch_client
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
 from fl_client.site_data import class_counts, describe
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_reconnect_s", type=float, default=0.0,
                    help="give up after this many seconds without a server (0: never)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    add_metrics_flags(p)
     add_log_file_flags(p)
     add_config_flag(p)
     return p
@@ -141,6 +143,7 @@ class ClientDaemon:
                                   allow_no_dp=args.allow_no_dp)
         self.evaluations = EvaluationPolicy()
         self.stop = threading.Event()
+        self.watch = watch_client(self)
         self._call: Any = None
         self.tasks_done = 0
 
@@ -246,15 +249,19 @@ class ClientDaemon:
             self.tasks_done += 1
         except TransferError as exc:
             log_event(log, "task_failed", kind=kind, round=task.round, reason=str(exc)[:300])
+            self.watch.refused_by_server(task, str(exc))
             self._report(task, cpb.FAILED, reason=str(exc)[:1000])
         except LedgerError:
             raise
         except Exception as exc:  # training crash: tell the server, keep serving
             log.exception("task %s failed", kind)
             self._report(task, cpb.FAILED, reason=f"{type(exc).__name__}: {exc}"[:1000])
+        finally:
+            self.watch.task_done(task)
 
     # tasks --------------------------------------------------------------------------
     def _fetch(self, task: cpb.Task) -> dict[str, torch.Tensor]:
+        self.watch.phase("download")
         bar = Progress("download", task.model_manifest.chunk_count, " chunks")
         try:
             return self.conn.fetch_model(task, self.reference,
@@ -280,6 +287,7 @@ class ClientDaemon:
             log_event(log, "evaluations_stopped", logging.WARNING, job=task.job_id,
                       reason=warning)
         epochs = max(1, config.local_epochs)
+        self.watch.phase("train")
         bar = Progress("train", epochs, " epochs")
 
         def on_progress(epoch: int, total: int, step: int, steps: int, loss: float) -> None:
@@ -300,6 +308,7 @@ class ClientDaemon:
         finally:
             bar.close()
         metrics = update_metrics(result, self.ledger.spent())
+        self.watch.phase("upload")
         up = Progress("upload", 1, " chunks")
 
         def upload_progress(done: int, total: int) -> None:
@@ -314,6 +323,7 @@ class ClientDaemon:
         log_event(log, "update_sent", round=task.round, bytes=receipt.bytes_received,
                   epsilon_round=f"{result.epsilon_round:.3f}",
                   epsilon_total=f"{self.ledger.spent():.3f}", dp=result.dp_enabled)
+        self.watch.update_sent(task, receipt, result)
         # No separate OK report: the update's header carried the metrics and epsilon,
         # and the round may already have closed by the time a report would arrive.
 
@@ -336,6 +346,7 @@ class ClientDaemon:
             log_event(log, "task_refused", kind="EVALUATE", round=task.round, reason=str(exc))
             self._report(task, cpb.REFUSED, reason=str(exc))
             return
+        self.watch.phase("evaluate")
         metrics = evaluate_state(self.task, state, self.test_set, self.device)
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         if sigma > 0:
@@ -358,6 +369,7 @@ class ClientDaemon:
             epsilon_round=epsilon_round,
             epsilon_total=self.ledger.spent() if epsilon_total is None else epsilon_total,
             delta=delta, dp_enabled=dp_enabled)
+        self.watch.report(request)
         try:
             self.conn.report(request)
         except grpc.RpcError as exc:

@@ -1,0 +1,102 @@
+"""Prometheus metrics of both daemons, scraped over HTTP during a real two-hospital
+federation: they change as rounds complete, and promtool accepts the exposition."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.observability.conftest import HOSPITALS, LiveFederation, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMTOOL_INSTALL = "apt-get update && apt-get install -y prometheus  (provides promtool)"
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, metric: str, **labels: str) -> float | None:
+    return samples(text).get((metric, tuple(sorted(labels.items()))))
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(f"promtool is not installed: {PROMTOOL_INSTALL}")
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_metrics_change_as_rounds_complete(live: LiveFederation) -> None:
+    fed = live.fed
+
+    def completed_rounds() -> float:
+        try:
+            return value(scrape(live.server_metrics), "fl_server_rounds_total",
+                         outcome="completed") or 0.0
+        except OSError:
+            return 0.0
+
+    wait_for(lambda: completed_rounds() >= 1, 240, "round 1 in the server's metrics", fed)
+    first = scrape(live.server_metrics)
+    wait_for(lambda: completed_rounds() >= 2, 240, "round 2 in the server's metrics", fed)
+    second = scrape(live.server_metrics)
+
+    assert value(first, "fl_server_rounds_total", outcome="completed") == 1
+    assert value(second, "fl_server_rounds_total", outcome="completed") >= 2
+    assert value(second, "fl_server_model_round") >= 2 > value(first, "fl_server_model_round")  # type: ignore[operator]
+    for name in ("fl_server_received_bytes_total", "fl_server_sent_bytes_total"):
+        assert value(second, name) > value(first, name) > 0  # type: ignore[operator]
+    assert value(second, "fl_server_clients_connected") == 2
+    for hospital in HOSPITALS:
+        assert value(second, "fl_server_updates_accepted_total", client=hospital) >= 2
+        assert value(second, "fl_server_client_last_seen_timestamp_seconds",
+                     client=hospital) > 0  # type: ignore[operator]
+        assert value(second, "fl_server_certificate_expiry_timestamp_seconds", kind="client",
+                     name=hospital) > 0  # type: ignore[operator]
+    assert value(second, "fl_server_certificate_expiry_timestamp_seconds", kind="ca",
+                 name="ca") > 0  # type: ignore[operator]
+    assert value(second, "fl_server_round_phase_seconds_count", phase="train") >= 2  # type: ignore[operator]
+
+    client = {name: scrape(port) for name, port in live.client_metrics.items()}
+    for name, text in client.items():
+        spent = value(text, "fl_client_epsilon_spent")
+        assert spent is not None and spent > 0, name
+        assert value(text, "fl_client_epsilon_budget") == 50
+        assert abs(value(text, "fl_client_epsilon_budget_remaining") - (50 - spent)) < 1e-6  # type: ignore[operator]
+        assert value(text, "fl_client_sent_bytes_total") > 0  # type: ignore[operator]
+        assert value(text, "fl_client_tasks_total", kind="TRAIN", outcome="ok") >= 2  # type: ignore[operator]
+        assert sum(value(text, "fl_client_phase", phase=p) or 0 for p in
+                   ("idle", "download", "train", "upload", "evaluate")) == 1
+
+    promtool_check(second)
+    for text in client.values():
+        promtool_check(text)
+
+
+def test_metrics_bind_loopback_only(live: LiveFederation) -> None:
+    import socket
+
+    lan = [a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None,
+                                                             socket.AF_INET)}
+           if not a.startswith("127.")]
+    if not lan:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{lan[0]}:{live.server_metrics}/metrics", timeout=3)
