@@ -21,6 +21,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,68 +75,92 @@ def bench_mask(mb: int, runs: int) -> bool:
     return ok
 
 
-def bench_per_hospital(sizes: list[int], params_count: int) -> bool:
+def _one_hospital(n: int, params_count: int, ca: object, reps: int) -> tuple[int, int,
+                                                                          dict[str, float]]:
+    """Medians over `reps` of one hospital's CPU seconds per stage among n."""
     from cryptography.hazmat.primitives import serialization
 
     from fl_client.secagg_client import SecAggClientSession
     from fl_core.secagg.graph import neighbour_count, threshold
     from fl_proto import coordinator_pb2 as cpb
     from fl_proto import secagg_pb2 as spb
+
+    ids = [f"h{i:03d}" for i in range(n)]
+    k = neighbour_count(n)
+    t = threshold(k, 0.5)
+    cfg = spb.SecAggConfig(session_id="bench", participants=ids, threshold=t, neighbours=k,
+                           bits=24, clip=4.0, weight_divisor=float(n), equal_weights=True,
+                           vector_length=params_count, stage_timeout_s=10)
+    task = cpb.Task(task_id="t", job_id="job", round=1, secagg=cfg)
+    creds = {}
+    for cid in ids:
+        key, pem, _ = ca.issue(cid)  # type: ignore[attr-defined]
+        creds[cid] = (pem, key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+    delta = [torch.randn(params_count) * 0.01]
+    samples: dict[str, list[float]] = {}
+    for _ in range(reps):
+        sessions = {cid: SecAggClientSession(cid, task, ca.pem, *creds[cid])  # type: ignore[attr-defined]
+                    for cid in ids}
+        adverts = spb.AdvertiseKeysReply(adverts=[s.advert() for s in sessions.values()])
+        me = sessions[ids[0]]
+        boxes: list[spb.EncryptedShare] = []
+        for cid, other in sessions.items():  # the shares the server would relay to me
+            if cid != ids[0] and ids[0] in other.peers:
+                boxes += [b for b in other.on_adverts(adverts) if b.receiver == ids[0]]
+        for name, seconds in _time_stages(me, adverts, boxes, ids, delta).items():
+            samples.setdefault(name, []).append(seconds)
+    return k, t, {name: median(v) for name, v in samples.items()}
+
+
+def _time_stages(me: Any, adverts: Any, boxes: list[Any], ids: list[str],
+                 delta: list[torch.Tensor]) -> dict[str, float]:
+    from fl_proto import secagg_pb2 as spb
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("adverts checked, shares out", lambda: me.on_adverts(adverts)),
+        ("shares in", lambda: me.on_shares(spb.ShareKeysReply(shares=boxes, sharers=ids))),
+        ("masked input", lambda: me.masked_input(delta, 1)),
+        ("reveal", lambda: me.on_unmask(spb.UnmaskRequest(survivors=ids))),
+    ]
+    out = {}
+    for name, step in steps:
+        t0 = time.process_time()
+        step()
+        out[name] = time.process_time() - t0
+    return out
+
+
+def bench_per_hospital(sizes: list[int], params_count: int, reps: int) -> bool:
+    import fl_core.secagg.graph as graph
     from tests.secagg.ca_helpers import TestCA
 
     print_header(f"One hospital's CPU per secure round ({params_count // 1000}k parameters,"
-                 " in-process, no network)")
+                 f" in-process, no network, median of {reps})")
     ca = TestCA()
     rows = []
-    per: dict[int, float] = {}
-    delta = [torch.randn(params_count) * 0.01]
-    for n in sizes:
-        ids = [f"h{i:03d}" for i in range(n)]
-        k = neighbour_count(n)
-        t = threshold(k, 0.5)
-        cfg = spb.SecAggConfig(session_id="bench", participants=ids, threshold=t, neighbours=k,
-                               bits=24, clip=4.0, weight_divisor=float(n), equal_weights=True,
-                               vector_length=params_count, stage_timeout_s=10)
-        task = cpb.Task(task_id="t", job_id="job", round=1, secagg=cfg)
-        sessions = {}
-        for cid in ids:
-            key, pem, _ = ca.issue(cid)
-            key_pem = key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-            sessions[cid] = SecAggClientSession(cid, task, ca.pem, pem, key_pem)
-        adverts = spb.AdvertiseKeysReply(adverts=[s.advert() for s in sessions.values()])
-        me = sessions[ids[0]]
-        # everyone else's shares, as the server would relay them
-        boxes: list[spb.EncryptedShare] = []
-        for cid, s in sessions.items():
-            if cid == ids[0]:
-                continue
-            if ids[0] in s.peers:
-                boxes += [b for b in s.on_adverts(adverts) if b.receiver == ids[0]]
-        stages: dict[str, float] = {}
-        t0 = time.process_time()
-        mine = me.on_adverts(adverts)
-        stages["adverts+shares out"] = time.process_time() - t0
-        t0 = time.process_time()
-        me.on_shares(spb.ShareKeysReply(shares=boxes, sharers=ids))
-        stages["shares in"] = time.process_time() - t0
-        t0 = time.process_time()
-        me.masked_input(delta, 1)
-        stages["masked input"] = time.process_time() - t0
-        t0 = time.process_time()
-        me.on_unmask(spb.UnmaskRequest(survivors=ids))
-        stages["reveal"] = time.process_time() - t0
-        total = sum(stages.values())
-        per[n] = total
-        rows.append([n, k, t, len(mine), *[stages[s] for s in stages], total])
-    print(table(["hospitals", "k", "t", "shares sent", "adverts+shares out (s)",
+    totals: dict[tuple[str, int], float] = {}
+    default_max = graph.SECAGG_COMPLETE_GRAPH_MAX
+    for mode in ("SecAgg+", "complete graph"):
+        graph.SECAGG_COMPLETE_GRAPH_MAX = default_max if mode == "SecAgg+" else 10**9
+        try:
+            for n in sizes:
+                k, t, stages = _one_hospital(n, params_count, ca, reps)
+                totals[(mode, n)] = sum(stages.values())
+                rows.append([mode, n, k, t, *stages.values(), totals[(mode, n)]])
+        finally:
+            graph.SECAGG_COMPLETE_GRAPH_MAX = default_max
+    print(table(["graph", "hospitals", "k", "t", "adverts checked, shares out (s)",
                  "shares in (s)", "masked input (s)", "reveal (s)", "total (s)"], rows))
-    grow = per[sizes[-1]] / per[sizes[0]]
-    ratio_n = sizes[-1] / sizes[0]
-    ok = grow < ratio_n / 1.5
-    print(f"\nper-hospital cost x{grow:.2f} from {sizes[0]} to {sizes[-1]} hospitals"
-          f" (n grew x{ratio_n:.0f}; SecAgg+ should grow like k): {verdict(ok)}")
+    lo, hi = sizes[0], sizes[-1]
+    plus = totals[("SecAgg+", hi)] / totals[("SecAgg+", lo)]
+    full = totals[("complete graph", hi)] / totals[("complete graph", lo)]
+    ok = plus < full
+    print(f"\nper-hospital cost from {lo} to {hi} hospitals: SecAgg+ x{plus:.2f}, complete"
+          f" graph x{full:.2f}; at {hi}, SecAgg+ costs"
+          f" {totals[('SecAgg+', hi)] / totals[('complete graph', hi)]:.2f} of the complete"
+          f" graph: {verdict(ok)}")
     return ok
 
 
@@ -150,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if "mask" in want:
         bench_mask(40 if args.quick else 100, 3 if args.quick else 5)
     if "per_hospital" in want:
-        bench_per_hospital([25, 50, 100], 100_000)
+        bench_per_hospital([25, 50, 100], 100_000, 1 if args.quick else 3)
     return 0
 
 
