@@ -31,6 +31,7 @@ from fl_client.identity import load_client_tls
 from fl_client.metrics import add_metrics_flags, watch_client
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
+from fl_client.secagg_client import SecureRound
 from fl_client.site_data import class_counts, describe
 from fl_client.task_policy import (
     EvaluationPolicy,
@@ -43,6 +44,7 @@ from fl_client.task_policy import (
 )
 from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
+from fl_core.secagg import SecAggError
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
 from fl_proto import coordinator_pb2 as cpb
@@ -127,6 +129,7 @@ class ClientDaemon:
                       examples=len(data), classes=describe(counts))
         host, port = parse_server_url(args.server_url)
         ca, cert, key = load_client_tls(args.keys_dir, self.client_id)
+        self.tls = (ca, cert, key)  # secure aggregation signs key adverts with this key
         self.conn = ServerConnection(target(host, port), ca, cert, key, self.client_id,
                                      args.model_type, len(self.train_set),
                                      server_name=args.server_name)
@@ -286,6 +289,17 @@ class ClientDaemon:
         if warning:
             log_event(log, "evaluations_stopped", logging.WARNING, job=task.job_id,
                       reason=warning)
+        secure: SecureRound | None = None
+        if task.HasField("secagg"):
+            # keys and shares before training: a substituted key costs no privacy budget
+            try:
+                secure = SecureRound(self.conn, self.client_id, task, *self.tls)
+                secure.setup()
+            except SecAggError as exc:
+                log_event(log, "secagg_refused", logging.WARNING, round=task.round,
+                          reason=str(exc))
+                self._report(task, cpb.FAILED, reason=f"secure aggregation: {exc}"[:1000])
+                return
         epochs = max(1, config.local_epochs)
         self.watch.phase("train")
         bar = Progress("train", epochs, " epochs")
@@ -315,11 +329,21 @@ class ClientDaemon:
             up.total = total
             up.update(done)
 
+        state = result.state
         try:
-            receipt = self.conn.submit_update(task, result.state, result.num_examples, metrics,
+            if secure is not None:  # the server gets only the masked, quantized delta
+                state = secure.masked_state(result.state, global_state,
+                                            result.update_kind == cpb.DELTA, result.num_examples)
+            receipt = self.conn.submit_update(task, state, result.num_examples, metrics,
                                               on_progress=upload_progress, stop=self.stop)
         finally:
             up.close()
+        if secure is not None:
+            try:
+                log_event(log, "secagg_revealed", round=task.round, dropped=secure.finish())
+            except SecAggError as exc:
+                log_event(log, "secagg_refused", logging.WARNING, round=task.round,
+                          reason=str(exc))
         log_event(log, "update_sent", round=task.round, bytes=receipt.bytes_received,
                   epsilon_round=f"{result.epsilon_round:.3f}",
                   epsilon_total=f"{self.ledger.spent():.3f}", dp=result.dp_enabled)
