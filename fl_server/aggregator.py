@@ -198,6 +198,12 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             rs = self.engine.check_update_allowed(client_id, header.task_id, header.job_id,
                                                   header.round)
             model = self.engine.current_model()
+            # a secure round takes one masked int32 vector, and only from a hospital
+            # whose shares went out (refused before any of its bytes are stored)
+            expected: Any = model.manifest
+            if getattr(rs, "secagg", None) is not None:
+                rs.secagg.check_upload(client_id)
+                expected = rs.secagg.upload_layout()
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
         expected_id = upload_stream_id(rs.job_id, rs.round, header.task_id, session.session_id)
@@ -225,7 +231,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   "no partial upload to resume: start from chunk 0", "RESUME_MISMATCH")
         try:
-            check_manifest(header.manifest, model.manifest)
+            check_manifest(header.manifest, expected)
         except CodecError as exc:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
                   exc.code, getattr(exc, "field", ""))
@@ -233,7 +239,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                             manifest_digest(header.manifest))
         spool = self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
         try:
-            assembler = StreamAssembler(header.manifest, expected=model.manifest,
+            assembler = StreamAssembler(header.manifest, expected=expected,
                                         spool_path=spool)
         except CodecError as exc:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",

@@ -25,6 +25,7 @@ from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry
 from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
+from fl_server.secagg_round import SecAggServicer
 from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
 from fl_server.validation import check_join, check_report
@@ -32,7 +33,7 @@ from fl_server.validation import check_join, check_report
 log = logging.getLogger("fl_server.coordinator")
 
 
-class CoordinatorService(cpb_grpc.CoordinatorServicer):
+class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
     def __init__(self, engine: RoundEngine, registry: ClientRegistry, store: Store,
                  tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S,
                  revocations: RevocationList | None = None) -> None:
@@ -164,6 +165,9 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
         summary = reply.rounds.add(
             round=row.round, state=row.state, selected=row.selected, reported=row.reported,
             failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "")
+        summary.secure = bool(row.metrics.get("secure", 0))  # SecAgg+: the server saw the sum
+        summary.secagg_dropped = int(row.metrics.get("secagg_dropped", 0))
+        summary.secagg_threshold = int(row.metrics.get("secagg_threshold", 0))
         for key, value in row.metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 summary.metrics[key] = float(value)

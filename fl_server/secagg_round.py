@@ -69,13 +69,8 @@ def strategy_refusal(name: str) -> str | None:
             f" {', '.join(SECURE_STRATEGIES)}")
 
 
-class SecAggRefusal(Exception):
+class SecAggRefusal(RoundRefusal):
     """A secure-aggregation call the round cannot take; `code` names the gRPC status."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
