@@ -33,7 +33,7 @@ class DPFedAvg(NormBounding):
 
     def __init__(self, clip: float = 1.0, noise_multiplier: float = 1.0,
                  sample_rate: float = 1.0, delta: float = 1e-5) -> None:
-        super().__init__(bound=clip)
+        super().__init__(bound=check_positive("clip", clip))  # named as the caller knows it
         self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier)
         self.sample_rate = check_fraction("sample_rate", sample_rate, 0.0, 1.0, high_open=False)
         if self.sample_rate == 0.0:

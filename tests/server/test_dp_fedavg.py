@@ -1,5 +1,6 @@
 """Central DP (DP-FedAvg): clipping and equal weights against numpy, noise of the
-stated size, and epsilon from Opacus's own accountant."""
+stated size, and epsilon against an accountant written in this file from the RDP
+formulas and against figures pinned from Google's dp-accounting."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from fl_server.strategies import StrategyError, make_strategy
 
@@ -44,7 +44,101 @@ def test_noise_has_the_stated_standard_deviation() -> None:
     assert abs(step.std() - 1.0 / 4) < 0.005 and abs(step.mean()) < 0.005
 
 
-def test_epsilon_is_opacus_rdp_over_rounds_and_survives_a_restart() -> None:
+class StepAccountant:
+    """An RDP accountant written here from the formulas, not from Opacus. The sampled
+    Gaussian mechanism's log-moment at integer order a (Mironov, Talwar & Zhang 2019,
+    "Renyi Differential Privacy of the Sampled Gaussian Mechanism", Sec. 3.3) is
+
+        log A_a = log sum_k C(a, k) (1 - q)^(a - k) q^k exp((k^2 - k) / (2 sigma^2)),
+
+    RDP(a) = log A_a / (a - 1); rounds add their log-moments, and an order converts
+    to (epsilon, delta) by Balle et al. 2020 (Thm. 21) / Canonne, Kamath & Steinke 2020:
+
+        epsilon(a) = RDP(a) + log((a - 1) / a) - (log(delta) + log(a)) / (a - 1).
+
+    `upper` is the best integer order (a valid guarantee, so a correct accountant
+    reports no more). `lower` is what no order a > 1, fractional ones included, can
+    beat: log A_a is convex in a (a log moment-generating function, with log A_0 =
+    log A_1 = 0), so between integers it lies above the extended chords of its
+    neighbouring integer intervals.
+    """
+
+    MAX_ORDER = 64
+
+    def __init__(self) -> None:
+        self.log_moments = [0.0] * (self.MAX_ORDER + 2)  # orders 0 .. MAX_ORDER + 1
+
+    @staticmethod
+    def _log_a(q: float, sigma: float, a: int) -> float:
+        terms = [math.log(math.comb(a, k)) + k * math.log(q)
+                 + (a - k) * (math.log1p(-q) if q < 1.0 else 0.0)
+                 + (k * k - k) / (2 * sigma**2)
+                 for k in range(a + 1) if q < 1.0 or k == a]
+        top = max(terms)
+        return top + math.log(sum(math.exp(t - top) for t in terms))
+
+    def step(self, q: float, sigma: float) -> None:
+        for a in range(len(self.log_moments)):
+            self.log_moments[a] += self._log_a(q, sigma, a)
+
+    @staticmethod
+    def _epsilon(log_moment: float, a: float, delta: float) -> float:
+        return (log_moment / (a - 1) + math.log1p(-1 / a)
+                - (math.log(delta) + math.log(a)) / (a - 1))
+
+    def upper(self, delta: float) -> float:
+        return min(self._epsilon(self.log_moments[a], a, delta)
+                   for a in range(2, self.MAX_ORDER + 1))
+
+    def lower(self, delta: float) -> float:
+        m = self.log_moments
+        best = math.inf
+        for n in range(1, self.MAX_ORDER):
+            for a in (n + k / 50 for k in range(1 if n == 1 else 0, 50)):
+                chord = max(m[n] + (a - n) * (m[n] - m[n - 1]),
+                            m[n + 1] - (n + 1 - a) * (m[n + 2] - m[n + 1]))
+                best = min(best, self._epsilon(chord, a, delta))
+        return best
+
+
+# (noise multiplier, sample rate, rounds, delta) -> epsilon from Google's dp-accounting
+# 0.6.0 (PyPI), computed once offline in a scratch venv, not a dependency:
+#   acc = dp_accounting.rdp.RdpAccountant()
+#   acc.compose(SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), rounds))
+#   (GaussianDpEvent(sigma) alone where q = 1); acc.get_epsilon(delta)
+DP_ACCOUNTING_0_6_0 = {
+    (1.1, 0.5, 3, 1e-5): 5.656888982041609,
+    (1.1, 1.0, 3, 1e-5): 8.039116966222146,
+    (1.0, 0.1, 100, 1e-5): 7.903850223578231,
+    (2.0, 1.0, 50, 1e-6): 23.70389051398901,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DP_ACCOUNTING_0_6_0))
+def test_epsilon_agrees_with_independent_accountants(
+        case: tuple[float, float, int, float]) -> None:
+    """Each round's central_epsilon lies between the step-by-step accountant's bounds
+    above (a correct accountant can neither beat what convexity allows nor report more
+    than the best integer order gives), and the last equals dp-accounting's figure."""
+    sigma, q, rounds, delta = case
+    strategy = make_strategy("dp_fedavg", clip=1.0, noise_multiplier=sigma, sample_rate=q,
+                             delta=delta)
+    ours = StepAccountant()
+    g = {"w": torch.zeros(4)}
+    for r in range(1, rounds + 1):
+        strategy.begin_round(g)
+        strategy.accept("h", {"w": torch.ones(4)}, 1)
+        strategy.finish_round()
+        ours.step(q, sigma)
+        if r <= 3 or r == rounds:
+            got = strategy.round_metrics()["central_epsilon"]
+            low, high = ours.lower(delta), ours.upper(delta)
+            assert low <= got <= high * (1 + 1e-12), (r, low, got, high)
+    assert strategy.round_metrics()["central_epsilon"] == pytest.approx(
+        DP_ACCOUNTING_0_6_0[case], rel=1e-3)
+
+
+def test_epsilon_grows_per_round_and_survives_a_restart() -> None:
     strategy = make_strategy("dp_fedavg", clip=1.0, noise_multiplier=1.1, sample_rate=0.5,
                              delta=1e-5)
     g = {"w": torch.zeros(4)}
@@ -54,19 +148,21 @@ def test_epsilon_is_opacus_rdp_over_rounds_and_survives_a_restart() -> None:
         strategy.accept("h", {"w": torch.ones(4)}, 1)
         strategy.finish_round()
         epsilons.append(strategy.round_metrics()["central_epsilon"])
-    accountant = RDPAccountant()
-    accountant.history = [(1.1, 0.5, 3)]
-    assert epsilons[-1] == pytest.approx(accountant.get_epsilon(1e-5))
     assert epsilons[0] < epsilons[1] < epsilons[2] and math.isfinite(epsilons[2])
+    assert epsilons[-1] == pytest.approx(DP_ACCOUNTING_0_6_0[(1.1, 0.5, 3, 1e-5)], rel=1e-3)
     restored = make_strategy("dp_fedavg", clip=1.0, noise_multiplier=1.1, sample_rate=0.5)
     restored.load_state_dict(strategy.state_dict())
-    assert restored.epsilon() == pytest.approx(epsilons[-1])
+    assert restored.round_metrics()["central_epsilon"] == pytest.approx(epsilons[-1])
 
 
-@pytest.mark.parametrize("params", [
-    {"clip": 0.0}, {"noise_multiplier": 0.0}, {"sample_rate": 0.0}, {"sample_rate": 1.5},
-    {"delta": 0.0}, {"delta": 1.0},
+@pytest.mark.parametrize(("params", "message"), [
+    ({"clip": 0.0}, "clip must be positive, got 0.0"),
+    ({"noise_multiplier": 0.0}, "noise_multiplier must be positive, got 0.0"),
+    ({"sample_rate": 0.0}, "sample_rate must be > 0"),
+    ({"sample_rate": 1.5}, r"sample_rate must be in \[0.0, 1.0\], got 1.5"),
+    ({"delta": 0.0}, "delta must be > 0"),
+    ({"delta": 1.0}, r"delta must be in \[0.0, 1.0\), got 1.0"),
 ])
-def test_bad_parameters_are_refused(params: dict[str, float]) -> None:
-    with pytest.raises(StrategyError):
+def test_bad_parameters_are_refused(params: dict[str, float], message: str) -> None:
+    with pytest.raises(StrategyError, match=f"^{message}$"):
         make_strategy("dp_fedavg", **params)
