@@ -172,11 +172,12 @@ def _is_ip(name: str) -> bool:
         return False
 
 
-def _context(files: TlsFiles, verify: bool) -> ssl.SSLContext:
+def _context(files: TlsFiles, verify: bool, client_cert: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2"])
-    ctx.load_cert_chain(str(files.cert), str(files.key))
+    if client_cert:
+        ctx.load_cert_chain(str(files.cert), str(files.key))
     if verify:
         ctx.load_verify_locations(cafile=str(files.ca))
     else:
@@ -300,13 +301,14 @@ def explain(cause: Cause, files: TlsFiles, address: str, name: str,
 
 
 def probe(host: str, port: int, files: TlsFiles, server_name: str | None = None,
-          timeout: float = TLS_PROBE_TIMEOUT_S) -> Diagnosis:
+          timeout: float = TLS_PROBE_TIMEOUT_S, client_cert: bool = True) -> Diagnosis:
     """Dial `host:port` with Python's ssl and the site's files; say what happens.
 
     Checks what gRPC checks (chain to `files.ca`, the name, the dates), then sends the
     HTTP/2 preface: under TLS 1.3 the server judges our certificate only after our
-    side of the handshake has finished, so its verdict arrives as an alert on the
-    first read.
+    side of the handshake has finished, so its verdict arrives on the first read.
+    `client_cert=False` checks the server's side only (for a site whose own key or
+    certificate is known to be broken): the server then refuses us, which says nothing.
     """
     name = server_name or host
     address = f"{host}:{port}"
@@ -318,7 +320,7 @@ def probe(host: str, port: int, files: TlsFiles, server_name: str | None = None,
         return explain(Cause.UNREACHABLE, files, address, name, None,
                        exc.strerror or type(exc).__name__)
     try:
-        ctx = _context(files, verify=True)
+        ctx = _context(files, verify=True, client_cert=client_cert)
     except (OSError, ssl.SSLError) as exc:
         raw.close()
         return Diagnosis(Cause.OTHER_TLS, f"cannot load {files.cert}, {files.key} or"
@@ -327,6 +329,8 @@ def probe(host: str, port: int, files: TlsFiles, server_name: str | None = None,
     try:
         with ctx.wrap_socket(raw, server_hostname=name) as tls:
             tls.settimeout(timeout)
+            if not client_cert:
+                return explain(Cause.OK, files, address, name, None)
             tls.sendall(_H2_PREFACE)
             try:
                 if not tls.recv(1):
