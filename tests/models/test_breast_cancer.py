@@ -13,6 +13,7 @@ from fl_models.breast_cancer.dataset import (
     FEATURE_NAMES,
     default_data,
     read_csv_file,
+    write_csv,
 )
 
 KAGGLE_BASES = [
@@ -114,12 +115,33 @@ def test_standardisation_uses_local_training_rows_only(tmp_path: Path) -> None:
 
 
 def test_single_file_is_split_80_20_disjointly(tmp_path: Path) -> None:
+    """Row identities, not counts: the first feature of the export is made each row's
+    number, and the loaded splits are mapped back onto those numbers."""
     task = BreastCancerTask()
     task.prepare(tmp_path / "fed", 1, None, 0)
+    raw, labels = read_csv_file(tmp_path / "fed" / "hospital_1" / "train.csv")
+    n = len(labels)
+    raw[:, 0] = np.arange(n)
     single = tmp_path / "mine"
     single.mkdir()
-    (single / "export.csv").write_text((tmp_path / "fed" / "hospital_1" / "train.csv").read_text())
-    n = len(read_csv_file(single / "export.csv")[1])
+    write_csv(single / "export.csv", np.arange(n), raw, labels)
     train, test = task.load_split(single, "train"), task.load_split(single, "test")
-    assert len(train) + len(test) == n
+    both = np.concatenate([train.tensors[0][:, 0].numpy(), test.tensors[0][:, 0].numpy()])
+    # Both splits went through one affine standardisation (fitted on the training rows).
+    # If together they are exactly the file's rows, the affine map that takes their
+    # column's mean and spread onto the raw column's gives back whole row numbers.
+    both = both.astype(np.float64)
+    scale = raw[:, 0].std() / both.std()
+    recovered = both * scale + (raw[:, 0].mean() - scale * both.mean())
+    ids = np.rint(recovered).astype(np.int64)
+    assert np.abs(recovered - ids).max() < 1e-2, "the splits are not the file's rows"
+    train_ids, test_ids = ids[: len(train)], ids[len(train):]
+    assert sorted(ids.tolist()) == list(range(n))  # complete, and no row twice
+    assert not set(train_ids.tolist()) & set(test_ids.tolist())
+    np.testing.assert_array_equal(train.tensors[1].numpy(), labels[train_ids])
+    np.testing.assert_array_equal(test.tensors[1].numpy(), labels[test_ids])
     assert 0.15 < len(test) / n < 0.25
+    # stratified: each class is held out in (about) the same proportion
+    for cls in (0, 1):
+        share = (labels[test_ids] == cls).sum() / (labels == cls).sum()
+        assert abs(share - len(test) / n) < 0.02, (cls, share)

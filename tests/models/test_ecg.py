@@ -70,11 +70,23 @@ def test_wfdb_without_annotations_is_refused(tmp_path: Path) -> None:
 
 
 def test_task_loads_a_single_record_folder_as_disjoint_splits(tmp_path: Path) -> None:
-    _write_record(tmp_path)
+    """Each loaded window is matched to the record's own windows: the two splits are
+    a complete cover of them with no window in both, and keep their labels."""
+    windows, labels = read_wfdb_record(_write_record(tmp_path))
+    expected = standardise(windows)
     task = EcgTask()
     train, test = task.load_split(tmp_path, "train"), task.load_split(tmp_path, "test")
-    assert len(train) + len(test) == 3
-    assert train.tensors[0].shape[1:] == (1, LENGTH)
+    assert train.tensors[0].shape[1:] == (1, LENGTH) and len(train) > 0
+    matched: dict[str, list[int]] = {}
+    for name, split in (("train", train), ("test", test)):
+        inputs = split.tensors[0][:, 0].numpy()
+        distance = np.abs(inputs[:, None, :] - expected[None, :, :]).max(axis=2)
+        rows = distance.argmin(axis=1)
+        np.testing.assert_allclose(inputs, expected[rows], atol=1e-5)
+        np.testing.assert_array_equal(split.tensors[1].numpy(), labels[rows])
+        matched[name] = rows.tolist()
+    assert sorted(matched["train"] + matched["test"]) == [0, 1, 2]
+    assert not set(matched["train"]) & set(matched["test"])
 
 
 def test_task_loads_a_record_named_without_extension(tmp_path: Path) -> None:

@@ -170,17 +170,34 @@ def test_dicom_monochrome1_is_inverted_after_the_luts(tmp_path: Path) -> None:
     assert inverted[:, -5:].mean() < 50 and inverted[:, :5].mean() > 200
 
 
-def test_dicom_files_in_class_folders(tmp_path: Path) -> None:
-    pixels = np.full((64, 64), 800, dtype=np.uint16)
-    pixels[:32] = 100
-    _write_dicom(tmp_path / "NORMAL" / "a.dcm", pixels, "MONOCHROME2")
-    _write_dicom(tmp_path / "PNEUMONIA" / "b.dcm", pixels, "MONOCHROME2")
-    (tmp_path / "PNEUMONIA" / "c.dcm").write_bytes(b"garbage")
+@pytest.mark.parametrize(("normal", "pneumonia"), [("NORMAL", "PNEUMONIA"),
+                                                   ("healthy", "bacteria")])
+def test_dicom_files_in_class_folders(tmp_path: Path, normal: str, pneumonia: str) -> None:
+    """Each file's label comes from its folder: NORMAL is 0, PNEUMONIA is 1 (and a pair
+    whose alphabetical order is the other way round maps the same). The two classes
+    get images the loader cannot confuse (dark top half vs dark left half)."""
+    top = np.full((64, 64), 800, dtype=np.uint16)
+    top[:32] = 100
+    left = np.full((64, 64), 800, dtype=np.uint16)
+    left[:, :32] = 100
+    for i in range(5):
+        _write_dicom(tmp_path / normal / f"n{i}.dcm", top, "MONOCHROME2")
+        _write_dicom(tmp_path / pneumonia / f"p{i}.dcm", left, "MONOCHROME2")
+    (tmp_path / pneumonia / "c.dcm").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match=r"c\.dcm: not a readable DICOM image"):
         PneumoniaTask().load_split(tmp_path, "train")
-    (tmp_path / "PNEUMONIA" / "c.dcm").unlink()
-    data = PneumoniaTask().load_split(tmp_path, "train")  # unsplit: 80/20 hold-out
-    assert len(data) + len(PneumoniaTask().load_split(tmp_path, "test")) == 2
+    (tmp_path / pneumonia / "c.dcm").unlink()
+    train = PneumoniaTask().load_split(tmp_path, "train")  # unsplit: 80/20 hold-out
+    test = PneumoniaTask().load_split(tmp_path, "test")
+    assert (len(train), len(test)) == (8, 2)
+    inputs = np.concatenate([train.tensors[0].numpy(), test.tensors[0].numpy()])[:, 0]
+    labels = np.concatenate([train.tensors[1].numpy(), test.tensors[1].numpy()])
+    dark_top = inputs[:, :28].mean(axis=(1, 2)) < inputs[:, 36:].mean(axis=(1, 2))
+    dark_left = inputs[:, :, :28].mean(axis=(1, 2)) < inputs[:, :, 36:].mean(axis=(1, 2))
+    assert (dark_top != dark_left).all()  # every image is one of the two, recognisably
+    assert labels[dark_top].tolist() == [0] * 5  # NORMAL
+    assert labels[dark_left].tolist() == [1] * 5  # PNEUMONIA
+    assert sorted(test.tensors[1].tolist()) == [0, 1]  # the hold-out is stratified
 
 
 def test_film_generator_is_deterministic_with_all_patterns() -> None:
