@@ -233,7 +233,7 @@ class ClientStatus(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix_ms: _Optional[int] = ..., num_examples: _Optional[int] = ..., epsilon_total: _Optional[float] = ..., last_report_status: _Optional[str] = ..., last_report_reason: _Optional[str] = ..., epsilon_budget_left: _Optional[float] = ..., phase: _Optional[str] = ..., upload_chunks_done: _Optional[int] = ..., upload_chunks_total: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., refusals: _Optional[int] = ..., epsilon_budget: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256", "wait_seconds", "client_epsilon")
+    __slots__ = ("round", "state", "selected", "reported", "failed", "metrics", "seconds", "model_sha256", "wait_seconds", "client_epsilon", "secure", "secagg_dropped", "secagg_threshold")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,9 @@ class RoundSummary(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     selected: int
@@ -268,7 +271,10 @@ class RoundSummary(_message.Message):
     model_sha256: str
     wait_seconds: float
     client_epsilon: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., client_epsilon: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    secure: bool
+    secagg_dropped: int
+    secagg_threshold: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., selected: _Optional[int] = ..., reported: _Optional[int] = ..., failed: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., model_sha256: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., client_epsilon: _Optional[_Mapping[str, float]] = ..., secure: _Optional[bool] = ..., secagg_dropped: _Optional[int] = ..., secagg_threshold: _Optional[int] = ...) -> None: ...
 
 class StatusEvent(_message.Message):
     __slots__ = ("unix_ms", "kind", "client_id", "message")
