@@ -201,9 +201,10 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             # a secure round takes one masked int32 vector, and only from a hospital
             # whose shares went out (refused before any of its bytes are stored)
             expected: Any = model.manifest
-            if getattr(rs, "secagg", None) is not None:
-                rs.secagg.check_upload(client_id)
-                expected = rs.secagg.upload_layout()
+            secagg = getattr(rs, "secagg", None)
+            if secagg is not None:
+                secagg.check_upload(client_id)
+                expected = secagg.upload_layout()
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
         expected_id = upload_stream_id(rs.job_id, rs.round, header.task_id, session.session_id)
