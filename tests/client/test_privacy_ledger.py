@@ -1,4 +1,5 @@
-"""The privacy ledger: accountant-exact epsilons, persistence, refusal, corruption."""
+"""The privacy ledger: accountant-exact epsilons (RDP and PRV against Opacus's own
+accountants), persistence, the version-1 reader, refusal, corruption."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from fl_client.privacy_ledger import (
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+    merge_history,
+    prv_epsilon,
+    rdp_epsilon,
+)
 
 DELTA = 1e-5
 
@@ -22,8 +30,9 @@ def opacus_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA
     return float(acc.get_epsilon(delta=delta))
 
 
-def make(tmp_path: Path, budget: float = 100.0) -> PrivacyLedger:
-    return PrivacyLedger(tmp_path, "hospital_1", budget, DELTA)
+def make(tmp_path: Path, budget: float = 100.0, accountant: str = "rdp") -> PrivacyLedger:
+    """RDP unless asked: most tests here check figures against Opacus's RDP step by step."""
+    return PrivacyLedger(tmp_path, "hospital_1", budget, DELTA, accountant=accountant)
 
 
 def test_empty_ledger_spends_nothing(tmp_path: Path) -> None:
@@ -166,3 +175,101 @@ def test_invalid_mechanism_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         ledger.would_spend(1.0, 1.5, 10)
     assert ledger.entries() == []
+
+
+# --- PRV (the default) ---------------------------------------------------------------
+
+
+def opacus_prv(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+    acc = PRVAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # Opacus's own PRV at sample rate 1
+@pytest.mark.parametrize("history", [
+    [(1.0, 0.2, 50)],  # the old demo's breast-cancer settings: 5 rounds x 2 epochs
+    [(1.1, 0.05, 40), (0.9, 0.1, 25)],
+    [(7.5, 1.0, 30)],  # full-batch rounds, as the DP-tuned tabular tasks train
+])
+def test_prv_matches_opacus_prv_and_is_never_above_rdp(history: list[tuple[float, float, int]]
+                                                       ) -> None:
+    ours = prv_epsilon(history, DELTA)
+    assert ours == pytest.approx(opacus_prv(history), rel=1e-9)
+    assert ours <= rdp_epsilon(history, DELTA)
+
+
+def test_prv_is_at_least_8_percent_below_rdp_on_the_demo_settings() -> None:
+    history = [(1.0, 0.2, 50)]
+    assert prv_epsilon(history, DELTA) <= 0.92 * rdp_epsilon(history, DELTA)
+
+
+def test_default_ledger_composes_with_prv(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, "hospital_1", 100.0, DELTA)
+    assert ledger.accountant == "prv"
+    rounds = [(1.0, 0.2, 10)] * 3
+    for i, (nm, q, steps) in enumerate(rounds, start=1):
+        entry = ledger.record("job", i, nm, q, steps)
+        assert entry.accountant == "prv"
+    assert ledger.spent() == pytest.approx(opacus_prv([(1.0, 0.2, 30)]), rel=1e-9)
+    assert entry.epsilon_cumulative == ledger.spent() < rdp_epsilon(rounds, DELTA)
+    doc = json.loads(ledger.path.read_text())
+    assert doc["version"] == 2 and doc["accountant"] == "prv"
+    assert all(e["accountant"] == "prv" for e in doc["entries"])
+
+
+def test_history_merges_exactly() -> None:
+    history = [(1.0, 0.2, 10), (2.0, 0.2, 5), (1.0, 0.2, 10), (3.0, 0.1, 0)]
+    assert merge_history(history) == ((1.0, 0.2, 20), (2.0, 0.2, 5))
+
+
+def test_unknown_accountant_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="accountant"):
+        PrivacyLedger(tmp_path, "hospital_1", 10.0, DELTA, accountant="gdp")
+
+
+# --- the version-1 format --------------------------------------------------------------
+
+V1_ENTRY = {"job_id": "old-job", "round": 1, "attempt": 1, "dp_enabled": True,
+            "noise_multiplier": 1.0, "sample_rate": 0.2, "steps": 10,
+            "epsilon_round": 5.7537, "epsilon_cumulative": 5.7537, "timestamp": 1.7e9}
+
+
+def write_v1(tmp_path: Path, entries: list[dict[str, object]]) -> Path:
+    doc = {"format": "fl-privacy-ledger", "version": 1, "client_id": "hospital_1",
+           "accountant": "rdp", "delta": DELTA, "total_epsilon_budget": 100.0,
+           "entries": entries}
+    path = tmp_path / "privacy_ledger_hospital_1.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
+def test_version_1_ledger_still_reads_and_counts(tmp_path: Path) -> None:
+    second = {**V1_ENTRY, "round": 2, "epsilon_cumulative": 8.0}
+    path = write_v1(tmp_path, [V1_ENTRY, second])
+    old_bytes = path.read_bytes()
+    ledger = PrivacyLedger(tmp_path, "hospital_1", 100.0, DELTA)  # PRV now
+    assert [e.accountant for e in ledger.entries()] == ["rdp", "rdp"]
+    assert ledger.entries()[1].epsilon_cumulative == 8.0  # the old figures are kept as written
+    assert ledger.spent() == pytest.approx(opacus_prv([(1.0, 0.2, 20)]), rel=1e-9)
+    ledger.record("new-job", 1, 1.0, 0.2, 10)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 and [e["accountant"] for e in doc["entries"]] == ["rdp"] * 2 + [
+        "prv"]
+    assert (tmp_path / "privacy_ledger_hospital_1.v1.json").read_bytes() == old_bytes
+    again = PrivacyLedger(tmp_path, "hospital_1", 100.0, DELTA)
+    assert again.spent() == pytest.approx(opacus_prv([(1.0, 0.2, 30)]), rel=1e-9)
+
+
+@pytest.mark.parametrize("change", [
+    {"accountant": "prv"},  # version 1 knew only RDP
+    {"version": 3},
+])
+def test_version_1_with_foreign_fields_is_an_error(tmp_path: Path,
+                                                   change: dict[str, object]) -> None:
+    path = write_v1(tmp_path, [V1_ENTRY])
+    doc = json.loads(path.read_text())
+    doc.update(change)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LedgerError):
+        PrivacyLedger(tmp_path, "hospital_1", 100.0, DELTA)
