@@ -42,9 +42,15 @@ from fl_client.task_policy import (
     round_metrics,
     training_config,
 )
-from fl_core.constants import RECONNECT_BASE_S, RECONNECT_MAX_S
+from fl_core.constants import (
+    RECONNECT_BASE_S,
+    RECONNECT_MAX_S,
+    SESSION_CONFLICT_ATTEMPTS,
+    SESSION_CONFLICT_RETRY_S,
+)
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.secagg import SecAggError
+from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
 from fl_proto import coordinator_pb2 as cpb
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server_name", default=None,
                    help="name to check in the server certificate when it differs from the"
                         " URL's host")
+    p.add_argument("--replace_session", action="store_true",
+                   help="take over from another daemon connected with this identity (by"
+                        " default a second daemon is refused and exits)")
     p.add_argument("--keep_running", action="store_true",
                    help="stay connected after the job ends, waiting for the next one")
     p.add_argument("--max_reconnect_s", type=float, default=0.0,
@@ -132,10 +141,15 @@ class ClientDaemon:
         self.tls = (ca, cert, key)  # secure aggregation signs key adverts with this key
         self.conn = ServerConnection(target(host, port), ca, cert, key, self.client_id,
                                      args.model_type, len(self.train_set),
-                                     server_name=args.server_name)
+                                     server_name=args.server_name,
+                                     replace_session=args.replace_session,
+                                     epsilon_budget=args.epsilon_budget)
         self.trust = TrustFailures(host, port, client_tls_files(args.keys_dir, self.client_id),
                                    args.server_name)
         state_dir = args.state_dir or Path("client_state") / self.client_id
+        # One daemon per state folder: two would charge the privacy ledger twice.
+        self.state_lock = StateLock(state_dir, "fl-client").acquire()
+        self.session_conflicts = 0
         torch.manual_seed(0)
         self.reference = self.task.build_model().state_dict()
         self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
@@ -160,6 +174,7 @@ class ClientDaemon:
                 self.conn.join()
                 offline_since = None
                 self.trust.reset()
+                self.session_conflicts = 0
                 delays = backoff_delays(RECONNECT_BASE_S, RECONNECT_MAX_S)
                 log_event(log, "connected", client=self.client_id, server=self.conn.target,
                           epsilon_spent=f"{self.ledger.spent():.3f}",
@@ -171,6 +186,15 @@ class ClientDaemon:
                 details = exc.details()  # type: ignore[attr-defined]
                 if self.stop.is_set():
                     break
+                if code == grpc.StatusCode.ALREADY_EXISTS:
+                    self.session_conflicts += 1
+                    if self.session_conflicts >= SESSION_CONFLICT_ATTEMPTS:
+                        print(f"fl-client: error: {details}", file=sys.stderr)
+                        return 6
+                    log_event(log, "identity_in_use", attempt=self.session_conflicts,
+                              of=SESSION_CONFLICT_ATTEMPTS, details=(details or "")[:300])
+                    self.stop.wait(SESSION_CONFLICT_RETRY_S)
+                    continue
                 if code in (grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.FAILED_PRECONDITION) or (
                         code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (details or "")):
@@ -440,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         daemon = ClientDaemon(args)
-    except (ValueError, OSError, LedgerError) as exc:
+    except (ValueError, OSError, LedgerError, StateLockError) as exc:
         print(f"fl-client: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -460,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         daemon.conn.close()
+        daemon.state_lock.release()
 
 
 if __name__ == "__main__":

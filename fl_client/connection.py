@@ -78,7 +78,8 @@ class SessionInfo:
 class ServerConnection:
     def __init__(self, server_target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
                  client_id: str, model_type: str, num_examples: int,
-                 server_name: str | None = None) -> None:
+                 server_name: str | None = None, replace_session: bool = False,
+                 epsilon_budget: float = 0.0) -> None:
         self.target = server_target
         self.client_id = client_id
         self.model_type = model_type
@@ -88,6 +89,11 @@ class ServerConnection:
         self._lock = threading.Lock()
         self.channel: grpc.Channel | None = None
         self.session: SessionInfo | None = None
+        # Named at every re-join (token renewal, reconnect) so the server can tell this
+        # process from a second daemon started with the same identity.
+        self.last_session_id = ""
+        self.replace_session = replace_session
+        self.epsilon_budget = epsilon_budget
         self.bytes_sent = 0
         self.bytes_received = 0
         self.resumes = 0
@@ -109,8 +115,13 @@ class ServerConnection:
         private, public = generate_keypair()
         reply = self.coordinator.Join(
             cpb.JoinRequest(x25519_public_key=public, model_type=self.model_type,
-                            num_examples=self.num_examples, client_version="fl.v1"),
+                            num_examples=self.num_examples, client_version="fl.v1",
+                            previous_session_id=self.last_session_id,
+                            replace_session=self.replace_session,
+                            epsilon_budget=self.epsilon_budget),
             timeout=RPC_TIMEOUT_S)
+        self.replace_session = False  # displace the other daemon once, not at every renewal
+        self.last_session_id = reply.session_id
         if reply.client_id != self.client_id:
             raise TransferError(f"server says this certificate belongs to {reply.client_id!r},"
                                 f" not {self.client_id!r}")

@@ -13,7 +13,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from fl_core.constants import SESSION_TAKEOVER_GRACE_S
 from fl_proto import coordinator_pb2 as cpb
+
+
+class SessionConflict(Exception):
+    """A second live session for an identity whose task stream is still open."""
+
+    def __init__(self, client_id: str, peer: str, since: float) -> None:
+        age = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+        super().__init__(
+            f"{client_id} already has a live session from {peer or 'an unknown address'}"
+            f" (its task stream open since {age}); a second daemon with the same identity is"
+            " refused: stop the other one, or start this one with --replace_session")
+        self.client_id = client_id
+        self.peer = peer
 
 
 @dataclass
@@ -33,7 +47,11 @@ class ClientEntry:
     streams_open: int = 0
     pending: cpb.Task | None = None
     epsilon_total: float = 0.0
+    epsilon_budget: float = 0.0
     last_status: str = ""
+    last_reason: str = ""
+    stream_peer: str = ""
+    stream_since: float = 0.0
     sessions: dict[str, Session] = field(default_factory=dict)
     # Wakes only this client's task stream (on the registry's lock); see ClientRegistry.
     wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
@@ -76,10 +94,38 @@ class ClientRegistry:
 
     # sessions -----------------------------------------------------------------
     def new_session(self, client_id: str, secret: bytes, num_examples: int,
-                    session_id: str | None = None) -> Session:
+                    session_id: str | None = None, *, previous_session_id: str = "",
+                    replace: bool = False, grace_s: float = SESSION_TAKEOVER_GRACE_S,
+                    epsilon_budget: float = 0.0) -> Session:
+        """A new session for `client_id`, refused (SessionConflict) while another process
+        of the same identity holds a live task stream.
+
+        A renewal (the caller names a session it already holds) always passes. A fresh
+        Join waits up to `grace_s` for a stream whose connection died (a killed daemon
+        restarted at once) to notice; `replace` displaces a live one by the operator's
+        choice. A fresh Join also drops the identity's older sessions, so of two daemons
+        started with one identity the displaced one cannot quietly come back.
+        """
         session = Session(session_id or uuid.uuid4().hex, client_id, secret, time.time())
         with self._lock:
             entry = self._entry(client_id)
+            renewal = bool(previous_session_id) and previous_session_id in entry.sessions
+            if not renewal:
+                if entry.streams_open > 0 and replace:
+                    entry.stream_generation += 1  # the live stream ends at its next check
+                    assert entry.wakeup is not None
+                    entry.wakeup.notify_all()
+                deadline = time.monotonic() + (0.0 if replace else grace_s)
+                while entry.streams_open > 0 and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._lock.wait(timeout=min(remaining, 0.25))
+                if entry.streams_open > 0 and not replace:
+                    raise SessionConflict(client_id, entry.stream_peer, entry.stream_since)
+                entry.sessions.clear()
+            if epsilon_budget:
+                entry.epsilon_budget = epsilon_budget
             entry.num_examples = num_examples
             entry.last_seen = time.time()
             entry.sessions[session.session_id] = session
@@ -128,12 +174,14 @@ class ClientRegistry:
             self._wake_all()
 
     def task_stream(self, client_id: str, heartbeat_s: float,
-                    is_active: Callable[[], bool]) -> Iterator[cpb.Task]:
+                    is_active: Callable[[], bool], peer: str = "") -> Iterator[cpb.Task]:
         """Yields the client's pending task whenever it changes, heartbeats between."""
         with self._lock:
             entry = self._entry(client_id)
             entry.stream_generation += 1
             entry.streams_open += 1
+            entry.stream_peer = peer
+            entry.stream_since = time.time()
             generation = entry.stream_generation
             wakeup = entry.wakeup
             assert wakeup is not None
@@ -192,12 +240,15 @@ class ClientRegistry:
         with self._lock:
             return [ClientEntry(**{k: getattr(c, k) for k in (
                 "client_id", "num_examples", "last_seen", "stream_generation", "streams_open",
-                "pending", "epsilon_total", "last_status")}) for c in self._clients.values()]
+                "pending", "epsilon_total", "epsilon_budget", "last_status", "last_reason",
+                "stream_peer", "stream_since")}) for c in self._clients.values()]
 
-    def note_report(self, client_id: str, status: str, epsilon_total: float | None) -> None:
+    def note_report(self, client_id: str, status: str, epsilon_total: float | None,
+                    reason: str = "") -> None:
         with self._lock:
             entry = self._entry(client_id)
             entry.last_status = status
+            entry.last_reason = reason
             if epsilon_total is not None:
                 entry.epsilon_total = epsilon_total
 

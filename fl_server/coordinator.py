@@ -8,6 +8,7 @@ may see and do.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import grpc
 
 from fl_core.constants import HEARTBEAT_INTERVAL_S, ROLE_CLIENT
+from fl_core.errors import Refusal
 from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
 from fl_proto import coordinator_pb2 as cpb
@@ -22,13 +24,13 @@ from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from fl_server import audit
 from fl_server.aggregator import abort, abort_refusal
 from fl_server.auth import identity_of
-from fl_server.clients import ClientRegistry
+from fl_server.clients import ClientRegistry, SessionConflict
 from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.secagg_round import SecAggServicer
 from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
-from fl_server.validation import check_join, check_report
+from fl_server.validation import MAX_EPSILON, check_join, check_report
 
 log = logging.getLogger("fl_server.coordinator")
 
@@ -64,8 +66,23 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         except SealError as exc:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"key agreement failed: {exc}",
                   exc.code)
-        self.registry.new_session(ident.client_id, secret, int(request.num_examples),
-                                  session_id=session_id)
+        budget = request.epsilon_budget
+        if not (math.isfinite(budget) and 0.0 <= budget <= MAX_EPSILON):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"epsilon_budget {budget!r} is not in [0, {MAX_EPSILON:g}]",
+                  Refusal.BAD_VALUE, "epsilon_budget")
+        try:
+            self.registry.new_session(ident.client_id, secret, int(request.num_examples),
+                                      session_id=session_id,
+                                      previous_session_id=request.previous_session_id,
+                                      replace=request.replace_session, epsilon_budget=budget)
+        except SessionConflict as exc:
+            log_event(log, "join_refused", logging.WARNING, client=ident.client_id,
+                      peer=context.peer(), live_peer=exc.peer, reason="identity already live")
+            abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc), Refusal.SESSION_ACTIVE)
+        if request.replace_session:
+            log_event(log, "session_replaced", logging.WARNING, client=ident.client_id,
+                      peer=context.peer())
         token, expires = self.tokens.issue(ident.client_id, ident.role, ident.cert_sha256,
                                            session_id)
         self.store.upsert_client(ident.client_id, num_examples=int(request.num_examples))
@@ -106,7 +123,7 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
 
         try:
             yield from self.registry.task_stream(ident.client_id, self.heartbeat_s,
-                                                 still_allowed)
+                                                 still_allowed, peer=context.peer())
         finally:
             log_event(log, "task_stream_closed", client=ident.client_id)
 
@@ -130,7 +147,8 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
             abort_refusal(context, refusal)
         status = cpb.ReportStatus.Name(request.status)
         self.registry.note_report(ident.client_id, status,
-                                  request.epsilon_total if request.dp_enabled else None)
+                                  request.epsilon_total if request.dp_enabled else None,
+                                  reason=request.reason)
         self.store.record_report(Report(
             job_id=request.job_id, round=request.round, client_id=ident.client_id,
             task_id=request.task_id, kind=cpb.TaskKind.Name(request.kind), status=status,
@@ -160,11 +178,17 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
         reply.clients.add(client_id=entry.client_id, connected=entry.client_id in connected,
                           last_seen_unix_ms=int(entry.last_seen * 1000),
                           num_examples=entry.num_examples, epsilon_total=entry.epsilon_total,
-                          last_report_status=entry.last_status)
+                          last_report_status=entry.last_status,
+                          last_report_reason=entry.last_reason,
+                          epsilon_budget=entry.epsilon_budget,
+                          epsilon_budget_left=(max(0.0, entry.epsilon_budget
+                                                   - entry.epsilon_total)
+                                               if entry.epsilon_budget else 0.0))
     for row in store.rounds(engine.job_id):
         summary = reply.rounds.add(
             round=row.round, state=row.state, selected=row.selected, reported=row.reported,
-            failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "")
+            failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "",
+            wait_seconds=float(row.metrics.get("wait_seconds", 0.0)))
         summary.secure = bool(row.metrics.get("secure", 0))  # SecAgg+: the server saw the sum
         summary.secagg_dropped = int(row.metrics.get("secagg_dropped", 0))
         summary.secagg_threshold = int(row.metrics.get("secagg_threshold", 0))

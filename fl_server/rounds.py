@@ -35,6 +35,7 @@ from fl_server.faults import fault_point
 from fl_server.metrics import OBSERVED
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
+from fl_server.strategies.base import weighted_metrics
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -64,6 +65,33 @@ class ModelVersion:
 
 
 @dataclass
+class ReportFigures:
+    """What a client's Report after its update adds: the privacy it spent."""
+
+    epsilon_round: float
+    epsilon_total: float
+    dp_enabled: bool
+    metrics: dict[str, float]
+
+
+@dataclass
+class AcceptedUpdate:
+    """One client's verified update in a round (the tensors are in the strategy)."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    report: ReportFigures | None = None
+
+
+@dataclass
+class Evaluation:
+    """One client's evaluation of the round's new global model."""
+
+    num_examples: int
+    metrics: dict[str, float]
+
+
+@dataclass
 class RoundState:
     job_id: str
     round: int
@@ -72,9 +100,9 @@ class RoundState:
     selected: list[str]
     tasks: dict[str, cpb.Task]
     deadline: float
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accepted: dict[str, AcceptedUpdate] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
     open: bool = True
 
     def outstanding(self) -> set[str]:
@@ -176,7 +204,7 @@ class RoundEngine:
                                    f"client {client_id} already sent its update for round"
                                    f" {rs.round}", Refusal.DUPLICATE_UPDATE)
             self.strategy.accept(client_id, delta, num_examples)
-            rs.accepted[client_id] = {"num_examples": num_examples, "metrics": dict(metrics)}
+            rs.accepted[client_id] = AcceptedUpdate(num_examples, dict(metrics))
             self.registry.clear_task(client_id, task_id)
             self._cv.notify_all()
 
@@ -188,13 +216,13 @@ class RoundEngine:
                     rs.failed[client_id] = f"{cpb.ReportStatus.Name(req.status)}: {req.reason}"
                     self.registry.clear_task(client_id, req.task_id)
                 elif client_id in rs.accepted:
-                    rs.accepted[client_id]["report"] = {
-                        "epsilon_round": req.epsilon_round, "epsilon_total": req.epsilon_total,
-                        "dp_enabled": req.dp_enabled, "metrics": dict(req.metrics)}
+                    rs.accepted[client_id].report = ReportFigures(
+                        req.epsilon_round, req.epsilon_total, req.dp_enabled,
+                        dict(req.metrics))
             elif task.kind == cpb.EVALUATE:
                 if req.status == cpb.OK:
-                    rs.evaluations[client_id] = {"num_examples": req.num_examples,
-                                                 "metrics": dict(req.metrics)}
+                    rs.evaluations[client_id] = Evaluation(int(req.num_examples),
+                                                           dict(req.metrics))
                 else:
                     rs.failed[client_id] = f"{cpb.ReportStatus.Name(req.status)}: {req.reason}"
                 self.registry.clear_task(client_id, req.task_id)
@@ -319,6 +347,8 @@ class RoundEngine:
     def _run_round(self, round_no: int, attempt: int) -> bool:
         started = time.monotonic()
         selected = self._select(round_no, attempt)
+        # Waiting for hospitals to connect is not the round's own time: shown apart.
+        wait_s = time.monotonic() - started
         if not selected:
             self.last_failure = "not enough clients connected"
             return False
@@ -363,21 +393,23 @@ class RoundEngine:
             return False
         fault_point("aggregate", round_no)  # tests only: off unless FL_FAULT_POINT names it
         self.set_model(round_no, new_state)
-        metrics = self._train_metrics(rs)
+        metrics = self.strategy.train_metrics(
+            [(u.num_examples, u.metrics) for u in rs.accepted.values()])
         metrics.update(self.strategy.round_metrics())
         self._set_phase("evaluate")
         metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
         self._set_phase("checkpoint")
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - started - wait_s
         model = self.current_model()
         summary = RoundSummary(
             selected=len(selected), reported=len(rs.accepted), failed=len(rs.failed),
             seconds=seconds,
-            metrics={**metrics, "attempt": attempt, "failures": rs.failed,
+            metrics={**metrics, "attempt": attempt, "wait_seconds": wait_s,
+                     "failures": rs.failed,
                      "clients": {cid: self._client_summary(info)
                                  for cid, info in rs.accepted.items()}})
         self.store.complete_round(self.job_id, round_no, summary, model.state,
-                                  self.strategy.state_dict(), model_sha256=model.sha256)
+                                  self.strategy.export_state(), model_sha256=model.sha256)
         round_completed(self.job_id, round_no, seconds, len(selected), len(rs.accepted),
                         rs.failed, model.sha256)
         with self._cv:
@@ -391,22 +423,17 @@ class RoundEngine:
         return True
 
     @staticmethod
-    def _client_summary(info: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_examples": info["num_examples"]}
-        metrics = info.get("metrics", {})
-        report = info.get("report", {})
+    def _client_summary(update: AcceptedUpdate) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_examples": update.num_examples}
         for key in ("train_loss", "epsilon_round", "epsilon_total"):
-            if key in metrics:
-                out[key] = metrics[key]
-            if key in report:
-                out[key] = report[key]
-        if "dp_enabled" in metrics:
-            out["dp_enabled"] = bool(metrics["dp_enabled"])
+            if key in update.metrics:
+                out[key] = update.metrics[key]
+        if update.report is not None:
+            out["epsilon_round"] = update.report.epsilon_round
+            out["epsilon_total"] = update.report.epsilon_total
+        if "dp_enabled" in update.metrics:
+            out["dp_enabled"] = bool(update.metrics["dp_enabled"])
         return out
-
-    @staticmethod
-    def _train_metrics(rs: RoundState) -> dict[str, float]:
-        return train_metrics(rs.accepted)
 
     def _evaluate(self, round_no: int, attempt: int, clients: list[str]) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -424,16 +451,11 @@ class RoundEngine:
                 self._wait_round(rs)
                 # weighted by test examples, per metric: a client may lack one (e.g. no
                 # AUROC on a one-class test split) without dragging the others down
-                sums: dict[str, float] = {}
-                weights: dict[str, float] = {}
-                for info in rs.evaluations.values():
-                    n = float(info["num_examples"])
-                    for key, value in info["metrics"].items():
-                        sums[key] = sums.get(key, 0.0) + n * value
-                        weights[key] = weights.get(key, 0.0) + n
-                for key, total in sums.items():
-                    if weights[key] > 0:
-                        metrics[f"fed_{key}"] = total / weights[key]
+                averaged = weighted_metrics(
+                    [(e.num_examples, e.metrics) for e in rs.evaluations.values()],
+                    equal=False)
+                for key, value in averaged.items():
+                    metrics[f"fed_{key}"] = value
                 metrics["fed_eval_clients"] = float(len(rs.evaluations))
         return metrics
 
@@ -476,21 +498,3 @@ def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
 def quorum_required(quorum: float, selected: int) -> int:
     """Updates a round needs to close: ceil(quorum x selected), at least one."""
     return max(1, math.ceil(quorum * selected))
-
-
-def train_metrics(accepted: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The round's training metrics: each client's, weighted by its examples (epsilons
-    excluded), plus the largest cumulative epsilon among the clients as epsilon_max."""
-    total = sum(int(i["num_examples"]) for i in accepted.values()) or 1
-    sums: dict[str, float] = {}
-    for info in accepted.values():
-        w = int(info["num_examples"]) / total
-        for key, value in info.get("metrics", {}).items():
-            if key.startswith("epsilon") or key == "dp_enabled":
-                continue
-            sums[key] = sums.get(key, 0.0) + w * float(value)
-    eps = [float(i["metrics"]["epsilon_total"]) for i in accepted.values()
-           if "epsilon_total" in i.get("metrics", {})]
-    if eps:
-        sums["epsilon_max"] = max(eps)
-    return sums

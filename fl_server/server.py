@@ -10,10 +10,12 @@ never a silently reset job.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,8 +28,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fl_core.constants import METRICS_HOST, SERVER_METRICS_PORT
+from fl_core.constants import CONCURRENT_RPCS_PER_WORKER, METRICS_HOST, SERVER_METRICS_PORT
 from fl_core.logs import log_event, setup_logging
+from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import SERVER_OPTIONS, server_credentials
 from fl_proto import aggregator_pb2, coordinator_pb2
 from fl_proto import aggregator_pb2_grpc as apb_grpc
@@ -37,13 +40,22 @@ from fl_server.aggregator import AggregatorService
 from fl_server.audit import RefusalObserver
 from fl_server.auth import AuthInterceptor
 from fl_server.clients import ClientRegistry
-from fl_server.config import ConfigError, ServerConfig, build_config, parse_strategy_params
+from fl_server.config import (
+    ConfigError,
+    ServerConfig,
+    collect_values,
+    config_from,
+    parse_strategy_params,
+    restore_job,
+    settle_job,
+)
 from fl_server.coordinator import CoordinatorService
+from fl_server.limits import CallLimitInterceptor, log_limits
 from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
 from fl_server.security import RevocationList, TokenService, load_server_tls
 from fl_server.store import Store
-from fl_server.strategies import STRATEGY_NAMES, make_strategy
+from fl_server.strategies import STRATEGY_NAMES, StrategyError, make_strategy
 
 log = logging.getLogger("fl_server.server")
 
@@ -155,10 +167,13 @@ def _explicit(argv: list[str]) -> set[str]:
 
 
 def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -> cpb.TrainConfig:
+    """The training task's settings, from the job's settled config.
+
+    A job's config is settled against the task's defaults when it is created; the
+    `or hp.*` fallbacks only serve jobs stored before that was so. The noise
+    multiplier drives the noise unless the operator asked for an epsilon per round.
+    """
     hp = task.hyperparams
-    # The noise multiplier drives the noise unless the operator asks for an epsilon per
-    # round: a per-round target (the task's is 8) would exhaust a hospital's whole
-    # default budget in one or two rounds.
     privacy = cpb.PrivacyConfig(
         enabled=not cfg.no_dp,
         noise_multiplier=cfg.noise_multiplier or (0.0 if cfg.target_epsilon else
@@ -166,34 +181,66 @@ def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -
         target_epsilon=cfg.target_epsilon,
         delta=cfg.delta or hp.delta,
         max_grad_norm=cfg.max_grad_norm or hp.max_grad_norm)
-    return cpb.TrainConfig(
+    config = cpb.TrainConfig(
         local_epochs=cfg.local_epochs or hp.local_epochs,
         batch_size=cfg.batch_size or hp.batch_size,
         learning_rate=cfg.learning_rate or hp.learning_rate,
-        proximal_mu=float(strategy_cfg.get("proximal_mu", 0.0)),
+        proximal_mu=float(strategy_cfg.get("proximal_mu", 0.0)),  # for clients before 0.2
         update_kind=cpb.DELTA, privacy=privacy)
+    for name, value in strategy_cfg.items():
+        config.strategy_settings[name] = float(value)
+    return config
 
 
 class ServerApp:
     """Everything one server process runs; `start()` then `wait()`."""
 
-    def __init__(self, cfg: ServerConfig, new_job: bool = False) -> None:
-        from fl_models.registry import get_task
-
+    def __init__(self, cfg: ServerConfig, new_job: bool = False,
+                 given: set[str] | None = None) -> None:
+        """Order matters: the state folder is locked and the port bound before any job
+        row is written, so a second server on the same port or folder changes nothing.
+        `given` names the options the operator set (flags or TOML): on a running job
+        any of them that differs from the job's stored value refuses the start."""
         self.cfg = cfg
+        self.given = set(given or ())
         torch.set_num_threads(cfg.torch_threads)
-        try:
-            self.task = get_task(cfg.model_type)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from exc
         try:
             self.tls = load_server_tls(cfg.keys_dir)
             self.tokens = TokenService(cfg.keys_dir)
             self.revocations = RevocationList(cfg.keys_dir)
         except Exception as exc:  # each names the file it could not use
             raise StartupError(f"keys in {cfg.keys_dir}: {exc}") from exc
-        self.store = Store(cfg.state_dir)
-        self.strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+        try:
+            self.state_lock = StateLock(cfg.state_dir, "fl-server").acquire()
+        except StateLockError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            self.server, self.port, self.address = self._bind()
+            self.store = Store(cfg.state_dir)
+            self._build(new_job)
+        except BaseException:
+            if getattr(self, "server", None) is not None:
+                self.server.stop(None)
+            self.state_lock.release()
+            raise
+
+    def _build(self, new_job: bool) -> None:
+        from fl_models.registry import get_task
+
+        cfg = self.cfg
+        job = self.store.latest_job()
+        resuming = job is not None and job.state == "running" and not new_job
+        if resuming:
+            assert job is not None
+            try:
+                restore_job(cfg, job.config, self.given, job.job_id)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from exc
+        try:
+            self.task = get_task(cfg.model_type)
+            self.strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+        except (ValueError, StrategyError) as exc:
+            raise StartupError(str(exc)) from exc
         self.job_id, round_no, state = self._load_or_create_job(new_job)
         eval_dataset = None
         if cfg.eval_data is not None:
@@ -208,55 +255,69 @@ class ServerApp:
                                   eval_dataset)
         self.engine.set_model(round_no, state)
         self.health = health.HealthServicer()
-        self.server: grpc.Server | None = None
-        self.port = 0
 
     def _load_or_create_job(self, new_job: bool) -> tuple[str, int, dict[str, torch.Tensor]]:
         cfg = self.cfg
         job = self.store.latest_job()
         if job is not None and job.state == "running" and not new_job:
-            if job.model_type != cfg.model_type:
-                raise StartupError(
-                    f"state dir {cfg.state_dir} holds unfinished job {job.job_id} for"
-                    f" {job.model_type!r}, not {cfg.model_type!r}: pass --new_job or use"
-                    " another --state_dir")
-            stored = job.config
-            for key in ("rounds", "strategy", "seed"):
-                if key in stored and stored[key] != getattr(cfg, key):
-                    log_event(log, "config_from_job", key=key, job_value=stored[key],
-                              flag_value=getattr(cfg, key))
-                    setattr(cfg, key, stored[key])
             last = self.store.last_completed_round(job.job_id)
             state, strategy_state = self.store.load_checkpoint(job.job_id, last)
             if strategy_state:
-                self.strategy.load_state_dict(strategy_state)
+                try:
+                    self.strategy.import_state(strategy_state)
+                except StrategyError as exc:
+                    raise StartupError(f"job {job.job_id} round {last}: {exc}") from exc
             log_event(log, "job_resumed", job=job.job_id, completed_rounds=last,
-                      total_rounds=cfg.rounds)
+                      total_rounds=cfg.rounds, strategy=cfg.strategy)
             return job.job_id, last, state
         if job is not None and job.state != "running" and not new_job:
             log_event(log, "previous_job", job=job.job_id, state=job.state,
                       note="starting a new job")
+        settle_job(cfg, self.task.hyperparams)
         torch.manual_seed(cfg.seed)
         model_state = {k: v.detach().clone() for k, v in
                        self.task.build_model().state_dict().items()}
         job_id = cfg.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.as_json_dict(),
+        self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.job_dict(),
                               cfg.rounds)
         self.store.save_initial_model(job_id, model_state)
         log_event(log, "job_created", job=job_id, model_type=cfg.model_type,
-                  rounds=cfg.rounds, strategy=cfg.strategy)
+                  rounds=cfg.rounds, strategy=cfg.strategy,
+                  settings=json.dumps(cfg.job_dict(), sort_keys=True))
         return job_id, 0, model_state
 
-    def start(self) -> int:
+    def _bind(self) -> tuple[grpc.Server, int, str]:
+        """The gRPC server with its interceptors, bound (not yet serving).
+
+        SO_REUSEPORT is off: with gRPC's default a second server on a busy port starts
+        without an error and takes part of the traffic, splitting the hospitals and
+        the operator's calls between two jobs at random."""
         cfg = self.cfg
+        # after authentication: the limits are per identity (see fl_server/limits.py)
+        self.limits = CallLimitInterceptor(cfg.max_workers)
+        log_limits(self.limits, cfg.max_workers)
         interceptor = AuthInterceptor(self.tokens, self.revocations,
                                       public_methods=set(PUBLIC_METHODS),
                                       admin_methods=set(ADMIN_METHODS))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
                                                         thread_name_prefix="grpc"),
-                             interceptors=[RefusalObserver(), interceptor],
-                             options=SERVER_OPTIONS,
-                             maximum_concurrent_rpcs=cfg.max_workers * 2)
+                             interceptors=[RefusalObserver(), interceptor, self.limits],
+                             options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=cfg.max_workers
+                             * CONCURRENT_RPCS_PER_WORKER)
+        cert, key, ca = self.tls
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        try:
+            port = server.add_secure_port(address, server_credentials(cert, key, ca))
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise StartupError(f"cannot listen on {address}: {_bind_problem(cfg.host, cfg.port)}")
+        return server, port, address
+
+    def start(self) -> int:
+        cfg = self.cfg
+        server = self.server
         cpb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
                                revocations=self.revocations), server)
@@ -270,16 +331,8 @@ class ServerApp:
         reflection.enable_server_reflection(services, server)
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        cert, key, ca = self.tls
-        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
-        try:
-            port = server.add_secure_port(address, server_credentials(cert, key, ca))
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc}") from exc
-        if port == 0:
-            raise StartupError(f"cannot listen on {address} (in use or not an address here)")
+        port, address = self.port, self.address
         server.start()
-        self.server, self.port = server, port
         threading.Thread(target=self.engine.run, name="round-engine", daemon=True).start()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -296,6 +349,24 @@ class ServerApp:
             self.server.stop(grace_s).wait(grace_s + 1)
         self.engine.done_event.wait(timeout=grace_s)
         self.store.close()
+        self.state_lock.release()
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why gRPC could not bind (it only says 'Failed to bind'): the OS's own answer."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the port is in use (another fl-server, or another program)"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "that address is not one of this machine's"
+        if exc.errno == errno.EACCES:
+            return "permission denied (ports below 1024 need privileges)"
+        return exc.strerror or str(exc)
+    return "gRPC could not bind it (run with GRPC_VERBOSITY=debug for its reason)"
 
 
 def _write_ready(path: Path, port: int) -> None:
@@ -314,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         explicit = _explicit(argv)
         if args.strategy_param:
             explicit.add("strategy_params")
-        cfg = build_config(args, explicit)
-        app = ServerApp(cfg, new_job=args.new_job)
+        values = collect_values(args, explicit)
+        cfg = config_from(values)
+        app = ServerApp(cfg, new_job=args.new_job, given=set(values))
         observe(app, args.metrics_host, args.metrics_port, "metrics_port" in explicit)
         port = app.start()
     except (ConfigError, StartupError, ValueError, OSError) as exc:

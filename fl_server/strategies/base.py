@@ -20,7 +20,7 @@ from __future__ import annotations
 import operator
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, SupportsIndex
 
 import torch
@@ -91,6 +91,29 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     return result
 
 
+NOT_AVERAGED = ("epsilon", "dp_enabled")
+
+
+def weighted_metrics(reports: Sequence[tuple[int, Mapping[str, float]]], *,
+                     equal: bool) -> dict[str, float]:
+    """Per-metric mean over the clients that have it (by examples unless `equal`),
+    plus `epsilon_max`, the largest `epsilon_total` any client reported."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for examples, metrics in reports:
+        w = 1.0 if equal else float(examples)
+        for key, value in metrics.items():
+            if key.startswith(NOT_AVERAGED):
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    out = {key: total / weights[key] for key, total in sums.items() if weights[key] > 0}
+    eps = [float(m["epsilon_total"]) for _, m in reports if "epsilon_total" in m]
+    if eps:
+        out["epsilon_max"] = max(eps)
+    return out
+
+
 class Strategy(ABC):
     """Turns one round's accepted deltas into the next global model.
 
@@ -103,6 +126,9 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     streaming: ClassVar[bool]
+    # Clients count equally in the aggregate (robust strategies, central DP), so they
+    # count equally in the round's averaged metrics too.
+    equal_weights: ClassVar[bool] = False
     # Non-streaming strategies read all clients' values for this many bytes of
     # coordinates at a time; a class attribute so tests can force many slices.
     slice_bytes: int = 32 << 20
@@ -197,6 +223,39 @@ class Strategy(ABC):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Server optimiser state for checkpoints; stateless strategies have none."""
         return {}
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` with each key under ``"<strategy name>:"``, as checkpointed:
+        state that names its strategy cannot be restored into another one."""
+        return {f"{self.name}:{key}": value for key, value in self.state_dict().items()}
+
+    def import_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restores ``export_state()`` output, refusing another strategy's state.
+
+        Keys without a ``"name:"`` prefix come from checkpoints written before state
+        was named; they are loaded as they are (``load_state_dict`` checks them)."""
+        mine: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            owner, sep, rest = key.partition(":")
+            if not sep:
+                mine[key] = value
+            elif owner != self.name:
+                raise StrategyError(
+                    f"the checkpoint holds server state of strategy {owner!r}, not"
+                    f" {self.name!r}: a job's strategy cannot change while it runs")
+            else:
+                mine[rest] = value
+        self.load_state_dict(mine)
+
+    def train_metrics(self, reports: Sequence[tuple[int, Mapping[str, float]]]
+                      ) -> dict[str, float]:
+        """The round's training metrics from each accepted update's (examples, metrics).
+
+        Weighted by examples, as FedAvg weights the model; each metric over the
+        clients that reported it (a client may lack one); strategies whose aggregate
+        weights clients equally (`equal_weights`) average equally too. Privacy figures
+        are not averaged: only the largest epsilon spent is worth showing."""
+        return weighted_metrics(reports, equal=self.equal_weights)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restores ``state_dict()`` output; stateless strategies accept only ``{}``."""

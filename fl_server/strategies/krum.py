@@ -23,6 +23,7 @@ from fl_server.strategies.coordinatewise import BufferedStrategy, stacked_slices
 
 class Krum(BufferedStrategy):
     name: ClassVar[str] = "krum"
+    equal_weights: ClassVar[bool] = True
 
     def __init__(self, f: int = 1, m: int | None = 1) -> None:
         super().__init__()
@@ -86,6 +87,7 @@ class MultiKrum(Krum):
     """Multi-Krum; ``m=None`` selects ``n - f`` updates."""
 
     name: ClassVar[str] = "multi_krum"
+    equal_weights: ClassVar[bool] = True
 
     def __init__(self, f: int = 1, m: int | None = None) -> None:
         super().__init__(f=f, m=m)

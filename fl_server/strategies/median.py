@@ -26,6 +26,7 @@ def median_of_rows(block: torch.Tensor) -> torch.Tensor:
 
 class Median(BufferedStrategy):
     name: ClassVar[str] = "median"
+    equal_weights: ClassVar[bool] = True
 
     def _aggregate(self) -> dict[str, torch.Tensor]:
         return self._per_coordinate(median_of_rows)

@@ -19,6 +19,7 @@ from fl_server.strategies.coordinatewise import BufferedStrategy
 
 class TrimmedMean(BufferedStrategy):
     name: ClassVar[str] = "trimmed_mean"
+    equal_weights: ClassVar[bool] = True
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
