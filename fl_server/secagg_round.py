@@ -188,6 +188,21 @@ class SecAggRound:
         self._cv.notify_all()
         log_event(log, "secagg_failed", round=self.rid.round, reason=reason)
 
+    def abort(self, reason: str) -> None:
+        """Ends the attempt (quorum missed, server stopping): every waiting call returns
+        ABORTED at once, and nothing can be unmasked any more."""
+        with self._cv:
+            if self.stage not in (DONE, FAILED):
+                self._fail(reason)
+                self.total = None
+
+    def summary(self) -> dict[str, float]:
+        """The round record's secure-aggregation figures (Status shows them)."""
+        with self._cv:
+            return {"secure": 1.0, "secagg_threshold": float(self.t),
+                    "secagg_neighbours": float(self.k),
+                    "secagg_dropped": float(len(self.participants) - len(self.examples))}
+
     def _report_drops(self, drops: list[tuple[str, str]]) -> None:
         if self.on_dropped is not None:
             for cid, reason in drops:
@@ -337,6 +352,12 @@ class SecAggRound:
             self.reveals[cid] = list(shares)
             self._cv.notify_all()
 
+    def unmask_into(self, strategy: Any, stop: threading.Event | None = None) -> UnmaskedSum:
+        """Unmasks and hands the sum to a linear strategy (FedAvg.accept_sum)."""
+        total = self.unmask(stop)
+        strategy.accept_sum(total.survivors, total.sums, total.weight_total)
+        return total
+
     def unmask(self, stop: threading.Event | None = None) -> UnmaskedSum:
         """Waits for the reveals, removes the masks and dequantizes. Once per attempt."""
         with self._cv:
@@ -439,15 +460,20 @@ class SecAggServicer:
 
     def _secure_round_state(self, task_id: str, context: grpc.ServicerContext
                             ) -> tuple[str, SecAggRound, Any]:
+        # Not engine.task_of: the unmask stage runs after the round has closed to uploads.
         client_id = identity_of(context).client_id
-        try:
-            rs, _ = self.engine.task_of(client_id, task_id)
-        except RoundRefusal as refusal:
-            _abort(context, refusal)
+        rs = self.engine.current
         sa = getattr(rs, "secagg", None)
-        if sa is None:
+        if rs is None or sa is None:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"round {rs.round} is not securely aggregated")
+                  "no securely aggregated round is in progress")
+        task = rs.tasks.get(client_id)
+        if task is None:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                  f"{client_id} was not selected for round {rs.round}")
+        if task.task_id != task_id:
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"task {task_id!r} is not the open task of round {rs.round}")
         return client_id, sa, rs
 
     def _wait_s(self, sa: SecAggRound) -> float:
