@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -35,6 +35,7 @@ ADMIN_READ_AUDIT_INTERVAL_S = 600.0
 ERROR_DETAIL_KEY = "fl-error-bin"  # the first wave's ErrorDetail trailer
 STATUS_DETAILS_KEY = "grpc-status-details-bin"  # google.rpc.Status (fl_core.errors)
 RECENT_EVENTS = 50
+COALESCED = frozenset({"join", "refusal"})  # repeats of one client shown once, counted
 
 _lock = threading.Lock()
 _trail: AuditTrail | None = None
@@ -51,11 +52,19 @@ def open_server_trail(state_dir: Path) -> AuditTrail | None:
     return trail
 
 
-def _record(event: str, client_id: str, message: str, audit: bool = True,
+def _record(event: str, client_id: str, summary: str, audit: bool = True,
             **data: Any) -> None:
+    now_ms = int(time.time() * 1000)
     with _lock:
-        _events.append({"unix_ms": int(time.time() * 1000), "kind": event,
-                        "client_id": client_id, "message": message[:300]})
+        last = _events[-1] if _events else None
+        if last and event in COALESCED and (last["kind"], last["client_id"]) == (event, client_id):
+            # a reconnecting client must not push the rounds out of the recent events
+            last["repeats"] = last.get("repeats", 1) + 1
+            last["unix_ms"] = now_ms
+            last["message"] = f"{summary[:280]} (x{last['repeats']})"
+        else:
+            _events.append({"unix_ms": now_ms, "kind": event, "client_id": client_id,
+                            "message": summary[:300]})
         trail = _trail
     if audit and trail is not None:
         try:
@@ -65,9 +74,9 @@ def _record(event: str, client_id: str, message: str, audit: bool = True,
 
 
 def recent_events() -> list[dict[str, Any]]:
-    """Newest first."""
+    """Newest first, as StatusEvent fields."""
     with _lock:
-        return list(reversed(_events))
+        return [{k: v for k, v in e.items() if k != "repeats"} for e in reversed(_events)]
 
 
 def joined(client_id: str, session_id: str, num_examples: int, cert_sha256: str) -> None:
@@ -120,7 +129,7 @@ def _detail_code(context: grpc.ServicerContext) -> str:
 
 def _caller(context: grpc.ServicerContext) -> str:
     try:
-        names = context.auth_context().get("x509_common_name") or []
+        names = cast(list[bytes], context.auth_context().get("x509_common_name") or [])
     except Exception:
         return ""
     return bytes(names[0]).decode("utf-8", "replace") if names else ""

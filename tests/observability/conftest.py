@@ -4,11 +4,14 @@ that keeps serving Status after the job so the dashboard can be read at leisure.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,7 +19,7 @@ from fl_demo.launcher import Federation, make_pki
 from fl_models.registry import get_task
 
 HOSPITALS = ("hospital_1", "hospital_2")
-ROUNDS = 3
+ROUNDS = 4
 
 
 def free_port() -> int:
@@ -25,14 +28,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
 @dataclass
 class LiveFederation:
     fed: Federation
     server_metrics: int
     client_metrics: dict[str, int]
+    # the server's /metrics, scraped every half second from the start (whichever test
+    # runs first, the metrics test still sees the values of every round)
+    scrapes: list[str] = field(default_factory=list)
+    # each hospital's newest /metrics (the daemons exit when the job ends)
+    client_scrapes: dict[str, str] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _scrape_loop(self) -> None:
+        while not self.stop.wait(0.5):
+            for name, port in self.client_metrics.items():
+                with contextlib.suppress(OSError):
+                    self.client_scrapes[name] = scrape(port)
+            with contextlib.suppress(OSError):
+                self.scrapes.append(scrape(self.server_metrics))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFederation]:
     root = tmp_path_factory.mktemp("observed")
     data = root / "data"
@@ -47,9 +69,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFederation]:
                           "--round_deadline_s", "90", "--wait_for_clients_s", "60",
                           "--metrics_port", str(server_port)])
         for name in HOSPITALS:
-            fed.start_client(name, data / name, ["--epsilon_budget", "50", "--keep_running",
+            fed.start_client(name, data / name, ["--epsilon_budget", "50",
                                                  "--metrics_port", str(client_ports[name])])
-        yield LiveFederation(fed, server_port, client_ports)
+        live = LiveFederation(fed, server_port, client_ports)
+        scraper = threading.Thread(target=live._scrape_loop, daemon=True)
+        scraper.start()
+        yield live
+        live.stop.set()
+        scraper.join(timeout=15)
     finally:
         fed.stop_all()
 

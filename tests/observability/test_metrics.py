@@ -10,16 +10,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.observability.conftest import HOSPITALS, LiveFederation, wait_for
+from tests.observability.conftest import HOSPITALS, LiveFederation, scrape, wait_for
 
 pytestmark = pytest.mark.slow
 
 PROMTOOL_INSTALL = "apt-get update && apt-get install -y prometheus  (provides promtool)"
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return str(reply.read().decode())
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -46,21 +41,21 @@ def promtool_check(text: str) -> None:
 def test_metrics_change_as_rounds_complete(live: LiveFederation) -> None:
     fed = live.fed
 
-    def completed_rounds() -> float:
-        try:
-            return value(scrape(live.server_metrics), "fl_server_rounds_total",
-                         outcome="completed") or 0.0
-        except OSError:
-            return 0.0
+    def scraped_with(rounds: int) -> str | None:
+        """The first scrape (of those taken every 0.5 s since the start) that shows
+        exactly `rounds` completed rounds."""
+        for text in list(live.scrapes):
+            if value(text, "fl_server_rounds_total", outcome="completed") == rounds:
+                return text
+        return None
 
-    wait_for(lambda: completed_rounds() >= 1, 240, "round 1 in the server's metrics", fed)
-    first = scrape(live.server_metrics)
-    wait_for(lambda: completed_rounds() >= 2, 240, "round 2 in the server's metrics", fed)
-    second = scrape(live.server_metrics)
+    first = wait_for(lambda: scraped_with(1), 240, "round 1 in the server's metrics", fed)
+    second = wait_for(lambda: scraped_with(2), 240, "round 2 in the server's metrics", fed)
 
     assert value(first, "fl_server_rounds_total", outcome="completed") == 1
     assert value(second, "fl_server_rounds_total", outcome="completed") >= 2
-    assert value(second, "fl_server_model_round") >= 2 > value(first, "fl_server_model_round")  # type: ignore[operator]
+    assert value(first, "fl_server_model_round") >= 1  # type: ignore[operator]
+    assert value(second, "fl_server_model_round") >= 2  # type: ignore[operator]
     for name in ("fl_server_received_bytes_total", "fl_server_sent_bytes_total"):
         assert value(second, name) > value(first, name) > 0  # type: ignore[operator]
     assert value(second, "fl_server_clients_connected") == 2
@@ -74,7 +69,12 @@ def test_metrics_change_as_rounds_complete(live: LiveFederation) -> None:
                  name="ca") > 0  # type: ignore[operator]
     assert value(second, "fl_server_round_phase_seconds_count", phase="train") >= 2  # type: ignore[operator]
 
-    client = {name: scrape(port) for name, port in live.client_metrics.items()}
+    def trained_twice() -> bool:
+        return all((value(live.client_scrapes.get(n, ""), "fl_client_tasks_total", kind="TRAIN",
+                          outcome="ok") or 0) >= 2 for n in HOSPITALS)
+
+    wait_for(trained_twice, 120, "two training tasks in each hospital's metrics", fed)
+    client = dict(live.client_scrapes)
     for name, text in client.items():
         spent = value(text, "fl_client_epsilon_spent")
         assert spent is not None and spent > 0, name
@@ -86,6 +86,7 @@ def test_metrics_change_as_rounds_complete(live: LiveFederation) -> None:
                    ("idle", "download", "train", "upload", "evaluate")) == 1
 
     promtool_check(second)
+    promtool_check(scrape(live.server_metrics))  # now, whatever the job's state
     for text in client.values():
         promtool_check(text)
 

@@ -1,11 +1,13 @@
 """The operator's view of a running server:
 
     python -m fl_server.admin --server_url HOST:PORT --keys_dir keys --admin operator
+    python -m fl_server.admin dashboard --server_url HOST:PORT --keys_dir keys [--port 8080]
 
 Calls Status with an admin certificate (from `--issue-admin NAME`) and prints the
 job, the round and its phase, each hospital (connected, last seen, epsilon spent)
 and each recorded round with its metrics; `--json` prints the reply as JSON for
-scripts and monitoring.
+scripts and monitoring. `dashboard` serves the same, live, as a local web page
+(fl_server/admin/dashboard.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ SHOWN_METRICS = ("train_loss", "eval_accuracy", "eval_auroc", "fed_accuracy", "e
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fl-admin", description="Show the state of a running federated learning server.")
+        prog="fl-admin", description="Show the state of a running federated learning server"
+                                     " (`fl-admin dashboard --help`: the live web page).")
+    add_connection_flags(p)
+    p.add_argument("--json", action="store_true", help="print the Status reply as JSON")
+    return p
+
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """Where the server is and which admin certificate to call it with."""
     p.add_argument("--server_url", default="127.0.0.1:5000",
                    help="host:port, grpcs://host:port or https://host[:port]")
     p.add_argument("--keys_dir", type=Path, default=Path("keys"),
@@ -37,19 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of the admin certificate made with --issue-admin")
     p.add_argument("--server_name", default=None,
                    help="name to check in the server certificate when it differs from the host")
-    p.add_argument("--json", action="store_true", help="print the Status reply as JSON")
     p.add_argument("--timeout_s", type=float, default=10.0, help="seconds to wait for the server")
-    return p
 
 
-def fetch_status(args: argparse.Namespace) -> cpb.StatusReply:
+def admin_channel(args: argparse.Namespace) -> grpc.Channel:
+    """An mTLS channel to the server with the admin certificate `--admin`."""
     host, port = parse_server_url(args.server_url)
     keys: Path = args.keys_dir
     creds = channel_credentials(load_pem(keys / "ca.crt"),
                                 load_pem(keys / "clients" / f"{args.admin}.crt"),
                                 load_pem(keys / "clients" / f"{args.admin}.key"))
-    with grpc.secure_channel(target(host, port), creds,
-                             options=channel_options(args.server_name)) as channel:
+    return grpc.secure_channel(target(host, port), creds,
+                               options=channel_options(args.server_name))
+
+
+def fetch_status(args: argparse.Namespace) -> cpb.StatusReply:
+    with admin_channel(args) as channel:
         reply: cpb.StatusReply = cpb_grpc.CoordinatorStub(channel).Status(
             cpb.StatusRequest(), timeout=args.timeout_s)
         return reply
@@ -77,6 +90,11 @@ def render(reply: cpb.StatusReply) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dashboard"]:
+        from fl_server.admin.dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         reply = fetch_status(args)
