@@ -143,7 +143,7 @@ def check_join(args: Any, host: str, port: int, num_examples: int) -> list[Check
         session = conn.join()
         after = time.time()
     except grpc.RpcError as exc:
-        code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+        code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.ALREADY_EXISTS:
             return [Check(WARN, "server accepts this hospital", f"{code.name}: {details}",
                           "another daemon is connected as this hospital; stop it first")]

@@ -326,26 +326,31 @@ def probe(host: str, port: int, files: TlsFiles, server_name: str | None = None,
         return Diagnosis(Cause.OTHER_TLS, f"cannot load {files.cert}, {files.key} or"
                          f" {files.ca}: {exc}", "check those files with the doctor")
     cause, seen = Cause.OK, ""
+    handshaken = False  # our side of the handshake is done; the server's verdict follows
     try:
-        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+        with ctx.wrap_socket(raw, server_hostname=name, do_handshake_on_connect=False) as tls:
             tls.settimeout(timeout)
-            if not client_cert:
-                return explain(Cause.OK, files, address, name, None)
-            tls.sendall(_H2_PREFACE)
-            try:
-                if not tls.recv(1):
-                    # grpc-core closes without an alert when it refuses our certificate
-                    cause, seen = Cause.CLIENT_CERT_REJECTED, "closed after the handshake"
-            except TimeoutError:
-                pass  # the server waits for more: it accepted us
+            tls.do_handshake()
+            handshaken = True
+            if client_cert:
+                tls.sendall(_H2_PREFACE)
+                try:
+                    if not tls.recv(1):
+                        # grpc-core closes without an alert when it refuses our certificate
+                        cause, seen = Cause.CLIENT_CERT_REJECTED, "closed after the handshake"
+                except TimeoutError:
+                    pass  # the server waits for more: it accepted us
     except ssl.SSLCertVerificationError as exc:
         cause = _VERIFY_CODES.get(exc.verify_code, Cause.OTHER_TLS)
         seen = exc.verify_message
     except ssl.SSLError as exc:
         cause = _ALERTS.get(exc.reason or "", Cause.OTHER_TLS)
+        if handshaken and cause is Cause.OTHER_TLS:  # e.g. EOF instead of an alert
+            cause = Cause.CLIENT_CERT_REJECTED
         seen = exc.reason or str(exc)
     except (ConnectionResetError, BrokenPipeError) as exc:
-        cause, seen = Cause.CLIENT_CERT_REJECTED, f"connection reset ({exc.strerror})"
+        cause = Cause.CLIENT_CERT_REJECTED if handshaken else Cause.OTHER_TLS
+        seen = f"connection reset ({exc.strerror})"
     except OSError as exc:
         cause, seen = Cause.UNREACHABLE, exc.strerror or type(exc).__name__
     finally:
