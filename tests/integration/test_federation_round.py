@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from fl_core.tensor_codec import build_manifest
 from fl_demo.launcher import Federation
+from tests.dp_reference import StepAccountant
+from tests.hostile.kit import (
+    ScriptedClient,
+    checkpoint_state,
+    deterministic_delta,
+    read_jobs,
+    read_rounds,
+    scripted_clients,
+    site_identity,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,24 +45,91 @@ def test_two_hospitals_two_rounds(federation: Federation, breast_cancer_data: Pa
     assert all(r[2] == 2 for r in rows)
     log = (fed.log_dir / "server.log").read_text()
     assert "round_summary" in log and "eval_accuracy" in log
+    # Each hospital's ledger holds one DP run per round, composed, and the figure it
+    # reported with its update is the ledger's.
+    (job_id, _), = read_jobs(fed.workdir / "server_state")
+    recorded = {r.round: r.metrics["clients"] for r in read_rounds(fed.workdir / "server_state",
+                                                                    job_id)}
     for name in fed.hospitals:
-        ledger = fed.workdir / "sites" / name / "state" / f"privacy_ledger_{name}.json"
-        assert ledger.exists(), f"{name} kept no privacy ledger"
+        path = fed.workdir / "sites" / name / "state" / f"privacy_ledger_{name}.json"
+        ledger = json.loads(path.read_text())
+        assert ledger["client_id"] == name and ledger["total_epsilon_budget"] == 50
+        entries = ledger["entries"]
+        assert [(e["job_id"], e["round"], e["attempt"], e["dp_enabled"]) for e in entries] \
+            == [(job_id, 1, 1, True), (job_id, 2, 1, True)], entries
+        reference = StepAccountant()
+        for e in entries:
+            assert e["noise_multiplier"] > 0 and 0 < e["sample_rate"] <= 1 and e["steps"] > 0
+            reference.step(e["sample_rate"], e["noise_multiplier"], e["steps"])
+            # min(PRV, RDP) is at most the RDP bound at the best integer order
+            assert 0 < e["epsilon_cumulative"] <= reference.upper(ledger["delta"]) * (1 + 1e-9)
+            assert recorded[e["round"]][name]["epsilon_total"] == pytest.approx(
+                e["epsilon_cumulative"], rel=1e-6)
+        first, second = entries
+        assert first["epsilon_cumulative"] == pytest.approx(first["epsilon_round"])
+        # composed, not summed: more than one round's spend, less than the naive sum
+        assert max(first["epsilon_round"], second["epsilon_round"]) \
+            < second["epsilon_cumulative"] < first["epsilon_round"] + second["epsilon_round"]
+        assert second["epsilon_cumulative"] <= 50
 
 
 def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
-        federation: Federation, breast_cancer_data: Path) -> None:
+        federation: Federation) -> None:
     """A non-streaming strategy keeps updates memory-mapped from their spool files;
-    the files are unlinked at once (the mapping outlives them), so none pile up."""
+    the files are unlinked at once (the mapping outlives them), so none pile up.
+
+    Three scripted hospitals (real sealed uploads over mTLS) send known deltas; the
+    others hold their uploads until the first one's is acknowledged and the server's
+    own memory map (/proc/<pid>/maps) has been read: it must map that spool file,
+    already deleted, while the round is still open. Each round's model then moves
+    by exactly the coordinate-wise median of the three deltas."""
     fed = federation
-    fed.start_server([*SERVER_FAST, "--rounds", "2", "--strategy", "median", "--no_fed_eval"])
-    for name in fed.hospitals:
-        fed.start_client(name, breast_cancer_data / name, ["--epsilon_budget", "50"])
-    assert fed.wait_server(timeout_s=240) == 0, fed.tail("server.log")
-    db = sqlite3.connect(fed.workdir / "server_state" / "server.db")
-    rows = db.execute("SELECT round, state, reported FROM rounds ORDER BY round").fetchall()
-    assert rows == [(1, "completed", 2), (2, "completed", 2)]
-    assert not list((fed.workdir / "server_state" / "spool").glob("*.spool"))
+    port = fed.start_server(["--min_clients", "3", "--round_deadline_s", "90",
+                             "--wait_for_clients_s", "60", "--exit_when_done",
+                             "--rounds", "2", "--strategy", "median", "--no_fed_eval"])
+    assert fed.server is not None
+    maps = Path(f"/proc/{fed.server.pid}/maps")
+    spool_dir = fed.workdir / "server_state" / "spool"
+    first_in = {r: threading.Event() for r in (1, 2)}
+    seen: dict[int, tuple[list[str], list[str]]] = {}
+
+    def after_first(round_no: int) -> None:
+        mapped = [line.split(None, 5)[-1] for line in maps.read_text().splitlines()
+                  if ".spool" in line]
+        seen[round_no] = (mapped, sorted(p.name for p in spool_dir.glob("*.spool")))
+        first_in[round_no].set()
+
+    def hold(round_no: int) -> None:
+        assert first_in[round_no].wait(timeout=90), "the first update never arrived"
+
+    clients = [ScriptedClient(lambda: port, site_identity(fed.workdir, f"hospital_{i + 1}"),
+                              f"hospital_{i + 1}", i,
+                              on_receipt=after_first if i == 0 else None,
+                              before_submit=None if i == 0 else hold)
+               for i in range(3)]
+    with scripted_clients(clients):
+        assert fed.wait_server(timeout_s=240) == 0, fed.tail("server.log")
+    state_dir = fed.workdir / "server_state"
+    (job_id, _), = read_jobs(state_dir)
+    rows = read_rounds(state_dir, job_id)
+    assert [(r.round, r.state, r.reported) for r in rows] == [(1, "completed", 3),
+                                                              (2, "completed", 3)]
+    for round_no in (1, 2):
+        mapped, on_disk = seen[round_no]
+        spool = f"{job_id}-{round_no}-1-hospital_1.spool"
+        assert any(m.endswith(f"/{spool} (deleted)") for m in mapped), mapped
+        assert on_disk == [], on_disk
+        before = checkpoint_state(state_dir, job_id, round_no - 1)  # 0: the initial model
+        after = checkpoint_state(state_dir, job_id, round_no)
+        manifest = build_manifest(after)
+        deltas = [deterministic_delta(manifest, round_no, i) for i in range(3)]
+        for name, tensor in after.items():
+            if not tensor.is_floating_point():
+                continue
+            middle = torch.stack([d[name] for d in deltas]).median(dim=0).values
+            torch.testing.assert_close(tensor - before[name], middle.to(tensor.dtype),
+                                       rtol=0, atol=1e-6)
+    assert not list(spool_dir.glob("*.spool"))
 
 
 def test_central_dp_reports_its_epsilon_each_round(federation: Federation,
@@ -64,4 +144,6 @@ def test_central_dp_reports_its_epsilon_each_round(federation: Federation,
     db = sqlite3.connect(fed.workdir / "server_state" / "server.db")
     rows = db.execute("SELECT metrics_json FROM rounds ORDER BY round").fetchall()
     eps = [json.loads(r[0])["central_epsilon"] for r in rows]
-    assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    # sigma 0.5, every client every round (--fraction 1), delta 1e-5: Google's
+    # dp-accounting 0.6.0 RdpAccountant, SelfComposedDpEvent(GaussianDpEvent(0.5), r)
+    assert eps == pytest.approx([10.725509696418232, 16.512875946682545], rel=1e-3)
