@@ -1,0 +1,298 @@
+"""The simulation's rounds: the server's round rules, with Ray actors as the hospitals.
+
+Everything a round computes is the daemons' own code, called rather than copied:
+selection (`fl_server.rounds.select_clients`), each task's seed (`task_seed`), the
+quorum (`quorum_required`), the averaged training metrics (the strategy's), the
+TrainConfig (`fl_server.server.train_config`), the strategy (`make_strategy`, fed
+each update as it lands, like the aggregator does), and on the hospitals' side the
+trainer and ledger (see `fl_sim.worker`). What the simulation adds is only what a
+network would have done: it hands tasks to a bounded pool of actors, collects
+their answers in whatever order they finish, and injects dropouts.
+
+Dropouts are drawn per selected hospital from a seeded RNG at --dropout_rate. Half
+of them (again drawn) happen before training (the hospital is unreachable: no
+privacy spent, no update), the other half after training (privacy spent and in the
+ledger, the update lost on the way): both are recorded as the round's failures,
+and both count against the quorum exactly as a silent client does on the server.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fl_proto import coordinator_pb2 as cpb
+from fl_server.config import ServerConfig
+from fl_server.rounds import quorum_required, select_clients, task_seed
+from fl_server.strategies import Strategy, StrategyError
+from fl_sim.cluster import SimError
+from fl_sim.worker import DROPPED, OK, HospitalResult
+
+BEFORE = "before"  # injected dropout: unreachable, never trained
+AFTER = "after"  # injected dropout: trained, update lost
+IN_FLIGHT_PER_WORKER = 2  # tasks queued at each actor, so none idles between two
+
+
+def injected_dropouts(selected: list[str], rate: float, seed: int, job_id: str,
+                      round_no: int, attempt: int) -> dict[str, str]:
+    """Which selected hospitals drop out of this attempt, and when (BEFORE or AFTER)."""
+    if rate <= 0:
+        return {}
+    rng = random.Random(f"dropout:{seed}:{job_id}:{round_no}:{attempt}")
+    out: dict[str, str] = {}
+    for name in selected:
+        if rng.random() < rate:
+            out[name] = BEFORE if rng.random() < 0.5 else AFTER
+    return out
+
+
+@dataclass
+class Attempt:
+    """One attempt at a round, as the simulation records it."""
+
+    round: int
+    attempt: int
+    state: str  # completed | failed
+    selected: list[str]
+    accepted: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    dropouts: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    reason: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"round": self.round, "attempt": self.attempt, "state": self.state,
+                "selected": len(self.selected), "accepted": self.accepted,
+                "failures": self.failures, "dropouts": self.dropouts,
+                "seconds": round(self.seconds, 3), "reason": self.reason}
+
+
+@dataclass
+class Outcome:
+    """What the whole run produced."""
+
+    state: dict[str, torch.Tensor]
+    attempts: list[Attempt]
+    epsilon_by_round: dict[int, dict[str, float]]
+    completed: bool
+    reason: str = ""
+
+
+class Progress:
+    """Progress lines: hospitals done in the round, its time so far, the ETAs."""
+
+    def __init__(self, say: Callable[[str], None], rounds: int, interval_s: float) -> None:
+        self.say = say
+        self.rounds = rounds
+        self.interval_s = interval_s
+        self.round_seconds: list[float] = []
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = time.monotonic()
+
+    def tick(self, round_no: int, attempt: int, done: int, total: int, failed: int,
+             started: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        elapsed = now - started
+        left = total - done
+        eta_round = elapsed / done * left if done else float("nan")
+        mean = (sum(self.round_seconds) / len(self.round_seconds)) if self.round_seconds \
+            else (elapsed / done * total if done else float("nan"))
+        eta_job = eta_round + mean * (self.rounds - round_no)
+        again = f" (attempt {attempt})" if attempt > 1 else ""
+        self.say(f"round {round_no}/{self.rounds}{again}: {done}/{total} hospitals done"
+                 f" ({failed} failed or dropped), {elapsed:.1f} s, ETA round"
+                 f" {_secs(eta_round)}, ETA job {_secs(eta_job)}")
+
+
+def _secs(value: float) -> str:
+    return "?" if value != value else f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+class Simulation:
+    """Runs the job's rounds on a pool of actors; see the module docstring."""
+
+    def __init__(self, ray: Any, actors: list[Any], cfg: ServerConfig, strategy: Strategy,
+                 task: Any, train_config: cpb.TrainConfig, hospitals: list[str], job_id: str,
+                 dropout_rate: float, eval_set: TensorDataset | None,
+                 progress: Progress) -> None:
+        self.ray = ray
+        self.actors = list(actors)
+        self.cfg = cfg
+        self.strategy = strategy
+        self.task = task
+        self.train_config = train_config
+        self.hospitals = hospitals
+        self.job_id = job_id
+        self.dropout_rate = dropout_rate
+        self.eval_set = eval_set
+        self.progress = progress
+        self.epsilon: dict[str, float] = dict.fromkeys(hospitals, 0.0)
+
+    def run(self, initial: dict[str, torch.Tensor]) -> Outcome:
+        state = initial
+        attempts: list[Attempt] = []
+        epsilon_by_round: dict[int, dict[str, float]] = {}
+        self.progress.start()
+        for round_no in range(1, self.cfg.rounds + 1):
+            record: Attempt | None = None
+            for attempt in range(1, self.cfg.max_round_attempts + 1):
+                record, new_state = self._round(state, round_no, attempt)
+                attempts.append(record)
+                epsilon_by_round[round_no] = dict(self.epsilon)
+                if record.state == "completed":
+                    assert new_state is not None
+                    state = new_state
+                    break
+            assert record is not None
+            if record.state != "completed":
+                reason = (f"round {round_no} failed {self.cfg.max_round_attempts} times; last:"
+                          f" {record.reason}")
+                return Outcome(state, attempts, epsilon_by_round, False, reason)
+        return Outcome(state, attempts, epsilon_by_round, True)
+
+    # one attempt ------------------------------------------------------------------
+    def _round(self, global_state: dict[str, torch.Tensor], round_no: int,
+               attempt: int) -> tuple[Attempt, dict[str, torch.Tensor] | None]:
+        started = time.monotonic()
+        selected = select_clients(self.hospitals, self.cfg.min_clients, self.cfg.fraction,
+                                  self.cfg.seed, self.job_id, round_no, attempt)
+        dropouts = injected_dropouts(selected, self.dropout_rate, self.cfg.seed, self.job_id,
+                                     round_no, attempt)
+        record = Attempt(round_no, attempt, "failed", selected, dropouts=dropouts)
+        for name, when in dropouts.items():
+            if when == BEFORE:
+                record.failures[name] = "injected dropout: unreachable, never trained"
+        self.strategy.begin_round(global_state)
+        accepted = self._train(global_state, record, started)
+        required = quorum_required(self.cfg.quorum, len(selected))
+        if len(accepted) < required:
+            record.reason = (f"quorum not reached: {len(accepted)} of {len(selected)} updates,"
+                             f" need {required}")
+            self._close(record, started, accepted)
+            return record, None
+        try:
+            new_state = self.strategy.finish_round()
+        except StrategyError as exc:
+            record.reason = f"aggregation refused: {exc}"
+            self._close(record, started, accepted)
+            return record, None
+        metrics = self.strategy.train_metrics(
+            [(a["num_examples"], a["metrics"]) for a in accepted.values()])
+        metrics.update(self.strategy.round_metrics())
+        metrics.update(self._evaluate(new_state))
+        record.state = "completed"
+        record.metrics = metrics
+        self._close(record, started, accepted)
+        return record, new_state
+
+    def _close(self, record: Attempt, started: float, accepted: dict[str, Any]) -> None:
+        record.accepted = sorted(accepted)
+        record.seconds = time.monotonic() - started
+        self.progress.round_seconds.append(record.seconds)
+        shown = "; ".join(f"{k}={v:.4g}" for k, v in sorted(record.metrics.items())
+                          if k in ("train_loss", "eval_accuracy", "epsilon_max",
+                                   "central_epsilon"))
+        dropped = len(record.dropouts)
+        self.progress.say(
+            f"round {record.round} attempt {record.attempt}: {record.state},"
+            f" {len(record.accepted)}/{len(record.selected)} updates ({dropped} dropouts"
+            f" injected, {len(record.failures)} failed in all), {record.seconds:.1f} s"
+            + (f"; {shown}" if shown else "") + (f"; {record.reason}" if record.reason else ""))
+
+    def _train(self, global_state: dict[str, torch.Tensor], record: Attempt,
+               started: float) -> dict[str, dict[str, Any]]:
+        """Hand every task to the pool, fold each update as it lands; accepted updates'
+        num_examples and metrics by hospital (the round engine's `accepted`)."""
+        ray = self.ray
+        queue = [h for h in record.selected if record.dropouts.get(h) != BEFORE]
+        total, done = len(record.selected), len(record.selected) - len(queue)
+        global_ref = ray.put(global_state)
+        in_flight: dict[Any, tuple[Any, str]] = {}
+        accepted: dict[str, dict[str, Any]] = {}
+
+        def submit(actor: Any) -> None:
+            hospital = queue.pop(0)
+            config = cpb.TrainConfig()
+            config.CopyFrom(self.train_config)
+            config.seed = task_seed(self.cfg.seed, record.round, record.attempt, hospital)
+            ref = actor.train.remote(hospital, self.job_id, record.round, global_ref,
+                                     config.SerializeToString(),
+                                     record.dropouts.get(hospital) == AFTER)
+            in_flight[ref] = (actor, hospital)
+
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for actor in self.actors:
+                if queue:
+                    submit(actor)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1,
+                                timeout=self.progress.interval_s)
+            for ref in ready:
+                actor, hospital = in_flight.pop(ref)
+                result = self._result(ref, actor, hospital)
+                done += 1
+                self._take(result, record, accepted)
+                if queue and actor in self.actors:
+                    submit(actor)
+            if queue and not in_flight:
+                raise SimError("every Ray worker of the pool has died; see the Ray logs")
+            self.progress.tick(record.round, record.attempt, done, total,
+                               len(record.failures), started)
+        self.progress.tick(record.round, record.attempt, done, total, len(record.failures),
+                           started, force=True)
+        return accepted
+
+    def _result(self, ref: Any, actor: Any, hospital: str) -> HospitalResult:
+        ray = self.ray
+        try:
+            result: HospitalResult = ray.get(ref)
+            return result
+        except ray.exceptions.RayActorError as exc:
+            # The worker process died (killed, out of memory): its hospital fails this
+            # round, like a client whose process died; the pool goes on without it.
+            if actor in self.actors:
+                self.actors.remove(actor)
+            first = (str(exc).strip().splitlines() or ["died"])[0]
+            return HospitalResult(hospital, "failed", f"the worker training it died: {first}")
+        except ray.exceptions.RayTaskError as exc:
+            # Not a training failure (those come back as results): e.g. a corrupt privacy
+            # ledger, which a client daemon also refuses to run past.
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise SimError(f"{hospital}: {type(cause).__name__}: {cause}") from None
+
+    def _take(self, result: HospitalResult, record: Attempt,
+              accepted: dict[str, dict[str, Any]]) -> None:
+        name = result.hospital
+        if result.status in (OK, DROPPED) or result.epsilon_total:
+            self.epsilon[name] = result.epsilon_total
+        if result.status != OK:
+            label = "DROPPED" if result.status == DROPPED else result.status.upper()
+            record.failures[name] = f"{label}: {result.reason}"
+            return
+        try:
+            self.strategy.accept(name, result.state, result.num_examples)
+        except StrategyError as exc:
+            record.failures[name] = f"update refused: {exc}"
+            return
+        accepted[name] = {"num_examples": result.num_examples, "metrics": result.metrics}
+
+    def _evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The server's --eval_data scoring: the task's metrics on the held-out test set."""
+        if self.eval_set is None:
+            return {}
+        from fl_client.local_training import evaluate_state
+
+        metrics = evaluate_state(self.task, state, self.eval_set, torch.device("cpu"))
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
