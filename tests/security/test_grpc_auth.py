@@ -27,11 +27,10 @@ from fl_server.security import (
     load_server_tls,
     revoke,
 )
+from fl_server.server import ADMIN_METHODS, PUBLIC_METHODS
 from tests.security.jwt_forge import active_key, good_claims, hs256_with_public_key, none_alg_token
 
 TIMEOUT = 5.0
-JOIN = "/fl.v1.Coordinator/Join"
-STATUS = "/fl.v1.Coordinator/Status"
 
 
 class Coordinator(coordinator_pb2_grpc.CoordinatorServicer):
@@ -137,8 +136,8 @@ def fed(keys_dir: Path) -> Iterator[Federation]:
     interceptor = AuthInterceptor(
         tokens,
         RevocationList(keys_dir),
-        public_methods={JOIN, "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"},
-        admin_methods={STATUS},
+        public_methods=set(PUBLIC_METHODS),  # exactly as fl_server.server wires it
+        admin_methods=set(ADMIN_METHODS),
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
@@ -317,29 +316,44 @@ def test_malformed_authorization_metadata(fed: Federation) -> None:
 
 
 def test_status_needs_an_admin_certificate(fed: Federation) -> None:
+    """Status as the server wires it: public (no token) and admin-only. A hospital's
+    certificate is refused with or without its token; an admin certificate needs no
+    token (the operator CLI never joins)."""
     token = fed.join("hospital_b").token
     channel, stub = fed.stub("hospital_b")
     with channel:
-        refused_with(
-            grpc.StatusCode.PERMISSION_DENIED,
-            lambda: stub.Status(coordinator_pb2.StatusRequest(), metadata=bearer(token),
-                                timeout=TIMEOUT),
-            "admin",
-        )
+        for metadata in (bearer(token), None):
+            refused_with(
+                grpc.StatusCode.PERMISSION_DENIED,
+                lambda md=metadata: stub.Status(coordinator_pb2.StatusRequest(), metadata=md,
+                                                timeout=TIMEOUT),
+                "needs an admin certificate; 'hospital_b' has role 'client'",
+            )
     still_serving(fed)
-    admin = fed.join("admin_1")
     channel, stub = fed.stub("admin_1")
     with channel:
-        reply = stub.Status(coordinator_pb2.StatusRequest(), metadata=bearer(admin.token),
-                            timeout=TIMEOUT)
+        reply = stub.Status(coordinator_pb2.StatusRequest(), timeout=TIMEOUT)
         assert (reply.job_id, reply.phase) == ("job-1", "asked-by-admin_1")
-        # an admin token is still bound to the admin's certificate
-        refused_with(
-            grpc.StatusCode.UNAUTHENTICATED,
-            lambda: stub.Status(coordinator_pb2.StatusRequest(), timeout=TIMEOUT),
-            "missing",
-        )
     still_serving(fed)
+
+
+def test_server_method_sets_name_real_methods() -> None:
+    """A typo in the server's sets would silently leave a method token-protected (or
+    unprotected): every name is a method a service really has, and only Status is
+    admin-only."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from fl_proto import aggregator_pb2
+
+    real = {f"/{service.full_name}/{method.name}"
+            for module in (coordinator_pb2, aggregator_pb2, health_pb2, reflection_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values()
+            for method in service.methods}
+    real.add("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")  # same service, v1
+    assert set(PUBLIC_METHODS) <= real, set(PUBLIC_METHODS) - real
+    assert set(ADMIN_METHODS) == {"/fl.v1.Coordinator/Status"}
+    token_free = {m for m in PUBLIC_METHODS if m.startswith("/fl.v1.")}
+    assert token_free == {"/fl.v1.Coordinator/Join", "/fl.v1.Coordinator/Status"}
 
 
 def test_unknown_method_is_unimplemented(fed: Federation) -> None:
