@@ -36,8 +36,8 @@ def make_pki(workdir: Path, hospitals: Sequence[str], admin: str = "operator") -
     """CA and server keys, then each hospital's own key and CSR, signed by the CA,
     as real sites would do it (the hospital's private key is written in its own
     folder, never in the server's)."""
-    from fl_client.identity import generate_key_and_csr
-    from fl_server.security import generate_keys, issue_identity, sign_csr
+    from fl_core.identity import generate_key_and_csr
+    from fl_server.pki import generate_keys, issue_identity, sign_csr
 
     keys = workdir / "keys"
     generate_keys(keys)

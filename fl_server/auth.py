@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
 from fl_core.ratelimit import RefusalLog, peer_host
-from fl_server.security import AuthError, RevocationList, TokenService, cert_sha256
+from fl_server.tokens import AuthError, RevocationList, TokenService, cert_sha256
 
 log = logging.getLogger(__name__)
 

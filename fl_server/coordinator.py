@@ -28,8 +28,8 @@ from fl_server.clients import ClientRegistry, SessionConflict
 from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.secagg_round import SecAggServicer
-from fl_server.security import AuthError, RevocationList, TokenService
 from fl_server.store import Report, Store
+from fl_server.tokens import AuthError, RevocationList, TokenService
 from fl_server.validation import MAX_EPSILON, check_join, check_report
 
 log = logging.getLogger("fl_server.coordinator")

@@ -50,12 +50,13 @@ from fl_server.config import (
     settle_job,
 )
 from fl_server.coordinator import CoordinatorService
+from fl_server.keyfiles import load_server_tls
 from fl_server.limits import CallLimitInterceptor, log_limits
 from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
-from fl_server.security import RevocationList, TokenService, load_server_tls
 from fl_server.store import Store
 from fl_server.strategies import STRATEGY_NAMES, StrategyError, make_strategy
+from fl_server.tokens import RevocationList, TokenService
 
 log = logging.getLogger("fl_server.server")
 

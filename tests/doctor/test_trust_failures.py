@@ -40,7 +40,7 @@ def servers(root: Path) -> Iterator[tuple[Federation, Federation, datetime]]:
 def test_trust_failures_exit_bounded_naming_cause_and_file(
         root: Path, servers: tuple[Federation, Federation, datetime]) -> None:
     fed, old, expiry = servers
-    from fl_server.security import revoke
+    from fl_server.pki import revoke
 
     revoke(root / "fed" / "keys", "hospital_2")
     expired_site = root / "expired_site"

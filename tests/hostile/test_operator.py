@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fl_demo.launcher import Federation, make_pki
-from fl_server.security import generate_keys
+from fl_server.pki import generate_keys
 from tests.hostile.kit import (
     ScriptedClient,
     checkpoint_sha,

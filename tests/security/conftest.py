@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.security import generate_keys, issue_identity
+from fl_server.pki import generate_keys, issue_identity
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fl_client import identity as client_identity
-from fl_server import security
-from fl_server.security import identity_from_pem
+from fl_server import pki
+from fl_server.tokens import identity_from_pem
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,7 @@ def test_generate_keys_cli(tmp_path: Path) -> None:
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert_clean_error(fl_keys("--revoke", "h1", "--keys", tmp_path / "nope"), "does not exist")
     keys = tmp_path / "keys"
-    security.generate_keys(keys)
+    pki.generate_keys(keys)
     (keys / "ca.key").write_bytes(b"not a key")
     assert_clean_error(fl_keys("--issue-client", "h1", "--keys", keys), "ca.key")
     (keys / "ca.key").unlink()
@@ -119,12 +119,12 @@ def csr_asking_for(cn: str, ou: str | None = None) -> bytes:
 @pytest.fixture
 def ca_keys(tmp_path: Path) -> Path:
     keys = tmp_path / "keys"
-    security.generate_keys(keys)
+    pki.generate_keys(keys)
     return keys
 
 
 def run_main(*args: str | Path) -> int:
-    return security.main([str(a) for a in args])
+    return pki.main([str(a) for a in args])
 
 
 def test_sign_csr_flow(ca_keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,16 +18,10 @@ from fl_client.identity import load_client_tls
 from fl_core import tls
 from fl_proto import coordinator_pb2, coordinator_pb2_grpc
 from fl_server.auth import AuthInterceptor, identity_of
-from fl_server.security import (
-    RevocationList,
-    TokenService,
-    cert_sha256,
-    generate_keys,
-    issue_identity,
-    load_server_tls,
-    revoke,
-)
+from fl_server.keyfiles import load_server_tls
+from fl_server.pki import generate_keys, issue_identity, revoke
 from fl_server.server import ADMIN_METHODS, PUBLIC_METHODS
+from fl_server.tokens import RevocationList, TokenService, cert_sha256
 from tests.security.jwt_forge import active_key, good_claims, hs256_with_public_key, none_alg_token
 
 TIMEOUT = 5.0

@@ -11,19 +11,11 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fl_client.identity import IdentityError, load_client_tls
-from fl_server.security import (
-    AuthError,
-    KeysError,
-    RevocationList,
-    TokenService,
-    cert_sha256,
-    generate_keys,
-    identity_from_pem,
-    issue_identity,
-    revoke,
-    rotate_jwt_key,
-)
+from fl_client.identity import load_client_tls
+from fl_core.identity import IdentityError
+from fl_server.keyfiles import KeysError
+from fl_server.pki import generate_keys, issue_identity, revoke, rotate_jwt_key
+from fl_server.tokens import AuthError, RevocationList, TokenService, cert_sha256, identity_from_pem
 from tests.security.jwt_forge import (
     active_key,
     b64url,

@@ -11,7 +11,7 @@ import pytest
 
 from fl_demo.launcher import Federation, make_pki
 from fl_models.registry import get_task
-from fl_server.security import revoke
+from fl_server.pki import revoke
 from tests.hostile.kit import HostileClient, admin_identity, wait_for
 from tests.hostile.live.arena import (
     BYSTANDER,

@@ -20,7 +20,8 @@ from fl_proto import aggregator_pb2 as apb
 from fl_proto import aggregator_pb2_grpc as apb_grpc
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
-from fl_server.security import cert_sha256, generate_keys, issue_identity, revoke
+from fl_server.pki import generate_keys, issue_identity, revoke
+from fl_server.tokens import cert_sha256
 from tests.hostile.kit import (
     TIMEOUT,
     HostileClient,
