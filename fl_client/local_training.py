@@ -123,8 +123,10 @@ def resolve_settings(task: Task, config: coordinator_pb2.TrainConfig) -> RoundSe
         batch_size=config.batch_size or hp.batch_size,
         learning_rate=config.learning_rate or hp.learning_rate,
     )
-    if config.proximal_mu < 0 or not math.isfinite(config.proximal_mu):
-        raise ValueError(f"proximal_mu must be finite and >= 0, got {config.proximal_mu}")
+    # per-strategy settings travel in the map; the old field serves older servers
+    mu = float(config.strategy_settings.get("proximal_mu", config.proximal_mu))
+    if mu < 0 or not math.isfinite(mu):
+        raise ValueError(f"proximal_mu must be finite and >= 0, got {mu}")
     kind = config.update_kind or coordinator_pb2.WEIGHTS
     if kind not in (coordinator_pb2.WEIGHTS, coordinator_pb2.DELTA):
         raise ValueError(f"unknown update kind {kind}")
@@ -149,7 +151,7 @@ def resolve_settings(task: Task, config: coordinator_pb2.TrainConfig) -> RoundSe
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     return RoundSettings(
         hyperparams=hp,
-        proximal_mu=float(config.proximal_mu),
+        proximal_mu=mu,
         update_kind=kind,
         dp_enabled=p.enabled,
         noise_multiplier=noise,

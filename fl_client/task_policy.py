@@ -81,6 +81,9 @@ def training_config(task_config: cpb.TrainConfig, policy: LocalPolicy,
                         ("max_grad_norm", p.max_grad_norm),
                         ("delta", p.delta)):
         _finite_nonnegative(name, value)
+    for name, value in config.strategy_settings.items():
+        if not math.isfinite(value):
+            raise TaskRefused(f"task refused: strategy setting {name} {value!r} is not finite")
     if p.delta >= 1:
         raise TaskRefused(f"task refused: delta {p.delta!r} is not a probability below 1")
     if config.local_epochs > MAX_LOCAL_EPOCHS:

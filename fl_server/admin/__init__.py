@@ -26,6 +26,7 @@ from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 
 SHOWN_METRICS = ("train_loss", "eval_accuracy", "eval_auroc", "fed_accuracy", "epsilon_max")
+DEFAULT_ROUNDS_SHOWN = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      " (`fl-admin dashboard --help`: the live web page).")
     add_connection_flags(p)
     p.add_argument("--json", action="store_true", help="print the Status reply as JSON")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS_SHOWN, metavar="N",
+                   help="show the last N rounds (0: all of them)")
     return p
 
 
@@ -68,24 +71,36 @@ def fetch_status(args: argparse.Namespace) -> cpb.StatusReply:
         return reply
 
 
-def render(reply: cpb.StatusReply) -> str:
+def render(reply: cpb.StatusReply, last_rounds: int = DEFAULT_ROUNDS_SHOWN) -> str:
+    """Status as a table: the job, each hospital (with why its last task was refused and
+    how much of its declared budget is left), and the last `last_rounds` rounds."""
     lines = [f"job {reply.job_id}  model {reply.model_type}  strategy {reply.strategy}  "
              f"state {reply.job_state}",
              f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
              f"model sha256 {reply.model_sha256[:16]}",
-             "", "hospital             connected  last seen  examples  epsilon  last status"]
+             "", "hospital             connected  last seen  examples  epsilon  budget left"
+             "  last status"]
     now = time.time()
     for c in reply.clients:
         seen = f"{now - c.last_seen_unix_ms / 1000:.0f}s ago" if c.last_seen_unix_ms else "-"
+        left = f"{c.epsilon_budget_left:.2f}" if c.epsilon_budget else "-"
+        status = c.last_report_status
+        if c.last_report_reason:
+            status += f": {c.last_report_reason}"
         lines.append(f"{c.client_id:<20} {'yes' if c.connected else 'no':<10} {seen:>9}"
-                     f"  {c.num_examples:>8}  {c.epsilon_total:>7.2f}  {c.last_report_status}")
-    lines += ["", "round  state      sel  rep  fail  seconds  "
-              + "  ".join(f"{m:>13}" for m in SHOWN_METRICS)]
-    for r in reply.rounds:
+                     f"  {c.num_examples:>8}  {c.epsilon_total:>7.2f}  {left:>11}  {status}")
+    rounds = list(reply.rounds)
+    shown = rounds[-last_rounds:] if last_rounds > 0 else rounds
+    lines += [""]
+    if len(shown) < len(rounds):
+        lines.append(f"last {len(shown)} of {len(rounds)} rounds (--rounds 0 shows all)")
+    lines.append("round  state      sel  rep  fail  seconds  waited  "
+                 + "  ".join(f"{m:>13}" for m in SHOWN_METRICS))
+    for r in shown:
         values = "  ".join(f"{r.metrics[m]:>13.4f}" if m in r.metrics else f"{'-':>13}"
                            for m in SHOWN_METRICS)
         lines.append(f"{r.round:>5}  {r.state:<9} {r.selected:>4} {r.reported:>4} {r.failed:>5}"
-                     f"  {r.seconds:>7.2f}  {values}")
+                     f"  {r.seconds:>7.2f}  {r.wait_seconds:>6.1f}  {values}")
     return "\n".join(lines)
 
 
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
     else:
-        print(render(reply))
+        print(render(reply, args.rounds))
     return 0
 
 

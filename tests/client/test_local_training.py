@@ -406,3 +406,20 @@ def test_config_zero_means_task_default(bc: Task) -> None:
     assert (over.hyperparams.local_epochs, over.hyperparams.batch_size) == (4, 8)
     assert over.hyperparams.learning_rate == 0.2
     assert (over.noise_multiplier, over.target_epsilon, over.delta) == (0.0, 3.0, DELTA)
+
+
+def test_strategy_settings_carry_the_proximal_term(bc: Task) -> None:
+    cfg = config()
+    cfg.strategy_settings["proximal_mu"] = 0.25
+    assert resolve_settings(bc, cfg).proximal_mu == 0.25
+    old_server = config()
+    old_server.proximal_mu = 0.5  # a server without the map still reaches the client
+    assert resolve_settings(bc, old_server).proximal_mu == 0.5
+    both = config()
+    both.proximal_mu = 0.5
+    both.strategy_settings["proximal_mu"] = 0.1  # the map wins
+    assert resolve_settings(bc, both).proximal_mu == 0.1
+    bad = config()
+    bad.strategy_settings["proximal_mu"] = -1.0
+    with pytest.raises(ValueError, match="proximal_mu must be finite and >= 0"):
+        resolve_settings(bc, bad)
