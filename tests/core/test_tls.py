@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
+import ssl
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,13 +194,47 @@ def test_mutual_tls_call(pki: Pki, echo_server: int) -> None:
     assert ping(echo_server, tls.channel_credentials(pki.ca_pem, cert, key)) == b"hello"
 
 
-def test_client_without_certificate_refused(pki: Pki, echo_server: int) -> None:
+def first_bytes_after_handshake(port: int, ca: bytes, tmp: Path, cert: bytes | None = None,
+                                key: bytes | None = None) -> bytes:
+    """What the server sends a client that completes its side of the TLS handshake
+    and opens HTTP/2: the server's SETTINGS frame if it accepted the client's
+    certificate, nothing (the connection closed) if it refused it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=ca.decode())
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2"])
+    if cert is not None and key is not None:
+        (tmp / "c.pem").write_bytes(cert)
+        (tmp / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        try:
+            return conn.recv(64)
+        except (ssl.SSLError, ConnectionError):
+            return b""
+
+
+def assert_refused_in_handshake(pki: Pki, port: int, tmp: Path, cert: bytes | None,
+                                key: bytes | None) -> None:
+    good_cert, good_key = pki.issue("hospital_1")
+    settings = first_bytes_after_handshake(port, pki.ca_pem, tmp, good_cert, good_key)
+    assert settings[3:4] == b"\x04", settings  # control: an HTTP/2 SETTINGS frame
+    assert first_bytes_after_handshake(port, pki.ca_pem, tmp, cert, key) == b""
+    credentials = (tls.channel_credentials(pki.ca_pem, cert, key) if cert and key
+                   else grpc.ssl_channel_credentials(root_certificates=pki.ca_pem))
     with pytest.raises(grpc.RpcError) as err:
-        ping(echo_server, grpc.ssl_channel_credentials(root_certificates=pki.ca_pem))
+        ping(port, credentials)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    details = str(err.value.details())  # type: ignore[attr-defined]
+    assert "failed to connect to all addresses" in details, details
 
 
-def test_client_from_another_ca_refused(pki: Pki, echo_server: int) -> None:
+def test_client_without_certificate_refused(pki: Pki, echo_server: int, tmp_path: Path) -> None:
+    assert_refused_in_handshake(pki, echo_server, tmp_path, None, None)
+
+
+def test_client_from_another_ca_refused(pki: Pki, echo_server: int, tmp_path: Path) -> None:
     cert, key = Pki("rogue-ca").issue("hospital_1")
-    with pytest.raises(grpc.RpcError):
-        ping(echo_server, tls.channel_credentials(pki.ca_pem, cert, key))
+    assert_refused_in_handshake(pki, echo_server, tmp_path, cert, key)
