@@ -423,6 +423,10 @@ class SecureAggregation:
         refusal = strategy_refusal(strategy.name)
         if refusal:
             raise ValueError(refusal)
+        if getattr(strategy, "adaptive", False):
+            raise ValueError(f"{strategy.name}'s adaptive clipping (target_quantile > 0) needs"
+                             " each hospital's clipped bit, which secure aggregation hides:"
+                             " use a fixed clip with --secure_aggregation")
         self.settings = settings
         self.equal_weights = strategy.name in EQUAL_WEIGHT_STRATEGIES
         self.l2_clip = float(getattr(strategy, "bound", 0.0)) \
