@@ -61,7 +61,11 @@ def _broken_server_keys(root: Path) -> Path:
 
 def test_doctors_pass_a_good_site_and_name_each_broken_thing(root: Path, fed: Federation
                                                              ) -> None:
-    good_args = client_args(root, "fed", "hospital_1", fed.port)
+    flags = client_args(root, "fed", "hospital_1", fed.port)
+    site_toml = root / "site.toml"  # the good site keeps its settings in a config file
+    site_toml.write_text("".join(f'{flags[i][2:]} = "{flags[i + 1]}"\n'
+                                 for i in range(0, len(flags), 2)))
+    good_args = ["--config", str(site_toml)]
     broken = _broken_site(root)
     bad_args = [*client_args(root, "fed", "hospital_1", fed.port),
                 "--keys_dir", str(broken), "--data_path", str(root / "no_data"),
