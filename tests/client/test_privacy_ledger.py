@@ -4,6 +4,7 @@ accountants), persistence, the version-1 reader, refusal, corruption."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -164,15 +165,17 @@ def test_file_is_plain_json_and_no_temp_files_left(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "", ".hidden"])
 def test_client_id_must_be_a_safe_file_name(tmp_path: Path, bad: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^client_id {re.escape(repr(bad))} is not usable in"
+                                         " a file name$"):
         PrivacyLedger(tmp_path, bad, 1.0, DELTA)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_invalid_mechanism_rejected(tmp_path: Path) -> None:
     ledger = make(tmp_path)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^noise_multiplier must be finite and > 0, got 0\.0$"):
         ledger.record("job", 1, 0.0, 0.05, 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^sample_rate must be in \(0, 1\], got 1\.5$"):
         ledger.would_spend(1.0, 1.5, 10)
     assert ledger.entries() == []
 
