@@ -53,6 +53,11 @@ REFUSAL_LOG_INTERVAL_S: Final = 60.0
 REFUSAL_LOG_BURST: Final = 5
 REFUSAL_LOG_MAX_PEERS: Final = 1024
 
+# A round's update whose L2 norm is above this many times the median norm of the
+# round's other updates spoils the attempt: it is retried without that client
+# (server flag --update_norm_factor; 0 turns the bound off).
+UPDATE_NORM_FACTOR: Final = 10.0
+
 # What a hospital accepts and reports (fl_client/task_policy.py). Metrics leave the
 # hospital rounded to METRIC_DECIMALS places; an EVALUATE task is answered at most
 # EVAL_MAX_PER_JOB times per job and not at all on a test split smaller than

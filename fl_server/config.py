@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fl_core.constants import DEFAULT_PORT
+from fl_core.constants import DEFAULT_PORT, UPDATE_NORM_FACTOR
 
 
 class ConfigError(ValueError):
@@ -44,6 +44,7 @@ class ServerConfig:
     round_deadline_s: float = 300.0
     wait_for_clients_s: float = 600.0
     max_round_attempts: int = 3
+    update_norm_factor: float = UPDATE_NORM_FACTOR
     local_epochs: int = 0
     batch_size: int = 0
     learning_rate: float = 0.0
@@ -102,6 +103,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "wait_for_clients_s": (0.0, 365 * DAY_S, False),
     "eval_deadline_s": (0.0, 30 * DAY_S, False),
     "max_round_attempts": (1, 1000, True),
+    "update_norm_factor": (0.0, 1e12, True),
     "local_epochs": (0, 10_000, True),
     "batch_size": (0, 10_000_000, True),
     "learning_rate": (0.0, 100.0, True),

@@ -81,6 +81,7 @@ class AcceptedUpdate:
     num_examples: int
     metrics: dict[str, float]
     report: ReportFigures | None = None
+    norm: float = 0.0  # L2 norm of the delta (the sanity bound compares them)
 
 
 @dataclass
@@ -135,6 +136,9 @@ class RoundEngine:
         self.job_state = "running"
         self.on_round_closed: list[Any] = []  # callbacks(round_state) e.g. spool clean-up
         self.last_failure = ""
+        self.excluded: dict[str, str] = {}  # this round's spoilers -> why (not reselected)
+        self._server_eval: dict[str, float] = {}
+        self._rollback: tuple[ModelVersion, dict[str, torch.Tensor]] | None = None
 
     # model --------------------------------------------------------------------
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -195,6 +199,7 @@ class RoundEngine:
                       metrics: Mapping[str, float]) -> None:
         """Fold a complete, verified update into the round (all or nothing)."""
         rs = self.check_update_allowed(client_id, task_id, job_id, round_no)
+        norm = update_norm(delta)
         with self._cv:
             if not rs.open or self.current is not rs:
                 raise RoundRefusal("FAILED_PRECONDITION", f"round {rs.round} closed",
@@ -204,7 +209,7 @@ class RoundEngine:
                                    f"client {client_id} already sent its update for round"
                                    f" {rs.round}", Refusal.DUPLICATE_UPDATE)
             self.strategy.accept(client_id, delta, num_examples)
-            rs.accepted[client_id] = AcceptedUpdate(num_examples, dict(metrics))
+            rs.accepted[client_id] = AcceptedUpdate(num_examples, dict(metrics), norm=norm)
             self.registry.clear_task(client_id, task_id)
             self._cv.notify_all()
 
@@ -257,11 +262,12 @@ class RoundEngine:
             if self.stop_event.is_set():
                 return
             self.round = round_no
+            self.excluded = {}  # clients whose update spoiled an attempt of this round
             ok = False
             for attempt in range(1, self.cfg.max_round_attempts + 1):
                 if self.stop_event.is_set():
                     return
-                ok = self._run_round(round_no, attempt)
+                ok = self._attempt(round_no, attempt)
                 if ok:
                     break
             if not ok:
@@ -285,6 +291,56 @@ class RoundEngine:
         log_event(log, "job_finished", job=self.job_id, rounds=total)
         self._broadcast_stop()
 
+    def _attempt(self, round_no: int, attempt: int) -> bool:
+        """One attempt of a round. Whatever goes wrong inside it that is not the disk
+        (StoreError, which stops the engine resumably) fails this attempt, never the
+        job: the model and the strategy's server state are put back as they were."""
+        self._rollback = (self.current_model(),
+                          {k: v.clone() for k, v in self.strategy.export_state().items()})
+        try:
+            return self._run_round(round_no, attempt)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - contained: this attempt fails
+            if self.store.last_completed_round(self.job_id) >= round_no:
+                return True  # recorded before the error: the round stands
+            log.exception("round %d attempt %d stopped on an unexpected error", round_no,
+                          attempt)
+            with self._cv:
+                if self.current is not None:
+                    self.current.open = False
+            self._restore()
+            reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+            self.store.record_event("round_attempt_failed",
+                                    {"round": round_no, "attempt": attempt, "reason": reason},
+                                    job_id=self.job_id)
+            round_failed(self.job_id, round_no, attempt, reason)
+            self.last_failure = reason
+            return False
+
+    def _restore(self) -> None:
+        """The global model and the strategy's server state as the attempt found them."""
+        if self._rollback is not None:
+            model, strategy_state = self._rollback
+            with self._cv:
+                self.model = model
+            self.strategy.import_state(strategy_state)
+
+    def _spoiled(self, rs: RoundState, reason: str, culprits: Sequence[str]) -> bool:
+        """Fail this attempt because of these clients' updates; the retry runs without
+        them, and the round's record names them in its failures."""
+        for cid in culprits:
+            self.excluded[cid] = f"update refused: {reason}"
+        log_event(log, "round_failed", job=self.job_id, round=rs.round, attempt=rs.attempt,
+                  reason=reason, excluded=",".join(culprits))
+        self.store.record_event("round_attempt_failed",
+                                {"round": rs.round, "attempt": rs.attempt, "reason": reason,
+                                 "clients": sorted(rs.accepted), "excluded": list(culprits)},
+                                job_id=self.job_id)
+        round_failed(self.job_id, rs.round, rs.attempt, reason)
+        self.last_failure = reason
+        return False
+
     def _set_phase(self, phase: str, **fields: Any) -> None:
         with self._cv:
             self.phase = phase
@@ -295,6 +351,7 @@ class RoundEngine:
         self._set_phase("select")
         available = self.registry.wait_for_connected(
             self.cfg.min_clients, self.cfg.wait_for_clients_s, self.stop_event)
+        available = [c for c in available if c not in self.excluded]
         if self.stop_event.is_set():
             return None
         if len(available) < self.cfg.min_clients:
@@ -376,23 +433,26 @@ class RoundEngine:
             round_failed(self.job_id, round_no, attempt, reason)
             self.last_failure = reason
             return False
+        norms = {cid: u.norm for cid, u in rs.accepted.items()}
+        outliers = norm_outliers(norms, self.cfg.update_norm_factor)
+        if outliers:
+            return self._spoiled(rs, f"update norm above {self.cfg.update_norm_factor:g} x the"
+                                 " median of the round's other updates", outliers)
         self._set_phase("aggregate", updates=len(rs.accepted))
         try:
             new_state = self.strategy.finish_round()
         except StrategyError as exc:
             # E.g. finite updates whose sum overflows: one client's well-formed but
-            # absurd update must cost this attempt (model unchanged), not the whole job.
-            reason = f"aggregation refused: {exc}"
-            log_event(log, "round_failed", job=self.job_id, round=round_no, attempt=attempt,
-                      reason=reason)
-            self.store.record_event("round_attempt_failed",
-                                    {"round": round_no, "attempt": attempt, "reason": reason,
-                                     "clients": sorted(rs.accepted)}, job_id=self.job_id)
-            round_failed(self.job_id, round_no, attempt, reason)
-            self.last_failure = reason
-            return False
+            # absurd update must cost this attempt (model unchanged), not the whole job;
+            # the largest update is the one left out of the retry.
+            return self._spoiled(rs, f"aggregation refused: {exc}", largest(norms))
         fault_point("aggregate", round_no)  # tests only: off unless FL_FAULT_POINT names it
         self.set_model(round_no, new_state)
+        problem = self._unusable(new_state)
+        if problem:
+            self._restore()
+            return self._spoiled(rs, f"the new model is not usable: {problem}", largest(norms))
+        rs.failed.update(self.excluded)
         metrics = self.strategy.train_metrics(
             [(u.num_examples, u.metrics) for u in rs.accepted.values()])
         metrics.update(self.strategy.round_metrics())
@@ -435,13 +495,29 @@ class RoundEngine:
             out["dp_enabled"] = bool(update.metrics["dp_enabled"])
         return out
 
-    def _evaluate(self, round_no: int, attempt: int, clients: list[str]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if self.eval_dataset is not None:
+    def _unusable(self, state: Mapping[str, torch.Tensor]) -> str:
+        """Why the new global model cannot be used ("" when it can): the server's own
+        evaluation (--eval_data) must run and give a finite loss. A finite model can
+        still be absurd (one update of 1e30 with FedAvg): its logits overflow and
+        scikit-learn raises on the NaN probabilities."""
+        self._server_eval = {}
+        if self.eval_dataset is None:
+            return ""
+        try:
             model = self.task.build_model()
-            model.load_state_dict(self.current_model().state)
-            for key, value in self.task.evaluate(model, self.eval_dataset).items():
-                metrics[f"eval_{key}"] = float(value)
+            model.load_state_dict(state)
+            figures = {f"eval_{k}": float(v)
+                       for k, v in self.task.evaluate(model, self.eval_dataset).items()}
+        except Exception as exc:  # noqa: BLE001 - any failure means the model is unusable
+            return f"server evaluation failed: {type(exc).__name__}: {exc}"[:300]
+        loss = figures.get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            return f"server evaluation loss is {loss}"
+        self._server_eval = figures
+        return ""
+
+    def _evaluate(self, round_no: int, attempt: int, clients: list[str]) -> dict[str, float]:
+        metrics: dict[str, float] = dict(self._server_eval)
         if self.cfg.fed_eval and clients:
             connected = set(self.registry.connected())
             targets = [c for c in clients if c in connected]
@@ -493,6 +569,38 @@ def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
     reproducible from the job's seed (it seeds init only, never DP noise)."""
     return (seed * 1_000_003 + round_no * 1009 + attempt
             + zlib.crc32(client_id.encode()) % 997) & 0xFFFFFFFF
+
+
+def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of an update's floating tensors, summed in float64 (an update of 1e30
+    must give 1e30-ish, not inf)."""
+    total = 0.0
+    for tensor in delta.values():
+        if tensor.is_floating_point():
+            total += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: Mapping[str, float], factor: float) -> list[str]:
+    """Clients whose update norm is above `factor` x the median norm of the round's
+    other updates (0 turns the bound off; a round of one update has nothing to compare
+    with). Relative, so it needs no knowledge of the model's scale."""
+    if factor <= 0 or len(norms) < 2:
+        return []
+    out = []
+    for cid, norm in norms.items():
+        others = sorted(v for c, v in norms.items() if c != cid)
+        mid = len(others) // 2
+        median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+        if median > 0 and (not math.isfinite(norm) or norm > factor * median):
+            out.append(cid)
+    return sorted(out)
+
+
+def largest(norms: Mapping[str, float]) -> list[str]:
+    """The client with the largest update: the one left out when the aggregate of a
+    round is unusable and no update broke the norm bound on its own."""
+    return [max(norms, key=lambda c: (norms[c], c))] if norms else []
 
 
 def quorum_required(quorum: float, selected: int) -> int:

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a round waits for min_clients to connect")
     p.add_argument("--max_round_attempts", type=int, default=d.max_round_attempts,
                    help="tries per round before the job is marked failed")
+    p.add_argument("--update_norm_factor", type=float, default=d.update_norm_factor,
+                   help="an update whose norm is above this many times the median of the"
+                        " round's other updates spoils the attempt, which is retried without"
+                        " it (0: off)")
     p.add_argument("--local_epochs", type=int, default=d.local_epochs,
                    help="local epochs sent to clients (0: the task's default)")
     p.add_argument("--batch_size", type=int, default=d.batch_size,

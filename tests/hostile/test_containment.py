@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -35,6 +36,7 @@ from tests.hostile.kit import (
     Identity,
     ScriptedClient,
     admin_identity,
+    checkpoint_state,
     health_status,
     read_jobs,
     read_rounds,
@@ -47,9 +49,15 @@ pytestmark = pytest.mark.slow
 
 HONEST, EVIL, NEWCOMER = "hospital_1", "hospital_2", "hospital_3"
 MAX_WORKERS = 12
+ROUND_DEADLINE_S = 4
+# While cleared, the honest hospital holds its update (a case that needs a round the
+# attacker has to itself).
+HONEST_MAY_SUBMIT = threading.Event()
+HONEST_MAY_SUBMIT.set()
 FLAGS = ["--rounds", "100000", "--min_clients", "1", "--quorum", "0.5",
-         "--round_deadline_s", "4", "--wait_for_clients_s", "600", "--no_fed_eval",
-         "--no_dp", "--seed", "11", "--max_round_attempts", "3",
+         "--round_deadline_s", str(ROUND_DEADLINE_S), "--wait_for_clients_s", "600",
+         "--no_fed_eval",
+         "--no_dp", "--seed", "11", "--max_round_attempts", "5",
          "--max_workers", str(MAX_WORKERS)]
 
 
@@ -96,6 +104,7 @@ class Bunker:
 
 def _slow_honest(round_no: int) -> None:
     time.sleep(0.3)  # an honest hospital takes a moment; keeps the round rate sane
+    HONEST_MAY_SUBMIT.wait(60)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +335,67 @@ def test_undefined_enums_and_absurd_numbers_leave_no_trace(bunker: Bunker) -> No
     bunker.assert_serving()
     bunker.rounds_keep_completing(1)
 
+
+
+# ----------------------------------------------------------------- item 2
+
+
+def _huge(task: cpb.Task) -> dict[str, torch.Tensor]:
+    """Finite, well-formed, absurd: 1e30 everywhere. With num_examples=1 the float32
+    sum stays finite, so only the model's use shows it is poison."""
+    return {s.name: torch.full(tuple(s.shape), 1e30, dtype=torch.float32)
+            for s in task.model_manifest.tensors}
+
+
+def _poisoned_round_is_retried_without_the_attacker(bunker: Bunker, evil: HostileClient,
+                                                    task: cpb.Task, why: str) -> None:
+    row = wait_for(lambda: next((r for r in read_rounds(bunker.state_dir)
+                                 if r.round == task.round), None), 60,
+                   f"round {task.round} to be recorded")
+    assert row.state == "completed", row
+    assert row.metrics["attempt"] >= 2, row.metrics
+    assert EVIL not in row.accepted and HONEST in row.accepted, row
+    assert why in row.failures.get(EVIL, ""), row.failures
+    status = bunker.status()
+    assert status.job_state == "running"
+    last = status.rounds[-1]
+    state = checkpoint_state(bunker.state_dir, status.job_id, last.round)
+    assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 1e6
+               for t in state.values() if t.is_floating_point())
+    assert status.model_sha256 == last.model_sha256
+    bunker.assert_serving()
+    bunker.rounds_keep_completing(1)
+
+
+def test_update_far_above_the_others_is_left_out(bunker: Bunker) -> None:
+    """Item 2, the norm bound (on by default): an update of 1e30 beside an honest one
+    spoils that attempt; the retry runs without it and names it in the failures."""
+    evil = bunker.client(EVIL)
+    try:
+        task = _train_task(evil)
+        evil.close_tasks()  # so that later rounds do not wait for it
+        up = evil.sealed(task, _huge(task), num_examples=1)
+        evil.submit(up.messages())
+        _poisoned_round_is_retried_without_the_attacker(bunker, evil, task, "norm")
+    finally:
+        evil.close()
+
+
+def test_model_that_cannot_be_evaluated_is_rejected_not_the_job(bunker: Bunker) -> None:
+    """Item 2, the evaluation check: the attacker's 1e30 update is the round's only one
+    (the honest hospital holds its update), so no norm bound can see it; FedAvg's
+    aggregate is finite but the server's evaluation (--eval_data) cannot use it. The
+    attempt is rejected, the model put back, and the retry runs without the attacker."""
+    evil = bunker.client(EVIL)
+    HONEST_MAY_SUBMIT.clear()
+    try:
+        task = _train_task(evil)
+        evil.close_tasks()
+        up = evil.sealed(task, _huge(task), num_examples=1)
+        evil.submit(up.messages())
+        time.sleep(ROUND_DEADLINE_S + 1)  # the attempt closes on the attacker's update alone
+        HONEST_MAY_SUBMIT.set()
+        _poisoned_round_is_retried_without_the_attacker(bunker, evil, task, "not usable")
+    finally:
+        HONEST_MAY_SUBMIT.set()
+        evil.close()
