@@ -123,6 +123,10 @@ class ClientDaemon:
 
         self.args = args
         self.client_id: str = args.client_id
+        state_dir = args.state_dir or Path("client_state") / self.client_id
+        # One daemon per state folder (two would charge the privacy ledger twice),
+        # checked first so a second daemon fails before it reads any data.
+        self.state_lock = StateLock(state_dir, "fl-client").acquire()
         self.task = get_task(args.model_type)
         self.device = _device(args.device)
         self.train_set = self.task.load_split(args.data_path, "train")
@@ -146,9 +150,6 @@ class ClientDaemon:
                                      epsilon_budget=args.epsilon_budget)
         self.trust = TrustFailures(host, port, client_tls_files(args.keys_dir, self.client_id),
                                    args.server_name)
-        state_dir = args.state_dir or Path("client_state") / self.client_id
-        # One daemon per state folder: two would charge the privacy ledger twice.
-        self.state_lock = StateLock(state_dir, "fl-client").acquire()
         self.session_conflicts = 0
         torch.manual_seed(0)
         self.reference = self.task.build_model().state_dict()

@@ -1,0 +1,218 @@
+"""The round engine alone: a fake registry stands for the connected hospitals and a
+fake store records what the engine would make durable, so each rule of a round
+(selection, quorum, retries, refusals, aggregation, what is recorded) is checked
+without sockets or processes. The real store and services are covered by the
+integration suites."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from fl_proto import coordinator_pb2 as cpb
+from fl_server.config import ServerConfig
+from fl_server.rounds import RoundEngine, RoundRefusal
+from fl_server.store import RoundSummary
+from fl_server.strategies import make_strategy
+
+TIMEOUT_S = 20.0
+
+
+class FakeRegistry:
+    """Who is connected, and the tasks the engine hands out (as a test can read them)."""
+
+    def __init__(self, connected: list[str]) -> None:
+        self._connected = connected
+        self.cv = threading.Condition()
+        self.pending: dict[str, cpb.Task] = {}
+        self.stops = 0
+
+    def wait_for_connected(self, minimum: int, timeout_s: float,
+                           stop: threading.Event) -> list[str]:
+        return list(self._connected)
+
+    def connected(self) -> list[str]:
+        return list(self._connected)
+
+    def assign(self, client_id: str, task: cpb.Task) -> None:
+        with self.cv:
+            self.pending[client_id] = task
+            self.cv.notify_all()
+
+    def clear_task(self, client_id: str, task_id: str) -> None:
+        with self.cv:
+            if client_id in self.pending and self.pending[client_id].task_id == task_id:
+                del self.pending[client_id]
+
+    def broadcast(self, factory: Callable[[str], cpb.Task]) -> None:
+        self.stops += 1
+
+    def wait_task(self, client_id: str, kind: int, round_no: int) -> cpb.Task:
+        deadline = time.monotonic() + TIMEOUT_S
+        with self.cv:
+            while True:
+                task = self.pending.get(client_id)
+                if task is not None and task.kind == kind and task.round == round_no:
+                    return task
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"no task for {client_id} in round {round_no}"
+                self.cv.wait(remaining)
+
+
+@dataclass
+class FakeStore:
+    """What the engine records, in memory."""
+
+    completed: dict[int, tuple[RoundSummary, dict[str, torch.Tensor]]] = field(
+        default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    job_state: str = "running"
+
+    def last_completed_round(self, job_id: str) -> int:
+        return max(self.completed, default=0)
+
+    def record_event(self, kind: str, payload: dict[str, Any], job_id: str = "") -> None:
+        self.events.append((kind, payload))
+
+    def record_failed_round(self, job_id: str, round_no: int, summary: RoundSummary,
+                            reason: str) -> None:
+        self.failed[round_no] = reason
+
+    def complete_round(self, job_id: str, round_no: int, summary: RoundSummary,
+                       model_state: dict[str, torch.Tensor], strategy_state: Any,
+                       model_sha256: str | None = None) -> None:
+        assert round_no not in self.completed, "a round recorded twice"
+        self.completed[round_no] = (summary, {k: v.clone() for k, v in model_state.items()})
+
+    def set_job_state(self, job_id: str, state: str) -> None:
+        self.job_state = state
+
+
+GLOBAL = {"w": torch.zeros(4), "b": torch.zeros(1)}
+
+
+def make_engine(clients: list[str], strategy: str = "fedavg", **cfg_values: Any
+                ) -> tuple[RoundEngine, FakeRegistry, FakeStore]:
+    values: dict[str, Any] = {"rounds": 1, "min_clients": 1, "quorum": 1.0,
+                              "round_deadline_s": 5.0, "fed_eval": False,
+                              "max_round_attempts": 1, **cfg_values}
+    cfg = ServerConfig(**values)
+    registry, store = FakeRegistry(clients), FakeStore()
+    engine = RoundEngine(cfg, store, registry, make_strategy(strategy), task=None,  # type: ignore[arg-type]
+                         job_id="job-t", train_config=cpb.TrainConfig())
+    engine.set_model(0, GLOBAL)
+    return engine, registry, store
+
+
+def run_in_thread(engine: RoundEngine) -> threading.Thread:
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def send(engine: RoundEngine, registry: FakeRegistry, client: str, round_no: int,
+         value: float, examples: int, loss: float) -> None:
+    task = registry.wait_task(client, cpb.TRAIN, round_no)
+    delta = {"w": torch.full((4,), value), "b": torch.full((1,), value)}
+    engine.accept_update(client, task.task_id, task.job_id, task.round, delta, examples,
+                         {"train_loss": loss, "epsilon_total": value})
+
+
+def test_a_round_averages_by_examples_and_records_once() -> None:
+    engine, registry, store = make_engine(["a", "b", "c"], rounds=2)
+    thread = run_in_thread(engine)
+    for round_no in (1, 2):
+        send(engine, registry, "a", round_no, 1.0, 10, 0.5)
+        send(engine, registry, "b", round_no, 4.0, 30, 0.1)
+        send(engine, registry, "c", round_no, 0.0, 60, 0.9)
+    thread.join(TIMEOUT_S)
+    assert engine.job_state == "completed" and store.job_state == "completed"
+    assert sorted(store.completed) == [1, 2] and not store.failed
+    summary, model = store.completed[1]
+    # FedAvg: 0.1 x 1 + 0.3 x 4 + 0.6 x 0 = 1.3 added to the zero model
+    assert torch.allclose(model["w"], torch.full((4,), 1.3))
+    assert torch.allclose(store.completed[2][1]["w"], torch.full((4,), 2.6))
+    assert summary.metrics["train_loss"] == pytest.approx(0.1 * 0.5 + 0.3 * 0.1 + 0.6 * 0.9)
+    assert summary.metrics["epsilon_max"] == 4.0  # the largest, never averaged
+    assert (summary.selected, summary.reported, summary.failed) == (3, 3, 0)
+    assert summary.metrics["wait_seconds"] >= 0 and summary.seconds >= 0
+    assert registry.stops == 1  # the hospitals are told the job ended
+
+
+def test_robust_strategies_average_metrics_with_equal_weights() -> None:
+    engine, registry, store = make_engine(["a", "b", "c"], strategy="median")
+    thread = run_in_thread(engine)
+    for client, value, examples, loss in (("a", 1.0, 1, 0.3), ("b", 2.0, 1000, 0.6),
+                                          ("c", 9.0, 1, 0.9)):
+        send(engine, registry, client, 1, value, examples, loss)
+    thread.join(TIMEOUT_S)
+    summary, model = store.completed[1]
+    assert torch.allclose(model["w"], torch.full((4,), 2.0))  # the median
+    assert summary.metrics["train_loss"] == pytest.approx(0.6)  # not weighted by 1000
+
+
+def test_refusals_name_their_reason_and_change_nothing() -> None:
+    engine, registry, store = make_engine(["a", "b"], round_deadline_s=10.0)
+    thread = run_in_thread(engine)
+    task = registry.wait_task("a", cpb.TRAIN, 1)
+    delta = {"w": torch.ones(4), "b": torch.ones(1)}
+    with pytest.raises(RoundRefusal) as err:
+        engine.accept_update("intruder", task.task_id, task.job_id, 1, delta, 5, {})
+    assert (err.value.code, err.value.reason) == ("PERMISSION_DENIED", "NOT_SELECTED")
+    with pytest.raises(RoundRefusal) as err:
+        engine.accept_update("a", "not-the-task", task.job_id, 1, delta, 5, {})
+    assert err.value.reason == "WRONG_TASK"
+    with pytest.raises(RoundRefusal) as err:
+        engine.accept_update("a", task.task_id, task.job_id, 7, delta, 5, {})
+    assert err.value.reason == "WRONG_ROUND"
+    engine.accept_update("a", task.task_id, task.job_id, 1, delta, 5, {})
+    with pytest.raises(RoundRefusal) as err:
+        engine.accept_update("a", task.task_id, task.job_id, 1, delta, 5, {})
+    assert (err.value.code, err.value.reason) == ("ALREADY_EXISTS", "DUPLICATE_UPDATE")
+    send(engine, registry, "b", 1, 1.0, 5, 0.2)
+    thread.join(TIMEOUT_S)
+    summary, model = store.completed[1]
+    assert summary.reported == 2 and torch.allclose(model["w"], torch.ones(4))
+
+
+def test_no_quorum_is_retried_then_fails_the_job_cleanly() -> None:
+    engine, registry, store = make_engine(["a", "b"], round_deadline_s=0.3,
+                                          max_round_attempts=2)
+    thread = run_in_thread(engine)
+    for attempt in (1, 2):
+        task = registry.wait_task("a", cpb.TRAIN, 1)
+        assert task.task_id  # a fresh task each attempt; "b" never answers
+        engine.accept_update("a", task.task_id, task.job_id, 1,
+                             {"w": torch.ones(4), "b": torch.ones(1)}, 5, {})
+        deadline = time.monotonic() + TIMEOUT_S
+        while (sum(kind == "round_attempt_failed" for kind, _ in store.events) < attempt
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+    thread.join(TIMEOUT_S)
+    failures = [p for kind, p in store.events if kind == "round_attempt_failed"]
+    assert [p["attempt"] for p in failures] == [1, 2]
+    assert "quorum not reached: 1 of 2 updates, need 2" in failures[0]["reason"]
+    assert failures[0]["failures"] == {"b": "no update before the round deadline"}
+    assert engine.job_state == "failed" and 1 in store.failed and not store.completed
+    assert engine.current_model().state["w"].eq(0).all()  # the model is unchanged
+
+
+def test_a_report_of_refusal_is_recorded_with_its_reason() -> None:
+    engine, registry, store = make_engine(["a", "b"], quorum=0.5)
+    thread = run_in_thread(engine)
+    task = registry.wait_task("b", cpb.TRAIN, 1)
+    engine.report("b", cpb.ReportRequest(task_id=task.task_id, job_id=task.job_id, round=1,
+                                         kind=cpb.TRAIN, status=cpb.REFUSED,
+                                         reason="budget exceeded"))
+    send(engine, registry, "a", 1, 2.0, 5, 0.2)
+    thread.join(TIMEOUT_S)
+    summary, model = store.completed[1]
+    assert summary.metrics["failures"] == {"b": "REFUSED: budget exceeded"}
+    assert torch.allclose(model["w"], torch.full((4,), 2.0))  # only a's update
