@@ -127,7 +127,8 @@ class ClientWatch:
         self.audit.started(client=daemon.client_id, model_type=args.model_type,
                            server_url=args.server_url,
                            epsilon_budget=daemon.ledger.total_epsilon_budget,
-                           delta=daemon.ledger.delta)
+                           delta=daemon.ledger.delta,
+                           accountant=getattr(daemon.ledger, "accountant", ""))
         self.port = 0
         port = int(getattr(args, "metrics_port", 0) or 0)
         if port:
