@@ -9,6 +9,7 @@ wrong), and each failing line names the file and the command that fixes it.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -26,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from fl_core.constants import CERT_EXPIRY_WARN_DAYS
 
-__all__ = ["FAIL", "OK", "SKIP", "WARN", "CertFiles", "Check", "check_cert_files",
-           "check_port", "check_resolves", "check_writable", "report"]
+__all__ = ["FAIL", "OK", "SKIP", "WARN", "CertFiles", "Check", "bind_problem",
+           "check_cert_files", "check_port", "check_resolves", "check_writable", "report"]
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 
@@ -202,3 +203,26 @@ def check_writable(folder: Path, name: str = "state folder") -> Check:
         return Check(WARN, name, f"{folder} is writable, {free_gib:.2f} GiB free",
                      "free some disk space: checkpoints and spools need room")
     return Check(OK, name, f"{folder} is writable, {free_gib:.1f} GiB free")
+
+
+def bind_problem(host: str, port: int) -> tuple[str, str] | None:
+    """None if `host:port` can be bound now, else (the OS's reason, the fix).
+
+    The same question gRPC answers only with "Failed to bind"; SO_REUSEPORT is not set
+    here, so a port another server holds is reported as in use.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (f"{host}:{port} is in use by another process",
+                    "stop it (another fl-server?) or choose another --port")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return (f"{host} is not an address of this machine",
+                    "use 0.0.0.0 or one of this machine's addresses for --host")
+        if exc.errno == errno.EACCES:
+            return f"port {port} needs privileges", "use a port above 1023"
+        return f"{host}:{port}: {exc.strerror or exc}", "check --host and --port"
+    return None

@@ -13,9 +13,7 @@ address (resolves, is this machine's, the port is free).
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
-import socket
 import sys
 import tomllib
 from datetime import UTC, datetime
@@ -33,6 +31,7 @@ from fl_core.site_checks import (
     WARN,
     CertFiles,
     Check,
+    bind_problem,
     check_cert_files,
     check_resolves,
     check_writable,
@@ -177,26 +176,9 @@ def check_listen(host: str, port: int) -> list[Check]:
     if resolved.status == FAIL:
         return [resolved]
     checks = [resolved]
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                checks.append(Check(FAIL, "port free", f"{host}:{port} is in use by another"
-                                    " process", "stop it (another fl-server?) or choose"
-                                    " another --port"))
-            elif exc.errno == errno.EADDRNOTAVAIL:
-                checks.append(Check(FAIL, "port free", f"{host} is not an address of this"
-                                    " machine", "use 0.0.0.0 or one of this machine's"
-                                    " addresses for --host"))
-            elif exc.errno == errno.EACCES:
-                checks.append(Check(FAIL, "port free", f"port {port} needs privileges",
-                                    "use a port above 1023"))
-            else:
-                checks.append(Check(FAIL, "port free", f"{host}:{port}: {exc.strerror}",
-                                    "check --host and --port"))
-            return checks
+    problem = bind_problem(host, port)
+    if problem is not None:
+        return [*checks, Check(FAIL, "port free", *problem)]
     checks.append(Check(OK, "port free", f"{host}:{port} can be bound"))
     return checks
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,10 @@ def spawn(module: str, args: list[str], cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen[str], timeout_s: float) -> tuple[int, str, str]:
-    """Wait (bounded); a process still running then is killed and the test fails."""
+def finish(proc: subprocess.Popen[str], deadline: float) -> tuple[int, str, str]:
+    """Wait until `deadline` (time.monotonic()); a process still running then is killed
+    and the test fails, showing its stderr."""
+    timeout_s = max(1.0, deadline - time.monotonic())
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
