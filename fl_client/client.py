@@ -43,6 +43,7 @@ from fl_client.task_policy import (
     training_config,
 )
 from fl_core.constants import (
+    EPSILON_WARN_PER_JOB,
     RECONNECT_BASE_S,
     RECONNECT_MAX_S,
     SESSION_CONFLICT_ATTEMPTS,
@@ -153,6 +154,11 @@ class ClientDaemon:
         self.session_conflicts = 0
         torch.manual_seed(0)
         self.reference = self.task.build_model().state_dict()
+        if args.epsilon_budget > EPSILON_WARN_PER_JOB:
+            log_event(log, "privacy_warning", logging.WARNING,
+                      epsilon_budget=args.epsilon_budget,
+                      note=f"a budget above {EPSILON_WARN_PER_JOB:g} gives this hospital's"
+                           " patients little privacy")
         self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
                                     args.delta or self.task.hyperparams.delta)
         self.policy = LocalPolicy(delta=self.ledger.delta, target_epsilon=args.target_epsilon,

@@ -139,8 +139,15 @@ SESSION_CONFLICT_RETRY_S: Final = 5.0
 # The PRV accountant's epsilon error: its figure is an upper bound at most this far
 # above the true epsilon; a smaller error means a finer grid (cost ~ 1 / error).
 PRV_EPS_ERROR: Final = 0.01
-# Above this many grid points (x distinct mechanisms) the ledger uses RDP instead of
-# PRV: memory and time grow with it (~16 bytes a point, FFTs over it).
-PRV_MAX_GRID_POINTS: Final = 20_000_000
+# Above this many grid points (x distinct mechanisms; ~2 s a million on a busy core)
+# the ledger uses RDP instead of PRV: memory and time grow with it (FFTs over it).
+# Only huge epsilons or very many distinct rounds need so many.
+PRV_MAX_GRID_POINTS: Final = 5_000_000
 # The planner aims each hospital at [1 - tolerance, 1] x its epsilon per job.
 PLANNER_TOLERANCE: Final = 0.02
+
+# A job's default privacy: each hospital's epsilon for the whole job (delta from the
+# task), planned by each hospital over the job's rounds. Above EPSILON_WARN_PER_JOB
+# for one job (or as a hospital's whole budget) the daemons warn: little privacy is left.
+DEFAULT_EPSILON_PER_HOSPITAL: Final = 3.0
+EPSILON_WARN_PER_JOB: Final = 10.0

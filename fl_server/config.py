@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fl_core.constants import DEFAULT_PORT, UPDATE_NORM_FACTOR
+from fl_core.constants import DEFAULT_EPSILON_PER_HOSPITAL, DEFAULT_PORT, UPDATE_NORM_FACTOR
 
 
 class ConfigError(ValueError):
@@ -53,6 +53,10 @@ class ServerConfig:
     target_epsilon: float = 0.0
     delta: float = 0.0
     max_grad_norm: float = 0.0
+    # Each hospital's epsilon for the whole job (it plans its noise over the rounds);
+    # 0: DEFAULT_EPSILON_PER_HOSPITAL unless a noise multiplier or an epsilon per round
+    # was asked for instead.
+    epsilon_per_hospital: float = 0.0
     eval_data: Path | None = None
     fed_eval: bool = True
     eval_deadline_s: float = 120.0
@@ -85,7 +89,8 @@ JOB_FIELDS = (
     "model_type", "rounds", "strategy", "strategy_params", "fraction", "min_clients",
     "quorum", "round_deadline_s", "wait_for_clients_s", "max_round_attempts",
     "local_epochs", "batch_size", "learning_rate", "no_dp", "noise_multiplier",
-    "target_epsilon", "delta", "max_grad_norm", "fed_eval", "eval_deadline_s", "seed",
+    "target_epsilon", "delta", "max_grad_norm", "epsilon_per_hospital", "fed_eval",
+    "eval_deadline_s", "seed", "update_norm_factor",
 )
 
 _FIELD_TYPES = {f.name: f.type for f in fields(ServerConfig)}
@@ -111,6 +116,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "target_epsilon": (0.0, 1e4, True),
     "delta": (0.0, 0.1, True),
     "max_grad_norm": (0.0, 1e6, True),
+    "epsilon_per_hospital": (0.0, 1e4, True),
     "seed": (0, 2**63 - 1, True),
     "max_workers": (8, 100_000, True),
     "torch_threads": (1, 1024, True),
@@ -228,9 +234,14 @@ def settle_job(cfg: ServerConfig, hyperparams: Any) -> None:
     cfg.learning_rate = cfg.learning_rate or hp.learning_rate
     cfg.delta = cfg.delta or hp.delta
     cfg.max_grad_norm = cfg.max_grad_norm or hp.max_grad_norm
-    # The noise multiplier drives the noise unless an epsilon per round is asked for.
-    if not cfg.target_epsilon:
-        cfg.noise_multiplier = cfg.noise_multiplier or hp.noise_multiplier
+    # What drives the noise, in this order: a fixed noise multiplier or an epsilon per
+    # round when the operator asked for one; else a budget for the whole job, which each
+    # hospital meets by planning its own noise (the default: a privacy budget is how a
+    # privacy officer states it, and one that fits every hospital's default budget).
+    if not (cfg.noise_multiplier or cfg.target_epsilon) and not cfg.no_dp:
+        cfg.epsilon_per_hospital = cfg.epsilon_per_hospital or DEFAULT_EPSILON_PER_HOSPITAL
+    if cfg.epsilon_per_hospital:
+        cfg.noise_multiplier = cfg.target_epsilon = 0.0
     cfg.validate()
 
 
@@ -246,7 +257,8 @@ def restore_job(cfg: ServerConfig, stored: dict[str, Any], given: set[str],
         if name in given:
             mine = getattr(cfg, name)
             zero_means_default = name in ("local_epochs", "batch_size", "learning_rate",
-                                          "delta", "max_grad_norm", "noise_multiplier")
+                                          "delta", "max_grad_norm", "noise_multiplier",
+                                          "epsilon_per_hospital")
             if mine != value and not (zero_means_default and mine == 0):
                 conflicts.append(f"{name}={_show(mine)} (the job has {_show(value)})")
         setattr(cfg, name, value)

@@ -28,7 +28,13 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fl_core.constants import CONCURRENT_RPCS_PER_WORKER, METRICS_HOST, SERVER_METRICS_PORT
+from fl_core.constants import (
+    CONCURRENT_RPCS_PER_WORKER,
+    DEFAULT_EPSILON_PER_HOSPITAL,
+    EPSILON_WARN_PER_JOB,
+    METRICS_HOST,
+    SERVER_METRICS_PORT,
+)
 from fl_core.logs import log_event, setup_logging
 from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import SERVER_OPTIONS, server_credentials
@@ -129,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DP noise multiplier (0: the task's default)")
     p.add_argument("--target_epsilon", type=float, default=d.target_epsilon,
                    help="DP epsilon per round; overrides the noise multiplier when set")
+    p.add_argument("--epsilon_per_hospital", type=float, default=d.epsilon_per_hospital,
+                   help="each hospital's epsilon for the whole job: every hospital plans its"
+                        " own noise so that after the last round it is at or under this"
+                        f" (0: {DEFAULT_EPSILON_PER_HOSPITAL:g}, unless --noise_multiplier or"
+                        " --target_epsilon fixes the noise instead)")
     p.add_argument("--delta", type=float, default=d.delta, help="DP delta (0: task default)")
     p.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm,
                    help="DP per-sample gradient clipping bound (0: task default)")
@@ -179,10 +190,12 @@ def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -
     multiplier drives the noise unless the operator asked for an epsilon per round.
     """
     hp = task.hyperparams
+    planned = cfg.epsilon_per_hospital > 0
     privacy = cpb.PrivacyConfig(
         enabled=not cfg.no_dp,
-        noise_multiplier=cfg.noise_multiplier or (0.0 if cfg.target_epsilon else
+        noise_multiplier=cfg.noise_multiplier or (0.0 if cfg.target_epsilon or planned else
                                                   hp.noise_multiplier),
+        epsilon_per_job=cfg.epsilon_per_hospital, total_rounds=cfg.rounds if planned else 0,
         target_epsilon=cfg.target_epsilon,
         delta=cfg.delta or hp.delta,
         max_grad_norm=cfg.max_grad_norm or hp.max_grad_norm)
@@ -286,6 +299,12 @@ class ServerApp:
         self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.job_dict(),
                               cfg.rounds)
         self.store.save_initial_model(job_id, model_state)
+        if cfg.epsilon_per_hospital > EPSILON_WARN_PER_JOB or (
+                cfg.target_epsilon * cfg.rounds > EPSILON_WARN_PER_JOB):
+            log_event(log, "privacy_warning", logging.WARNING, job=job_id,
+                      epsilon_per_hospital=cfg.epsilon_per_hospital or
+                      f"{cfg.target_epsilon:g} per round x {cfg.rounds} rounds",
+                      note=f"above {EPSILON_WARN_PER_JOB:g} for one job gives little privacy")
         log_event(log, "job_created", job=job_id, model_type=cfg.model_type,
                   rounds=cfg.rounds, strategy=cfg.strategy,
                   settings=json.dumps(cfg.job_dict(), sort_keys=True))

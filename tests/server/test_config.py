@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fl_core.constants import DEFAULT_EPSILON_PER_HOSPITAL
 from fl_models.registry import get_task
 from fl_server.config import (
     JOB_FIELDS,
@@ -18,7 +19,7 @@ from fl_server.config import (
     restore_job,
     settle_job,
 )
-from fl_server.server import _explicit, build_parser
+from fl_server.server import _explicit, build_parser, train_config
 
 
 def parse(argv: list[str]) -> ServerConfig:
@@ -100,11 +101,24 @@ def test_a_job_is_settled_against_its_task_once() -> None:
     assert (cfg.local_epochs, cfg.batch_size) == (hp.local_epochs, hp.batch_size)
     assert (cfg.learning_rate, cfg.delta, cfg.max_grad_norm) == (
         hp.learning_rate, hp.delta, hp.max_grad_norm)
-    assert cfg.noise_multiplier == hp.noise_multiplier
-    # an epsilon per round asked for keeps the noise multiplier unset (epsilon drives)
+    # by default a budget for the whole job drives the noise (each hospital plans it)
+    assert (cfg.epsilon_per_hospital, cfg.noise_multiplier) == (DEFAULT_EPSILON_PER_HOSPITAL,
+                                                                0.0)
+    # an epsilon per round or a noise multiplier asked for fixes the noise instead
     by_epsilon = ServerConfig(target_epsilon=2.0)
     settle_job(by_epsilon, hp)
-    assert by_epsilon.noise_multiplier == 0.0
+    assert (by_epsilon.noise_multiplier, by_epsilon.epsilon_per_hospital) == (0.0, 0.0)
+    by_noise = ServerConfig(noise_multiplier=1.5)
+    settle_job(by_noise, hp)
+    assert (by_noise.noise_multiplier, by_noise.epsilon_per_hospital) == (1.5, 0.0)
+    no_dp = ServerConfig(no_dp=True)
+    settle_job(no_dp, hp)
+    assert no_dp.epsilon_per_hospital == 0.0
+    budget = ServerConfig(epsilon_per_hospital=1.0, rounds=4)
+    settle_job(budget, hp)
+    privacy = train_config(budget, get_task("breast_cancer"), {}).privacy
+    assert (privacy.epsilon_per_job, privacy.total_rounds, privacy.noise_multiplier) == (
+        1.0, 4, 0.0)
     assert set(cfg.job_dict()) == set(JOB_FIELDS)
     assert "keys_dir" not in cfg.job_dict() and "port" not in cfg.job_dict()
 
