@@ -189,7 +189,7 @@ SCENARIOS: dict[str, Scenario] = {
                                          damage=lambda d: write(d / "keys" / "jwt" / "active",
                                                                 "NoSuchKid\n")),
     # state
-    "checkpoint_bytes_flipped": Scenario([], "checkpoint",
+    "checkpoint_bytes_flipped": Scenario([], "is not valid: model sha256 ",
                                          damage=lambda d: flip_bytes(latest_checkpoint(d), -9)),
     "checkpoint_truncated": Scenario([], "cannot be read",
                                      damage=lambda d: latest_checkpoint(d).write_bytes(
@@ -357,11 +357,15 @@ def test_repaired_checkpoint_resumes_the_same_job(base: Path, tmp_path: Path) ->
     rc, stderr, started = start_expecting_failure(
         work, ["--keys_dir", str(work / "keys"), "--state_dir", str(state), "--port", "0",
                *BASE_FLAGS])
-    assert not started and rc == 2 and "checkpoint" in stderr, stderr
-    latest.write_bytes(backup)  # the operator restores the file
     job_id, job_state = read_jobs(state)[0]
     rounds = read_rounds(state, job_id)
     last = rounds[-1]
+    assert not started and rc == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("fl-server: error:")]
+    assert len(errors) == 1, stderr
+    assert f"checkpoint {latest} is not valid: model sha256 " in errors[0], errors
+    assert f" != recorded {last.model_sha256}" in errors[0], errors
+    latest.write_bytes(backup)  # the operator restores the file
     assert checkpoint_sha(state, job_id, last.round) == last.model_sha256
     fed = Federation(work, [], "breast_cancer")
     try:
