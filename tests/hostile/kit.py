@@ -253,21 +253,26 @@ def goaway_frame(data: bytes) -> int | None:
     return None
 
 
-def raw_tcp(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
-    """Send bytes on a plain TCP connection; return what came back before the server
-    closed it (raises TimeoutError if it neither answers nor closes)."""
+def closed_after(port: int, payload: bytes, timeout: float = 5.0) -> tuple[str, bytes]:
+    """Send `payload` on a plain TCP connection and read until the server ends it:
+    ("eof" or "reset", what came back), or ("open", ...) if it still held the
+    connection after `timeout` seconds."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(payload)
         data = b""
-        while True:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             try:
                 piece = sock.recv(65536)
             except ConnectionResetError:
-                return data
+                return "reset", data
+            except TimeoutError:
+                break
             if not piece:
-                return data
+                return "eof", data
             data += piece
+        return "open", data
 
 
 # --------------------------------------------------------------------------- server views
@@ -437,6 +442,12 @@ class HostileClient(ServerConnection):
             return self.next_task(kind, timeout)
         except AssertionError:
             return None
+
+    def tasks_ended(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) for the server to end the open task stream."""
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     def close_tasks(self) -> None:
         if self._call is not None:
