@@ -76,6 +76,10 @@ class HospitalWorker:
     """Trains whichever hospital it is handed; holds no state between calls."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        # The trainer's imports (Opacus) happen here, while the pool starts, so the
+        # first round's timings are training, not importing.
+        import fl_client.client  # noqa: F401
+        import fl_client.local_training  # noqa: F401
         from fl_models.registry import get_task
 
         torch.set_num_threads(max(1, spec.torch_threads))
