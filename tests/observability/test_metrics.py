@@ -3,9 +3,12 @@ federation: they change as rounds complete, and promtool accepts the exposition.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,3 +104,31 @@ def test_metrics_bind_loopback_only(live: LiveFederation) -> None:
         pytest.skip("this machine has no non-loopback IPv4 address to try")
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{lan[0]}:{live.server_metrics}/metrics", timeout=3)
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_deploy_files_name_only_exported_metrics(live: LiveFederation) -> None:
+    """The Grafana dashboard and the alert rules query only metrics the daemons export,
+    and promtool accepts the scrape config and the rules."""
+    fed = live.fed
+    wait_for(lambda: live.scrapes and len(live.client_scrapes) == len(HOSPITALS), 240,
+             "a scrape of every daemon", fed)
+    exported = set()
+    for text in [live.scrapes[-1], *live.client_scrapes.values()]:
+        for family in text_string_to_metric_families(text):  # declared, with or without samples
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+            exported |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    texts = [(DEPLOY / "grafana" / "fl-federation.json").read_text(),
+             (DEPLOY / "prometheus" / "alerts.yml").read_text()]
+    json.loads(texts[0])
+    used = {m for text in texts for m in re.findall(r"\bfl_(?:server|client)_[a-z_]+", text)}
+    assert used and not used - exported, sorted(used - exported)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(f"promtool is not installed: {PROMTOOL_INSTALL}")
+    for args in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                 ["check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")]):
+        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
