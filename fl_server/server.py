@@ -35,7 +35,7 @@ from fl_core.constants import (
     METRICS_HOST,
     SERVER_METRICS_PORT,
 )
-from fl_core.logs import log_event, setup_logging
+from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import SERVER_OPTIONS, server_credentials
 from fl_proto import aggregator_pb2, coordinator_pb2
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready_file", type=Path,
                    help="write {\"port\": N, \"pid\": P} here once serving")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    add_log_file_flags(p)
     p.add_argument("--metrics_port", type=int, default=SERVER_METRICS_PORT,
                    help="Prometheus /metrics port (0: off; a busy default port only warns)")
     p.add_argument("--metrics_host", default=METRICS_HOST,
@@ -403,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging("fl_server", args.log_level)
+    try:
+        setup_logging_from_args("fl_server", args)
+    except OSError as exc:
+        print(f"fl-server: error: cannot open the log file: {exc}", file=sys.stderr)
+        return 2
     try:
         args.strategy_params = parse_strategy_params(args.strategy_param)
         explicit = _explicit(argv)
