@@ -223,6 +223,16 @@ def open_trail(folder: Path | None) -> AuditTrail | None:
     return AuditTrail(Path(folder) / AUDIT_FILE) if folder is not None else None
 
 
+def record_in(folder: Path, event: str, **data: Any) -> None:
+    """Append one record to `folder/audit.jsonl` and close it (fl-keys: each command is
+    one short process, and the keys folder is where its trail belongs)."""
+    trail = AuditTrail(Path(folder) / AUDIT_FILE)
+    try:
+        trail.append(event, **data)
+    finally:
+        trail.close()
+
+
 def main(argv: list[str] | None = None, prog: str = "fl-audit") -> int:
     """`verify FILE`: exit 0 when intact, 1 naming the first bad line, 2 when unreadable."""
     parser = argparse.ArgumentParser(

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fl_core.audit import record_in
 from fl_core.constants import (
     CA_VALIDITY_DAYS,
     CERT_VALIDITY_DAYS,
@@ -368,6 +369,9 @@ def sign_csr(
     )
     cert = _leaf_cert(ca, subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH)
     write_public(record, _pem_cert(cert))
+    record_in(base, "certificate_signed", client=cn, role=role, serial=f"{cert.serial_number:x}",
+              csr_sha256=hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest(),
+              cert_sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest())
     return cn, cert
 
 
@@ -432,6 +436,7 @@ def revoke(keys_dir: str | os.PathLike[str], name: str) -> tuple[int, bool]:
         number = len(entries) + 1
     new_crl = _build_crl(ca, entries, number)
     write_public(base / "crl.pem", new_crl.public_bytes(serialization.Encoding.PEM))
+    record_in(base, "certificate_revoked", client=name, serial=f"{cert.serial_number:x}")
     return cert.serial_number, True
 
 
@@ -442,6 +447,7 @@ def rotate_jwt_key(keys_dir: str | os.PathLike[str]) -> str:
     _load_ca(base)
     kid = _new_jwt_key(base)
     write_private(base / "jwt" / "active", kid.encode("ascii") + b"\n")
+    record_in(base, "token_key_rotated", kid=kid)
     return kid
 
 
