@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= breast_cancer
 
-.PHONY: install proto proto-check test lint demo bench clean
+.PHONY: install proto proto-check test lint demo bench clean system-deps
 
 install: $(STAMP)
 
@@ -23,8 +23,19 @@ proto: $(STAMP)
 		protos/fl_proto/*.proto
 	touch fl_proto/__init__.py
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
+
+# The dashboard test drives Debian's chromium and the metrics test runs promtool (package
+# prometheus): installed here only when missing and running as root; otherwise those
+# tests skip and print the command.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; }; then \
+		echo "installing chromium and prometheus (promtool) with apt-get"; \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends chromium prometheus; } >/dev/null \
+			|| echo "apt-get failed: the dashboard/promtool tests will skip"; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check fl_core fl_server fl_client fl_models fl_demo fl_sim tests bench
