@@ -131,7 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SimSettings:
         model_type=a.model_type, rounds=a.rounds, strategy=a.strategy, strategy_params=params,
         fraction=a.fraction, min_clients=a.min_clients, quorum=a.quorum,
         max_round_attempts=a.max_round_attempts,
-        local_epochs=_given(a.local_epochs, profile.local_epochs),
+        local_epochs=_given(a.local_epochs, profile.local_epochs or 0),  # 0: the task's
         batch_size=a.batch_size,
         learning_rate=_given(a.learning_rate, profile.learning_rate or 0.0),
         no_dp=a.no_dp, noise_multiplier=_given(a.noise_multiplier, profile.noise_multiplier),
