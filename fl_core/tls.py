@@ -19,7 +19,6 @@ from fl_core.constants import (
     KEEPALIVE_TIME_MS,
     KEEPALIVE_TIMEOUT_MS,
     MAX_MESSAGE_BYTES,
-    MAX_STREAMS_PER_CONNECTION,
     MIN_PING_INTERVAL_MS,
 )
 
@@ -54,9 +53,6 @@ SERVER_OPTIONS: list[ChannelOption] = [
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.http2.bdp_probe", 0),
-    # HTTP/2 streams one connection may have open at once: a burst of calls over one
-    # connection then waits at the client instead of filling the server's call table.
-    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
 ]
 
 

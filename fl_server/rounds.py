@@ -501,6 +501,18 @@ class RoundEngine:
         still be absurd (one update of 1e30 with FedAvg): its logits overflow and
         scikit-learn raises on the NaN probabilities."""
         self._server_eval = {}
+        factor = self.cfg.update_norm_factor
+        if factor > 0 and self._rollback is not None:
+            # a round moves the model by a fraction of its size; a step larger than
+            # `factor` times the whole model (at least 1) is no training result
+            old = self._rollback[0].state
+            step = math.sqrt(sum(
+                float(torch.linalg.vector_norm(t.double() - old[n].double())) ** 2
+                for n, t in state.items() if t.is_floating_point()))
+            base = max(1.0, update_norm(old))
+            if not math.isfinite(step) or step > factor * base:
+                return (f"the round moved the model by {step:.3g}, more than"
+                        f" {factor:g} x its norm ({base:.3g})")
         if self.eval_dataset is None:
             return ""
         try:
