@@ -24,7 +24,9 @@ TIMEOUT_S = 360
 @pytest.fixture(scope="module")
 def fed(root: Path) -> Iterator[Federation]:
     with Federation(root / "fed", HOSPITALS, "breast_cancer") as federation:
-        federation.start_server(["--min_clients", "5"], timeout_s=120)
+        federation.start_server(["--min_clients", "5", "--log_file",
+                                 str(root / "logs" / "server.log"), "--log_backups", "2"],
+                                timeout_s=120)
         yield federation
 
 
@@ -126,3 +128,7 @@ def test_doctors_pass_a_good_site_and_name_each_broken_thing(root: Path, fed: Fe
             f"port free: 127.0.0.1:{fed.port} is in use by another process"):
         assert expected in fails, fails
     assert fed.server is not None and fed.server.poll() is None  # nothing disturbed it
+    # the server ran with --log_file: its lines are in the file, not on stderr
+    assert f"msg=serving address=127.0.0.1:0 port={fed.port}" in \
+        (root / "logs" / "server.log").read_text()
+    assert "msg=serving" not in fed.tail("server.log", 200)
