@@ -35,12 +35,14 @@ ADMIN_READ_AUDIT_INTERVAL_S = 600.0
 ERROR_DETAIL_KEY = "fl-error-bin"  # the first wave's ErrorDetail trailer
 STATUS_DETAILS_KEY = "grpc-status-details-bin"  # google.rpc.Status (fl_core.errors)
 RECENT_EVENTS = 50
+REFUSALS_AUDITED_PER_MINUTE = 30  # per caller and reason; the rest counted, see refused()
 COALESCED = frozenset({"join", "refusal"})  # repeats of one client shown once, counted
 
 _lock = threading.Lock()
 _trail: AuditTrail | None = None
 _events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
 _admin_reads: dict[tuple[str, str], float] = {}
+_refusals: dict[tuple[str, str], tuple[float, int, int]] = {}
 
 
 def open_server_trail(state_dir: Path) -> AuditTrail | None:
@@ -95,12 +97,32 @@ def admin_call(admin: str, method: str, cert_sha256: str) -> None:
         _record("admin_call", admin, f"{method}", method=method, cert_sha256=cert_sha256)
 
 
+def _refusal_budget(caller: str, code: str) -> tuple[bool, int]:
+    """(write it, refusals left out since the last written one) for this caller and code:
+    at most REFUSALS_AUDITED_PER_MINUTE records each, so a client looping on a refused
+    call cannot make the server fsync once per call; the next record carries the count."""
+    now = time.monotonic()
+    key = (caller, code)
+    with _lock:
+        if len(_refusals) > 10_000:
+            _refusals.clear()
+        start, count, left_out = _refusals.get(key, (now, 0, 0))
+        if now - start >= 60.0:
+            start, count = now, 0
+        count += 1
+        write = count <= REFUSALS_AUDITED_PER_MINUTE
+        _refusals[key] = (start, count, 0 if write else left_out + 1)
+    return write, left_out if write else 0
+
+
 def refused(code: str, message: str, client_id: str = "", method: str = "",
             peer: str = "") -> None:
     """A call refused (by the interceptor or a service); counted in the metrics too."""
     OBSERVED.refused(code, client_id)
-    _record("refusal", client_id or peer, f"{code}: {message}", code=code, message=message,
-            method=method, peer=peer)
+    caller = client_id or peer.rsplit(":", 1)[0]
+    write, left_out = _refusal_budget(caller, code)
+    _record("refusal", client_id or peer, f"{code}: {message}", audit=write, code=code,
+            message=message, method=method, peer=peer, not_audited_before=left_out)
 
 
 def _detail_code(context: grpc.ServicerContext) -> str:

@@ -30,9 +30,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fl_core.logs import log_event
+from fl_proto import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
-    from fl_proto import coordinator_pb2 as cpb
     from fl_server.clients import ClientRegistry
     from fl_server.rounds import RoundEngine
     from fl_server.store import Store
@@ -153,7 +153,7 @@ def client_phase(rs: Any, client_id: str, transfer: _Transfer | None) -> str:
     """Where a hospital stands in the open round, as the server sees it."""
     if rs is None or client_id not in getattr(rs, "selected", ()):
         return "idle"
-    evaluating = rs.kind == 2  # cpb.EVALUATE
+    evaluating = rs.kind == cpb.EVALUATE
     if client_id in rs.accepted:
         return "update accepted"
     if client_id in rs.failed:

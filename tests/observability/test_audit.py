@@ -132,3 +132,29 @@ def test_damaged_line_is_named_and_appends_refuse(tmp_path: Path) -> None:
 def test_unreadable_file_is_exit_2(tmp_path: Path) -> None:
     done = _cli("fl_client.audit", tmp_path / "missing.jsonl")
     assert done.returncode == 2 and "cannot read audit trail" in done.stderr
+
+
+def test_server_audits_a_refusal_storm_with_bounded_records(tmp_path: Path) -> None:
+    """A client looping on a refused call: every refusal is counted, at most
+    REFUSALS_AUDITED_PER_MINUTE are written per caller and reason, and the next written
+    one would carry how many were left out."""
+    from fl_server import audit as server_audit
+    from fl_server.metrics import REFUSALS
+
+    trail = server_audit.open_server_trail(tmp_path)
+    assert trail is not None
+    try:
+        before = REFUSALS.labels("TEST_STORM")._value.get()
+        for _ in range(server_audit.REFUSALS_AUDITED_PER_MINUTE + 25):
+            server_audit.refused("TEST_STORM", "no", client_id="storm_client", method="/x/Y")
+        assert REFUSALS.labels("TEST_STORM")._value.get() - before == \
+            server_audit.REFUSALS_AUDITED_PER_MINUTE + 25
+        recs = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        assert len(recs) == server_audit.REFUSALS_AUDITED_PER_MINUTE
+        assert server_audit._refusal_budget("storm_client", "TEST_STORM") == (False, 0)
+        assert verify_trail(tmp_path / "audit.jsonl").ok
+        events = server_audit.recent_events()
+        assert events[0]["client_id"] == "storm_client" and "(x" in events[0]["message"]
+    finally:
+        server_audit._trail = None
+        trail.close()
