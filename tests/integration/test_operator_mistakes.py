@@ -115,8 +115,10 @@ def test_a_running_jobs_settings_cannot_change(federation: Federation, tmp_path:
 def test_a_second_daemon_with_one_identity_is_refused(federation: Federation,
                                                       breast_cancer_data: Path) -> None:
     fed = federation
-    fed.start_server(["--rounds", "2", "--min_clients", "1", "--fraction", "1.0",
-                      "--no_fed_eval", "--round_deadline_s", "60"])
+    # two hospitals needed: no round starts (and the job cannot end) until hospital_2
+    # joins at the end, so hospital_1 is surely live while its double is tried
+    fed.start_server(["--rounds", "2", "--min_clients", "2", "--fraction", "1.0",
+                      "--no_fed_eval", "--round_deadline_s", "120"])
     fed.start_client("hospital_1", breast_cancer_data / "hospital_1")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
@@ -140,11 +142,12 @@ def test_a_second_daemon_with_one_identity_is_refused(federation: Federation,
     message = second.stderr.strip().splitlines()[-1]
     assert re.search(r"hospital_1 already has a live session from ipv[46]:", message), message
     assert "--replace_session" in message and time.monotonic() - started < 200
-    # the first daemon was never displaced: it finishes the job alone, each round once
+    # the first daemon was never displaced: with hospital_2 it finishes the job
+    fed.start_client("hospital_2", breast_cancer_data / "hospital_2")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and fed.status().job_state == "running":
         time.sleep(0.3)
     status = fed.status()
     assert status.job_state == "completed", fed.tail("server.log")
     assert [r.round for r in status.rounds] == [1, 2]
-    assert all(r.reported == 1 for r in status.rounds)
+    assert all(r.reported == 2 for r in status.rounds)
