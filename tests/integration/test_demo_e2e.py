@@ -20,6 +20,7 @@ import pytest
 
 from fl_demo.demo import DemoError, prepare_out_dir, projected_epsilon
 from fl_demo.live import _summary_epsilon
+from fl_models.registry import get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOSPITALS = ["hospital_1", "hospital_2"]
@@ -90,9 +91,22 @@ def test_demo_two_hospitals_two_rounds(tmp_path: Path) -> None:
     # The local-only comparison: each hospital, with DP, on the same test set.
     local = report["final"]["local_only"]
     assert local.keys() == set(HOSPITALS)
+    # Every model's figures are one confusion matrix on the global test set: accuracy
+    # counts whole cases and agrees with sensitivity and specificity at the set's
+    # own class counts (a figure from another set or a mixed-up field cannot).
+    test_labels = get_task("breast_cancer").load_split(out / "data" / "test", "test").tensors[1]
+    positives, negatives = int(test_labels.sum()), int((test_labels == 0).sum())
+    n = positives + negatives
+    assert n == report["data"]["test_examples"]
+    for name, metrics in [("global", glob)] + [(h, local[h]["metrics"]) for h in HOSPITALS]:
+        correct = metrics["accuracy"] * n
+        assert correct == pytest.approx(round(correct), abs=1e-6), (name, metrics)
+        assert metrics["sensitivity"] * positives + metrics["specificity"] * negatives \
+            == pytest.approx(correct, abs=1e-6), (name, metrics)
+        assert metrics["balanced_accuracy"] == pytest.approx(
+            (metrics["sensitivity"] + metrics["specificity"]) / 2), (name, metrics)
     for name in HOSPITALS:
-        assert local[name]["epsilon"] > 0
-        assert 0 <= local[name]["metrics"]["accuracy"] <= 1
+        assert 0 < local[name]["epsilon"] <= report["epsilon_budget"]
 
     png = out / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -122,7 +136,14 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
                     break
             time.sleep(0.2)
         assert pids.keys() == {"server", *HOSPITALS}, f"demo did not start its daemons: {pids}"
-        time.sleep(2)  # mid-flight: clients connecting or round 1 training
+        # mid-flight: round 1 handed out and training (the server logs the phase)
+        server_log = out / "logs" / "server.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if server_log.exists() and "round=1 phase=train" in server_log.read_text():
+                break
+            time.sleep(0.1)
+        assert "round=1 phase=train" in server_log.read_text(), "round 1 never started"
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
