@@ -59,6 +59,7 @@ from fl_proto import coordinator_pb2 as cpb
 log = logging.getLogger("fl_client.client")
 
 DEFAULT_EPSILON_BUDGET = 10.0
+STOPPED_REASON = "stopped by the operator"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +305,7 @@ class ClientDaemon:
             bar.close()
 
     def _train(self, task: cpb.Task) -> None:
-        from fl_client.local_training import PrivacyRequired, train_round
+        from fl_client.local_training import PrivacyRequired, TrainingStopped, train_round
 
         try:
             config = training_config(task.config, self.policy,
@@ -341,7 +342,13 @@ class ClientDaemon:
         try:
             result = train_round(self.task, global_state, self.train_set, config, self.device,
                                  self.ledger, self.args.allow_no_dp, on_progress=on_progress,
-                                 job_id=task.job_id, round=task.round)
+                                 job_id=task.job_id, round=task.round, stop=self.stop)
+        except TrainingStopped as exc:
+            # abandoned: the steps taken are in the ledger once (abandoned=True)
+            log_event(log, "round_abandoned", round=task.round, steps=exc.steps,
+                      epsilon_total=f"{self.ledger.spent():.3f}")
+            self._report(task, cpb.FAILED, reason=STOPPED_REASON)
+            return
         except BudgetExceeded as exc:
             log_event(log, "task_refused", round=task.round, reason=str(exc))
             self._report(task, cpb.REFUSED, reason=str(exc))

@@ -24,6 +24,10 @@ Why it is shaped this way:
   record, so its gradient ``mu * (w - w_global)`` is added after clipping and
   noising: exact FedProx, free in privacy (post-processing), and not distorted by
   the clipping bound. Without DP it is simply added to the loss.
+- A stop (``stop`` set by the daemon's SIGINT/SIGTERM handler) is checked between
+  batches: the round is abandoned with ``TrainingStopped``, and under DP the steps
+  already taken are recorded once, as an abandoned ledger entry: their noise was drawn
+  and the data touched, so they were spent, even though no update leaves the hospital.
 - ``secure_mode`` (Opacus's floating-point-attack-resistant noise) needs torchcsprng,
   which is not a dependency; its warning is silenced here and the choice recorded.
 """
@@ -37,7 +41,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from opacus import PrivacyEngine
@@ -67,6 +71,25 @@ ProgressFn = Callable[[int, int, int, int, float], None]
 
 class PrivacyRequired(Exception):
     """Asked to train without DP while the operator has not allowed it."""
+
+
+class TrainingStopped(Exception):
+    """The operator stopped the daemon (``stop`` was set) part way through a round.
+
+    Checked between batches, so a stop takes effect within one batch's time. The round
+    is abandoned: no update is produced; under DP the steps already taken were spent
+    and are recorded once, as an abandoned ledger entry (``steps`` says how many).
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        super().__init__(f"stopped by the operator after {steps} steps")
+
+
+class StopFlag(Protocol):
+    """What the trainer needs of a ``threading.Event``."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass
@@ -207,8 +230,12 @@ def train_round(
     max_physical_batch_size: int = MAX_PHYSICAL_BATCH_SIZE,
     private_seed: int | None = None,
     grad_sample_mode: str = "hooks",
+    stop: StopFlag | None = None,
 ) -> TrainResult:
     """Train the global model on local data for one round; see the module docstring.
+
+    ``stop``: checked between batches; once set, ``TrainingStopped`` is raised (the
+    steps taken recorded once in the ledger, marked abandoned).
 
     Raises ``PrivacyRequired`` (DP off without ``allow_no_dp``), ``BudgetExceeded``
     (from the ledger, before training), ``ValueError`` (model/state mismatch, empty
@@ -244,7 +271,7 @@ def train_round(
     if settings.dp_enabled:
         run = _train_private(
             model, global_params, dataset, settings, device, ledger, job_id, round,
-            on_progress, max_physical_batch_size, private_seed, grad_sample_mode,
+            on_progress, max_physical_batch_size, private_seed, grad_sample_mode, stop,
         )
     else:
         if ledger is not None:
@@ -252,7 +279,7 @@ def train_round(
             per_epoch = math.ceil(len(dataset) / settings.hyperparams.batch_size)
             ledger.record(job_id, round, 0.0, 1.0 / per_epoch,
                           settings.hyperparams.local_epochs * per_epoch, dp_enabled=False)
-        run = _train_plain(model, global_params, dataset, settings, device, on_progress)
+        run = _train_plain(model, global_params, dataset, settings, device, on_progress, stop)
 
     model.to("cpu")
     state = _update_from(model, global_state, settings.update_kind)
@@ -385,6 +412,7 @@ def _train_private(
     max_physical_batch_size: int,
     private_seed: int | None,
     grad_sample_mode: str,
+    stop: StopFlag | None = None,
 ) -> _Run:
     hp = settings.hyperparams
     seed = private_seed if private_seed is not None else secrets.randbits(63)
@@ -431,6 +459,7 @@ def _train_private(
         ledger.ensure_budget(noise_multiplier, sample_rate, planned_steps)
 
     stats = _EpochStats()
+    stopped = False
     try:
         with _quiet_opacus():
             for epoch in range(1, hp.local_epochs + 1):
@@ -442,6 +471,9 @@ def _train_private(
                     optimizer=dp_opt,
                 ) as physical:
                     for inputs, targets in physical:
+                        if stop is not None and stop.is_set():
+                            stopped = True
+                            raise TrainingStopped(_steps_of(engine))
                         inputs, targets = inputs.to(device), targets.to(device)
                         logits = dp_model(inputs)
                         loss = criterion(logits, targets)
@@ -463,7 +495,8 @@ def _train_private(
         history = [(float(nm), float(q), int(n)) for nm, q, n in engine.accountant.history]
         steps = sum(n for _, _, n in history)
         if ledger is not None and steps > 0:
-            ledger.record(job_id, round, noise_multiplier, sample_rate, steps)
+            ledger.record(job_id, round, noise_multiplier, sample_rate, steps,
+                          abandoned=stopped)
     return _Run(
         metrics={"train_loss": stats.loss, "train_accuracy": stats.accuracy},
         noise_multiplier=noise_multiplier,
@@ -472,6 +505,11 @@ def _train_private(
         epsilon_round=compose_epsilon(history, settings.delta,
                                       ledger.accountant if ledger else DEFAULT_ACCOUNTANT),
     )
+
+
+def _steps_of(engine: PrivacyEngine) -> int:
+    """DP steps the engine's accountant has seen (what the ledger will be charged)."""
+    return sum(int(n) for _, _, n in engine.accountant.history)
 
 
 def _planned(settings: RoundSettings, ledger: PrivacyLedger | None, job_id: str,
@@ -494,6 +532,7 @@ def _train_plain(
     settings: RoundSettings,
     device: torch.device,
     on_progress: ProgressFn | None,
+    stop: StopFlag | None = None,
 ) -> _Run:
     hp = settings.hyperparams
     loader = DataLoader(dataset, batch_size=hp.batch_size, shuffle=True)
@@ -505,6 +544,8 @@ def _train_plain(
     for epoch in range(1, hp.local_epochs + 1):
         stats = _EpochStats()
         for step, (inputs, targets) in enumerate(loader, start=1):
+            if stop is not None and stop.is_set():
+                raise TrainingStopped(steps)
             inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs)
             loss = criterion(logits, targets)

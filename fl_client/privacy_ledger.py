@@ -113,6 +113,9 @@ class LedgerEntry:
     epsilon_round: float
     epsilon_cumulative: float
     timestamp: float
+    # True when the operator stopped the run part way (Ctrl-C, SIGTERM): only the steps
+    # taken are charged, once, and no update left the hospital. Absent in older files.
+    abandoned: bool = False
 
     @property
     def mechanism(self) -> Mechanism:
@@ -316,8 +319,12 @@ class PrivacyLedger:
         steps: int,
         *,
         dp_enabled: bool = True,
+        abandoned: bool = False,
     ) -> LedgerEntry:
         """Append one training run and persist it before returning.
+
+        ``abandoned``: the run was stopped part way; ``steps`` are the steps it took
+        (they consumed privacy), recorded once like any other run.
 
         Never refuses for budget: by the time a run is recorded the spend has
         happened, and forgetting it would be the real failure. ``attempt`` is one
@@ -349,6 +356,7 @@ class PrivacyLedger:
                 epsilon_round=eps_round,
                 epsilon_cumulative=self.epsilon(history),
                 timestamp=time.time(),
+                abandoned=abandoned,
             )
             entries = [*self._entries, entry]
             self._keep_old_version()
@@ -425,7 +433,10 @@ class PrivacyLedger:
             "epsilon_round": (int, float),
             "epsilon_cumulative": (int, float),
             "timestamp": (int, float),
+            "abandoned": (bool,),
         }
+        if isinstance(item, dict) and "abandoned" not in item:
+            item = {**item, "abandoned": False}  # written before runs could be abandoned
         if version == 1 and isinstance(item, dict) and "accountant" not in item:
             item = {**item, "accountant": "rdp"}  # version 1 kept RDP figures only
         if not isinstance(item, dict) or set(item) != set(spec):
