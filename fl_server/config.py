@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fl_core import constants as fc
 from fl_core.constants import DEFAULT_EPSILON_PER_HOSPITAL, DEFAULT_PORT, UPDATE_NORM_FACTOR
 
 
@@ -64,11 +65,30 @@ class ServerConfig:
     max_workers: int = 512
     torch_threads: int = 1
     job_id: str = ""
+    # Secure aggregation (SecAgg+, issue 12): the server sees only the sum of updates.
+    secure_aggregation: bool = False
+    secagg_threshold: float = fc.SECAGG_DEFAULT_THRESHOLD
+    secagg_bits: int = fc.SECAGG_DEFAULT_BITS
+    secagg_clip: float = fc.SECAGG_DEFAULT_CLIP
+    secagg_stage_timeout_s: float = fc.SECAGG_STAGE_TIMEOUT_S
 
     def validate(self) -> None:
         problems = [p for name, value in _values(self) if (p := _check(name, value))]
+        problems += self._secagg_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _secagg_problems(self) -> list[str]:
+        """What secure aggregation cannot run with (the strategy, too few hospitals)."""
+        if not self.secure_aggregation:
+            return []
+        from fl_server.secagg_round import strategy_refusal
+
+        refusal = strategy_refusal(self.strategy)
+        problems = [refusal] if refusal else []
+        if self.min_clients < 2:
+            problems.append("secure aggregation needs min_clients >= 2")
+        return problems
 
     def as_json_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -91,6 +111,7 @@ JOB_FIELDS = (
     "local_epochs", "batch_size", "learning_rate", "no_dp", "noise_multiplier",
     "target_epsilon", "delta", "max_grad_norm", "epsilon_per_hospital", "fed_eval",
     "eval_deadline_s", "seed", "update_norm_factor",
+    "secure_aggregation", "secagg_threshold", "secagg_bits", "secagg_clip",
 )
 
 _FIELD_TYPES = {f.name: f.type for f in fields(ServerConfig)}
@@ -120,6 +141,11 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "seed": (0, 2**63 - 1, True),
     "max_workers": (8, 100_000, True),
     "torch_threads": (1, 1024, True),
+    # hospitals refuse a threshold that lets fewer than half of a secret's holders rebuild it
+    "secagg_threshold": (0.5, 0.99, True),
+    "secagg_bits": (fc.SECAGG_MIN_BITS, fc.SECAGG_MAX_BITS, True),
+    "secagg_clip": (0.0, 1e6, False),
+    "secagg_stage_timeout_s": (0.0, DAY_S, False),
 }
 
 

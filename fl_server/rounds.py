@@ -25,6 +25,7 @@ import torch
 
 from fl_core.errors import Refusal
 from fl_core.logs import log_event
+from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.tensor_codec import build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
@@ -105,6 +106,7 @@ class RoundState:
     failed: dict[str, str] = field(default_factory=dict)
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     open: bool = True
+    secagg: Any = None  # the round's SecAggRound (fl_server/secagg_round.py) when secure
 
     def outstanding(self) -> set[str]:
         done = set(self.accepted) | set(self.failed)
@@ -136,6 +138,7 @@ class RoundEngine:
         self.job_state = "running"
         self.on_round_closed: list[Any] = []  # callbacks(round_state) e.g. spool clean-up
         self.last_failure = ""
+        self.secure: Any = None  # SecureAggregation (secagg_round.py) with --secure_aggregation
         self.excluded: dict[str, str] = {}  # this round's spoilers -> why (not reselected)
         self._server_eval: dict[str, float] = {}
         self._rollback: tuple[ModelVersion, dict[str, torch.Tensor]] | None = None
@@ -208,7 +211,10 @@ class RoundEngine:
                 raise RoundRefusal("ALREADY_EXISTS",
                                    f"client {client_id} already sent its update for round"
                                    f" {rs.round}", Refusal.DUPLICATE_UPDATE)
-            self.strategy.accept(client_id, delta, num_examples)
+            if rs.secagg is not None:  # a masked input: folded mod 2^32, unreadable alone
+                rs.secagg.fold(client_id, delta[MASKED_TENSOR], num_examples)
+            else:
+                self.strategy.accept(client_id, delta, num_examples)
             rs.accepted[client_id] = AcceptedUpdate(num_examples, dict(metrics), norm=norm)
             self.registry.clear_task(client_id, task_id)
             self._cv.notify_all()
@@ -382,6 +388,8 @@ class RoundEngine:
                 model_manifest=model.manifest)
         rs = RoundState(self.job_id, round_no, attempt, kind, clients, tasks,
                         time.monotonic() + deadline_s)
+        if kind == cpb.TRAIN and self.secure is not None:
+            self._make_secure(rs, model)
         with self._cv:
             self.current = rs
         for cid, task in tasks.items():
@@ -394,12 +402,53 @@ class RoundEngine:
                 remaining = rs.deadline - time.monotonic()
                 if remaining <= 0:
                     break
+                if rs.secagg is not None:
+                    rs.secagg.tick()  # closes a key stage that timed out, drops the silent
                 self._cv.wait(timeout=min(remaining, 0.5))
             rs.open = False
         for cid in rs.selected:
             self.registry.clear_task(cid, rs.tasks[cid].task_id)
         for callback in self.on_round_closed:
             callback(rs)
+
+    def _make_secure(self, rs: RoundState, model: ModelVersion) -> None:
+        """Opens the round's secure aggregation (fresh session: fresh keys on every
+        hospital) and puts its parameters in every task; hospitals that miss a key
+        stage are failed at once, so the round does not wait for them."""
+
+        def dropped(cid: str, reason: str) -> None:
+            with self._cv:
+                if cid not in rs.accepted and cid not in rs.failed:
+                    rs.failed[cid] = reason
+                    self.registry.clear_task(cid, rs.tasks[cid].task_id)
+                self._cv.notify_all()
+
+        rs.secagg = self.secure.open_round(
+            rs.job_id, rs.round, rs.selected, model.state,
+            {c: self.registry.num_examples(c) for c in rs.selected}, dropped)
+        config = rs.secagg.config()
+        for task in rs.tasks.values():
+            task.secagg.CopyFrom(config)
+            task.config.update_kind = cpb.DELTA  # the masked vector is of the delta
+
+    def _unmask(self, rs: RoundState, round_no: int, attempt: int) -> bool:
+        """Secure round: survivors reveal their shares, the masks come off (once), and
+        the strategy receives the sum; a failure costs this attempt only."""
+        rs.secagg.close_collect()
+        fault_point("unmask", round_no)  # tests only: off unless FL_FAULT_POINT names it
+        try:
+            rs.secagg.unmask_into(self.strategy, self.stop_event)
+        except (SecAggError, StrategyError) as exc:
+            reason = f"secure aggregation failed: {exc}"
+            log_event(log, "round_failed", job=self.job_id, round=round_no, attempt=attempt,
+                      reason=reason)
+            self.store.record_event("round_attempt_failed",
+                                    {"round": round_no, "attempt": attempt, "reason": reason,
+                                     "clients": sorted(rs.accepted)}, job_id=self.job_id)
+            round_failed(self.job_id, round_no, attempt, reason)
+            self.last_failure = reason
+            return False
+        return True
 
     def _run_round(self, round_no: int, attempt: int) -> bool:
         started = time.monotonic()
@@ -432,6 +481,8 @@ class RoundEngine:
                                      "failures": rs.failed}, job_id=self.job_id)
             round_failed(self.job_id, round_no, attempt, reason)
             self.last_failure = reason
+            if rs.secagg is not None:
+                rs.secagg.abort(reason)
             return False
         norms = {cid: u.norm for cid, u in rs.accepted.items()}
         outliers = norm_outliers(norms, self.cfg.update_norm_factor)
@@ -439,6 +490,8 @@ class RoundEngine:
             return self._spoiled(rs, f"update norm above {self.cfg.update_norm_factor:g} x the"
                                  " median of the round's other updates", outliers)
         self._set_phase("aggregate", updates=len(rs.accepted))
+        if rs.secagg is not None and not self._unmask(rs, round_no, attempt):
+            return False
         try:
             new_state = self.strategy.finish_round()
         except StrategyError as exc:
@@ -456,6 +509,8 @@ class RoundEngine:
         metrics = self.strategy.train_metrics(
             [(u.num_examples, u.metrics) for u in rs.accepted.values()])
         metrics.update(self.strategy.round_metrics())
+        if rs.secagg is not None:
+            metrics.update(rs.secagg.summary())
         self._set_phase("evaluate")
         metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
         self._set_phase("checkpoint")

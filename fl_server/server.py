@@ -60,6 +60,7 @@ from fl_server.keyfiles import load_server_tls
 from fl_server.limits import CallLimitInterceptor, log_limits
 from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
+from fl_server.secagg_round import SecAggSettings, SecureAggregation
 from fl_server.store import Store
 from fl_server.strategies import STRATEGY_NAMES, StrategyError, make_strategy
 from fl_server.tokens import RevocationList, TokenService
@@ -150,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_deadline_s", type=float, default=d.eval_deadline_s,
                    help="seconds to wait for clients' evaluations")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for model init and selection")
+    p.add_argument("--secure_aggregation", action="store_true",
+                   help="SecAgg+: hospitals mask their updates so the server learns only"
+                        " their sum (FedAvg-family strategies only)")
+    p.add_argument("--secagg_threshold", type=float, default=d.secagg_threshold,
+                   help="shares needed to rebuild a hospital's secrets: floor(this x"
+                        " holders) + 1, holders = its neighbours + itself (>= 0.5)")
+    p.add_argument("--secagg_bits", type=int, default=d.secagg_bits,
+                   help="fixed-point bits of a quantized update (scale 2^(bits-1) / clip)")
+    p.add_argument("--secagg_clip", type=float, default=d.secagg_clip,
+                   help="each coordinate of an update is clipped to [-clip, clip]")
+    p.add_argument("--secagg_stage_timeout_s", type=float, default=d.secagg_stage_timeout_s,
+                   help="how long the key, share and unmask stages wait for hospitals")
     p.add_argument("--max_workers", type=int, default=d.max_workers,
                    help="gRPC worker threads (each connected client holds one for its task"
                         " stream)")
@@ -273,6 +286,11 @@ class ServerApp:
                                                             self.strategy.client_config()),
                                   eval_dataset)
         self.engine.set_model(round_no, state)
+        if cfg.secure_aggregation:
+            self.engine.secure = SecureAggregation(
+                SecAggSettings(cfg.secagg_threshold, cfg.secagg_bits, cfg.secagg_clip,
+                               cfg.secagg_stage_timeout_s),
+                self.strategy, self.tls[2], cfg.keys_dir / "crl.pem")
         self.health = health.HealthServicer()
 
     def _load_or_create_job(self, new_job: bool) -> tuple[str, int, dict[str, torch.Tensor]]:
