@@ -151,3 +151,7 @@ PLANNER_TOLERANCE: Final = 0.02
 # for one job (or as a hospital's whole budget) the daemons warn: little privacy is left.
 DEFAULT_EPSILON_PER_HOSPITAL: Final = 3.0
 EPSILON_WARN_PER_JOB: Final = 10.0
+
+# A server run with --exit_when_done waits at most this long, after its job completed,
+# for the participating hospitals to download the final model (fl_server/final_model.py).
+FINAL_MODEL_GRACE_S: Final = 60.0

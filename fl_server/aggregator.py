@@ -132,26 +132,33 @@ class AggregatorService(apb_grpc.AggregatorServicer):
     def FetchModel(self, request: apb.FetchModelRequest,
                    context: grpc.ServicerContext) -> Iterator[apb.ModelStreamMessage]:
         client_id, session = self._session(context)
+        # a completed job's final model, offered in the STOP task (fl_server/final_model.py)
+        final = self.engine.final.task_of(client_id, request.task_id)
         try:
-            rs, task = self.engine.task_of(client_id, request.task_id)
+            if final is not None:
+                task, job_id, round_no, wanted_version = final, final.job_id, final.round, \
+                    final.round
+            else:
+                rs, task = self.engine.task_of(client_id, request.task_id)
+                job_id, round_no = rs.job_id, rs.round
+                wanted_version = rs.round - 1 if task.kind == cpb.TRAIN else rs.round
             model = self.engine.current_model()
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
-        wanted_version = rs.round - 1 if task.kind == cpb.TRAIN else rs.round
-        if model.version != wanted_version or request.round != rs.round \
-                or request.job_id != rs.job_id:
+        if model.version != wanted_version or request.round != round_no \
+                or request.job_id != job_id:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"task {task.task_id} needs the model of job {rs.job_id} round {rs.round}")
+                  f"task {task.task_id} needs the model of job {job_id} round {round_no}")
         count = model.manifest.chunk_count
         if request.resume_from >= count:
             abort(context, grpc.StatusCode.OUT_OF_RANGE,
                   f"resume_from {request.resume_from} is past the last chunk ({count - 1})")
-        stream_id = download_stream_id(rs.job_id, rs.round, task.task_id, session.session_id)
-        ctx = StreamContext(rs.job_id, rs.round, client_id, "down", stream_id,
+        stream_id = download_stream_id(job_id, round_no, task.task_id, session.session_id)
+        ctx = StreamContext(job_id, round_no, client_id, "down", stream_id,
                             manifest_digest(model.manifest))
         sealer = StreamSealer(stream_key(session.secret, ctx), ctx)
         yield apb.ModelStreamMessage(header=apb.ModelStreamHeader(
-            job_id=rs.job_id, round=rs.round, stream_id=stream_id, manifest=model.manifest))
+            job_id=job_id, round=round_no, stream_id=stream_id, manifest=model.manifest))
         start = int(request.resume_from)
         for seq, plain in enumerate(iter_chunks(model.state, model.manifest, start=start),
                                     start=start):
@@ -159,6 +166,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             yield apb.ModelStreamMessage(chunk=chunk)
             OBSERVED.download(client_id, task.task_id, seq == count - 1, len(chunk.ciphertext),
                               resumed=0 < start == seq)
+        if final is not None:
+            self.engine.final.fetched(client_id)
 
     # UploadStatus ----------------------------------------------------------------
     def UploadStatus(self, request: apb.UploadStatusRequest,

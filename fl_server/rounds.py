@@ -33,6 +33,7 @@ from fl_server.audit import round_completed, round_failed
 from fl_server.clients import ClientRegistry
 from fl_server.config import ServerConfig
 from fl_server.faults import fault_point
+from fl_server.final_model import FinalDelivery, participants
 from fl_server.metrics import OBSERVED
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
@@ -142,6 +143,7 @@ class RoundEngine:
         self.excluded: dict[str, str] = {}  # this round's spoilers -> why (not reselected)
         self._server_eval: dict[str, float] = {}
         self._rollback: tuple[ModelVersion, dict[str, torch.Tensor]] | None = None
+        self.final = FinalDelivery()
 
     # model --------------------------------------------------------------------
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -603,10 +605,11 @@ class RoundEngine:
         return metrics
 
     def _broadcast_stop(self) -> None:
-        def stop_task(cid: str) -> cpb.Task:
-            return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=self.job_id,
-                            round=self.round)
-        self.registry.broadcast(stop_task)
+        if self.job_state == "completed":  # its hospitals fetch the final model (final_model.py)
+            model = self.current_model()
+            self.final.open(self.job_id, model.version, model.manifest,
+                            participants(self.store, self.job_id))
+        self.registry.broadcast(lambda cid: self.final.stop_task(cid, self.job_id, self.round))
 
     def shutdown(self) -> None:
         self.stop_event.set()

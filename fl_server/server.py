@@ -32,6 +32,7 @@ from fl_core.constants import (
     CONCURRENT_RPCS_PER_WORKER,
     DEFAULT_EPSILON_PER_HOSPITAL,
     EPSILON_WARN_PER_JOB,
+    FINAL_MODEL_GRACE_S,
     METRICS_HOST,
     SERVER_METRICS_PORT,
 )
@@ -455,7 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         _write_ready(args.ready_file, port)
     while not stopping.is_set():
         if args.exit_when_done and app.engine.done_event.is_set():
-            stopping.wait(2.0)  # let clients read their STOP task
+            # the final model's downloads first (bounded), then time to read the STOP task
+            give_up = time.monotonic() + FINAL_MODEL_GRACE_S
+            while not (app.engine.final.delivered.is_set() or stopping.is_set()) \
+                    and time.monotonic() < give_up:
+                stopping.wait(0.2)
+            stopping.wait(2.0)
             break
         stopping.wait(0.2)
     app.stop()

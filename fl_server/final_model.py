@@ -1,0 +1,78 @@
+"""The final global model's way back to the hospitals that trained it (issue 15 item 3).
+
+When a job completes, the STOP task a participating hospital receives carries the
+final model's manifest and round, so its daemon can fetch the model over the same
+sealed, resumable FetchModel path as any round's model (keys bound to the job, the
+round, the client and the stream) and check it against that manifest. Only the
+hospitals that contributed an accepted update to some round of the job are offered
+it (read from the store, so a server restarted after the job ended still knows
+them); any other connected hospital gets a plain STOP. A failed or stopped job
+delivers nothing.
+
+``delivered`` is set once every offered hospital has streamed the model to its
+last chunk, so a server run with ``--exit_when_done`` can wait for the downloads
+(bounded by ``FINAL_MODEL_GRACE_S``) instead of closing under them.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
+from fl_server.store import Store
+
+
+def participants(store: Store, job_id: str) -> set[str]:
+    """Hospitals with an accepted update in any completed round of the job."""
+    found: set[str] = set()
+    for row in store.rounds(job_id):
+        clients = row.metrics.get("clients") if row.state == "completed" else None
+        if isinstance(clients, dict):
+            found.update(str(c) for c in clients)
+    return found
+
+
+class FinalDelivery:
+    """The final-model tasks of one completed job: who may fetch what."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks: dict[str, cpb.Task] = {}
+        self._pending: set[str] = set()
+        self.delivered = threading.Event()
+        self.delivered.set()  # nothing offered yet, so nothing to wait for
+
+    def open(self, job_id: str, round_no: int, manifest: tpb.TensorManifest,
+             clients: set[str]) -> None:
+        """Offer the model of ``round_no`` (the job's last) to ``clients``."""
+        with self._lock:
+            self._tasks = {
+                cid: cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id,
+                              round=round_no, model_manifest=manifest)
+                for cid in clients}
+            self._pending = set(clients)
+            if self._pending:
+                self.delivered.clear()
+
+    def stop_task(self, client_id: str, job_id: str, round_no: int) -> cpb.Task:
+        """The STOP task for ``client_id``: with the final model when it is offered one."""
+        with self._lock:
+            offered = self._tasks.get(client_id)
+        if offered is not None:
+            return offered
+        return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id, round=round_no)
+
+    def task_of(self, client_id: str, task_id: str) -> cpb.Task | None:
+        """The final-model task ``task_id`` of ``client_id``, or None when it is not one."""
+        with self._lock:
+            task = self._tasks.get(client_id)
+        return task if task is not None and task.task_id == task_id else None
+
+    def fetched(self, client_id: str) -> None:
+        """``client_id`` has streamed the whole model."""
+        with self._lock:
+            self._pending.discard(client_id)
+            if not self._pending:
+                self.delivered.set()
