@@ -7,6 +7,12 @@
   same buffer (the floor: a mask can be no faster than adding it); and the
   quantization (clip, weight, stochastic rounding) in M coordinates/s. Target: mask
   generation >= 1 GB/s per core.
+- rounds: whole rounds over real processes (the real server with a synthetic model,
+  bench.sized_server; no-op hospitals as in bench.rounds, which fetch the model and
+  send small noise as their delta without training), each scenario run plain and
+  with --secure_aggregation in the same invocation: median wall time between rounds
+  being recorded (round 1 left out). Targets: 100k x 10 hospitals at most 2x plain,
+  100 MB x 4 at most 1.5x.
 - per_hospital: one hospital's own CPU time for a whole secure round at 100k
   parameters among n = 25, 50, 100 hospitals (verify the neighbours' signed adverts,
   Shamir-share and seal to each neighbour, open the neighbours' shares, quantize and
@@ -21,6 +27,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +38,7 @@ from fl_core.constants import SECAGG_MASK_CHUNK_BYTES
 from fl_core.secagg.prg import apply_mask, apply_masks
 from fl_core.secagg.quantize import QuantParams, quantize_into
 
-BENCHES = ("mask", "per_hospital")
+BENCHES = ("mask", "per_hospital", "rounds")
 
 
 def _time(fn: Callable[[], object], runs: int) -> float:
@@ -51,7 +58,11 @@ def bench_mask(mb: int, runs: int) -> bool:
     seeds = [os.urandom(32) for _ in range(10)]
     small = np.zeros(SECAGG_MASK_CHUNK_BYTES // 4, dtype=np.uint32)
     reps = max(1, buf.nbytes // small.nbytes)
-    t_gen = _time(lambda: [apply_mask(small, seeds[0]) for _ in range(reps)], runs)
+    def generate() -> None:
+        for _ in range(reps):
+            apply_mask(small, seeds[0])
+
+    t_gen = _time(generate, runs)
     t_one = _time(lambda: apply_mask(buf, seeds[0]), runs)
     t_ten = _time(lambda: apply_masks(buf, [(s, 1) for s in seeds]), runs)
     t_add = _time(lambda: np.add(buf, other, out=buf), runs)
@@ -143,14 +154,14 @@ def bench_per_hospital(sizes: list[int], params_count: int, reps: int) -> bool:
     totals: dict[tuple[str, int], float] = {}
     default_max = graph.SECAGG_COMPLETE_GRAPH_MAX
     for mode in ("SecAgg+", "complete graph"):
-        graph.SECAGG_COMPLETE_GRAPH_MAX = default_max if mode == "SecAgg+" else 10**9
+        graph.SECAGG_COMPLETE_GRAPH_MAX = default_max if mode == "SecAgg+" else 10**9  # type: ignore[misc]
         try:
             for n in sizes:
                 k, t, stages = _one_hospital(n, params_count, ca, reps)
                 totals[(mode, n)] = sum(stages.values())
                 rows.append([mode, n, k, t, *stages.values(), totals[(mode, n)]])
         finally:
-            graph.SECAGG_COMPLETE_GRAPH_MAX = default_max
+            graph.SECAGG_COMPLETE_GRAPH_MAX = default_max  # type: ignore[misc]
     print(table(["graph", "hospitals", "k", "t", "adverts checked, shares out (s)",
                  "shares in (s)", "masked input (s)", "reveal (s)", "total (s)"], rows))
     lo, hi = sizes[0], sizes[-1]
@@ -164,18 +175,126 @@ def bench_per_hospital(sizes: list[int], params_count: int, reps: int) -> bool:
     return ok
 
 
+class _SecureNoop:
+    """Makes bench.noop_client's no-op hospital take part in secure rounds."""
+
+    @staticmethod
+    def make(name: str, server: str, tls: tuple[bytes, bytes, bytes], seed: int) -> Any:
+        from bench.noop_client import NUM_EXAMPLES, NoopClient
+        from fl_client.secagg_client import SecureRound
+
+        class SecureNoopClient(NoopClient):
+            def _train(self, task: Any) -> None:
+                if not task.HasField("secagg"):
+                    super()._train(task)
+                    return
+                secure = SecureRound(self.conn, self.name, task, *tls)
+                secure.setup()
+                model = self.conn.fetch_model(task, task.model_manifest)
+                update = self._update(task, model)
+                state = secure.masked_state(update, model, True, NUM_EXAMPLES)
+                self.conn.submit_update(task, state, NUM_EXAMPLES, {"train_loss": 0.0},
+                                        stop=self.stop_event)
+                secure.finish()
+
+        return SecureNoopClient(name, server, tls, "sized", seed=seed)
+
+
+def noop_clients(server: str, work: Path, names: list[str], timeout_s: float) -> int:
+    """Process entry: secure-capable no-op hospitals as threads until the job ends."""
+    import logging
+    import threading
+
+    from bench.common import client_tls
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    clients = [_SecureNoop.make(n, server, client_tls(work, n), i) for i, n in enumerate(names)]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    return 0 if all(c.failures == 0 for c in clients) else 1
+
+
+def _round_walls(work: Path, params: int, clients: int, rounds: int, per_proc: int,
+                 secure: bool) -> list[float]:
+    from bench.common import BenchServer, Procs, client_names
+
+    procs = Procs()
+    tag = f"{'secure' if secure else 'plain'}-{params}-{clients}"
+    try:
+        extra = ["--rounds", str(rounds), "--min_clients", str(clients),
+                 "--round_deadline_s", "600", "--wait_for_clients_s", "300",
+                 "--max_round_attempts", "1"]
+        if secure:
+            extra.append("--secure_aggregation")
+        server = BenchServer(procs, work, params, extra=extra, name=f"server-{tag}")
+        names = client_names(clients)
+        for gi in range(0, clients, per_proc):
+            procs.start(["-m", "bench.secagg", "--noop_clients", ",".join(
+                names[gi:gi + per_proc]), "--server", server.target, "--work", str(work)],
+                work / f"noop-{tag}-{gi}.log", cwd=work)
+        deadline = time.monotonic() + 300 + rounds * params * 4 / 1e6 * 2
+        while time.monotonic() < deadline:
+            state = server.status().job_state
+            if state in ("completed", "failed"):
+                break
+            time.sleep(0.2)
+        if state != "completed":
+            raise RuntimeError(f"{tag}: job {state}:\n{server.proc.tail()}")
+        recorded = {r: t for r, st, _, t in server.recorded_rounds() if st == "completed"}
+        server.close()
+        return [recorded[r] - recorded[r - 1] for r in sorted(recorded) if r - 1 in recorded]
+    finally:
+        procs.stop_all()
+
+
+def bench_rounds(quick: bool, only: list[str] | None) -> bool:
+    from bench.common import make_bench_pki, workdir
+
+    scenarios = [("100k x10", 100_000, 10, 6 if quick else 11, 5, 2.0),
+                 ("100MB x4", 25_000_000, 4, 3 if quick else 5, 1, 1.5)]
+    print_header("Rounds with no-op hospitals: plain vs --secure_aggregation (medians)")
+    rows = []
+    ok = True
+    with workdir("secagg") as work:
+        make_bench_pki(work, [f"hospital_{i + 1}" for i in range(10)])
+        for name, params, clients, rounds, per_proc, target in scenarios:
+            if only and not any(o in name for o in only):
+                continue
+            plain = median(_round_walls(work, params, clients, rounds, per_proc, False))
+            secure = median(_round_walls(work, params, clients, rounds, per_proc, True))
+            ratio = secure / plain
+            met = ratio <= target
+            ok &= met
+            rows.append([name, rounds - 1, plain, secure, ratio, f"<= {target}",
+                         verdict(met)])
+    print(table(["scenario", "rounds timed", "plain round (s)", "secure round (s)",
+                 "secure / plain", "target", ""], rows))
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.secagg", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="*", choices=BENCHES)
+    p.add_argument("--scenario", nargs="*", help="rounds: scenario names containing these")
+    p.add_argument("--noop_clients", help=argparse.SUPPRESS)  # internal: client process
+    p.add_argument("--server", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.noop_clients:
+        return noop_clients(args.server, args.work, args.noop_clients.split(","), 3600)
     torch.set_num_threads(1)
     want = set(args.only or BENCHES)
     if "mask" in want:
         bench_mask(40 if args.quick else 100, 3 if args.quick else 5)
     if "per_hospital" in want:
         bench_per_hospital([25, 50, 100], 100_000, 1 if args.quick else 3)
+    if "rounds" in want:
+        bench_rounds(args.quick, args.scenario)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.secagg.adverts import Advert, RoundId, Verifier
@@ -41,7 +42,6 @@ from fl_core.secagg.masks import dropped_mask_removals, remove_masks, self_mask_
 from fl_core.secagg.quantize import QuantParams, dequantize
 from fl_core.secagg.shamir import combine
 from fl_proto import secagg_pb2 as spb
-from fl_server.aggregator import abort
 from fl_server.auth import identity_of
 from fl_server.rounds import RoundRefusal
 
