@@ -136,7 +136,7 @@ def check_join(args: Any, host: str, port: int, num_examples: int) -> list[Check
         return [Check(SKIP, "server accepts this hospital", f"identity files: {exc}")]
     conn = ServerConnection(target(host, port), ca, cert, key, args.client_id,
                             args.model_type, max(1, num_examples),
-                            server_name=args.server_name)
+                            server_name=args.server_name, epsilon_budget=args.epsilon_budget)
     try:
         conn.connect()
         before = time.time()
