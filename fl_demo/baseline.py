@@ -11,12 +11,16 @@ model:
   DP-SGD), once per federation round, continuing from its own previous weights;
 - is scored by the task's `evaluate` on the same held-out test set the server
   scores the global model on.
+- plans its privacy the same way: with a job budget, the same budget planner over
+  the same rounds, on a ledger of its own (a temporary folder).
 So each hospital spends about the same epsilon alone as it does in the federation;
 the only thing it lacks is the other hospitals' updates.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fl_client.local_training import load_state_strict, train_round
-from fl_client.privacy_ledger import rdp_epsilon
+from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.base import Task
 from fl_proto import coordinator_pb2 as cpb
 from fl_server.config import ServerConfig
@@ -43,12 +47,19 @@ class LocalResult:
     seconds: float
 
 
-def federation_train_config(task: Task, local_epochs: int, noise_multiplier: float,
-                            learning_rate: float | None = None) -> cpb.TrainConfig:
+def federation_train_config(task: Task, local_epochs: int | None, noise_multiplier: float,
+                            learning_rate: float | None = None,
+                            epsilon_per_hospital: float | None = None,
+                            rounds: int = 0) -> cpb.TrainConfig:
     """The TrainConfig the demo's server sends (same flags, same function), but asking
-    for full weights back rather than a delta."""
-    cfg = ServerConfig(model_type=task.name, local_epochs=local_epochs,
-                       noise_multiplier=noise_multiplier, learning_rate=learning_rate or 0.0)
+    for full weights back rather than a delta. ``epsilon_per_hospital``: None for the
+    fixed noise multiplier, inf for no DP."""
+    budget = epsilon_per_hospital is not None and math.isfinite(epsilon_per_hospital)
+    cfg = ServerConfig(model_type=task.name, local_epochs=local_epochs or 0,
+                       noise_multiplier=0.0 if budget else noise_multiplier,
+                       learning_rate=learning_rate or 0.0, rounds=rounds or 1,
+                       epsilon_per_hospital=(epsilon_per_hospital or 0.0) if budget else 0.0,
+                       no_dp=epsilon_per_hospital is not None and not budget)
     config = train_config(cfg, task, {})
     config.update_kind = cpb.WEIGHTS
     return config
@@ -61,30 +72,33 @@ def initial_state(task: Task, seed: int) -> dict[str, torch.Tensor]:
 
 
 def train_local_only(task: Task, hospital: str, data_path: Path, test_set: TensorDataset,
-                     config: cpb.TrainConfig, rounds: int, seed: int) -> LocalResult:
+                     config: cpb.TrainConfig, rounds: int, seed: int,
+                     epsilon_budget: float = 1e6) -> LocalResult:
     """`rounds` private local rounds on one hospital's data, then the held-out metrics."""
     started = time.perf_counter()
     train_set = task.load_split(data_path, "train")
     state = initial_state(task, seed)
-    history: list[tuple[float, float, int]] = []
-    delta = config.privacy.delta
-    for round_no in range(1, rounds + 1):
-        result = train_round(task, state, train_set, config, torch.device("cpu"), None,
-                             allow_no_dp=False, job_id="local-only", round=round_no)
-        state = result.state
-        delta = result.delta
-        history.append((result.noise_multiplier, result.sample_rate, result.steps))
+    private = config.privacy.enabled
+    delta = config.privacy.delta or task.hyperparams.delta
+    with tempfile.TemporaryDirectory(prefix="fl-local-only-") as folder:
+        ledger = PrivacyLedger(Path(folder), hospital, epsilon_budget, delta)
+        for round_no in range(1, rounds + 1):
+            result = train_round(task, state, train_set, config, torch.device("cpu"), ledger,
+                                 allow_no_dp=not private, job_id="local-only",
+                                 round=round_no)
+            state = result.state
+        epsilon = ledger.spent() if private else math.inf
     model = task.build_model()
     load_state_strict(model, state)
     metrics = {k: float(v) for k, v in task.evaluate(model, test_set).items()}
     return LocalResult(hospital=hospital, train_examples=len(train_set), metrics=metrics,
-                       epsilon=rdp_epsilon(history, delta),
-                       seconds=time.perf_counter() - started)
+                       epsilon=epsilon, seconds=time.perf_counter() - started)
 
 
 def train_all_local(task: Task, data_dir: Path, hospitals: list[str], test_set: TensorDataset,
                     config: cpb.TrainConfig, rounds: int, seed: int,
-                    on_done: Callable[[LocalResult], Any] | None = None) -> list[LocalResult]:
+                    on_done: Callable[[LocalResult], Any] | None = None,
+                    epsilon_budget: float = 1e6) -> list[LocalResult]:
     """One local-only model per hospital, in order; `on_done` sees each as it finishes.
 
     Single-threaded, like the client daemons (the launcher gives them
@@ -96,7 +110,7 @@ def train_all_local(task: Task, data_dir: Path, hospitals: list[str], test_set: 
     try:
         for name in hospitals:
             result = train_local_only(task, name, data_dir / name, test_set, config, rounds,
-                                      seed)
+                                      seed, epsilon_budget)
             results.append(result)
             if on_done is not None:
                 on_done(result)

@@ -1,6 +1,12 @@
 """`make demo`: a whole federation on this machine, in one command.
 
     python -m fl_demo [--model_type breast_cancer] [--hospitals 3] [--rounds 5] [--out demo_out]
+                      [--epsilon 3] [--sweep_epsilon 1,2,3,8,inf [--seeds 0,1,2]]
+
+Privacy: each hospital gets a budget for the whole job (--epsilon, default 3, or 8
+for the image tasks) and plans its own noise to land at or under it after the last
+round. --sweep_epsilon runs the whole demo once per budget (and per seed) and plots
+the privacy-utility curve (fl_demo/sweep.py).
 
 Five steps, each the way a real deployment does it, only on loopback:
 1. keys: a private CA and server certificate; each hospital makes its own key and a
@@ -85,9 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo folder, deleted and recreated each run (default ./demo_out)")
     p.add_argument("--hospitals", type=int, default=3, help="client daemons (default 3)")
     p.add_argument("--rounds", type=int, help="federation rounds (default: per model)")
-    p.add_argument("--local_epochs", type=int, help="local epochs per round (default: per model)")
+    p.add_argument("--local_epochs", type=int,
+                   help="local epochs per round (default: the task's DP-tuned hyperparams)")
+    p.add_argument("--epsilon", "--epsilon_per_hospital", dest="epsilon", type=epsilon_value,
+                   help="each hospital's privacy budget for the whole job (delta 1e-5):"
+                        " it plans its noise to end at or under it; 'inf' trains without"
+                        " DP (default: 3, 8 for the image tasks)")
     p.add_argument("--noise_multiplier", type=float,
-                   help="DP-SGD noise multiplier (default: per model, 1.0)")
+                   help="a fixed DP-SGD noise multiplier instead of a planned budget")
+    p.add_argument("--sweep_epsilon", type=epsilon_list, metavar="E1,E2,...",
+                   help="run the demo once per budget (e.g. 1,2,3,8,inf) and plot the global"
+                        " model's accuracy and AUC against epsilon beside each hospital"
+                        " alone (report.png, sweep.json)")
+    p.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                   help="with --sweep_epsilon: data split and init seeds to average over"
+                        " (default: --seed)")
     p.add_argument("--epsilon_budget", type=float,
                    help="each hospital's total epsilon budget (default: per model, 20)")
     skew = p.add_mutually_exclusive_group()
@@ -114,14 +132,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def epsilon_value(text: str) -> float:
+    """A positive budget, or inf (no DP)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"epsilon must be positive or inf, got {text!r}")
+    return value
+
+
+def epsilon_list(text: str) -> list[float]:
+    values = [epsilon_value(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one epsilon")
+    return values
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers: {text!r}") from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> DemoSettings:
-    args = build_parser().parse_args(argv)
+    return parse_all(argv)[0]
+
+
+def parse_all(argv: Sequence[str] | None = None
+              ) -> tuple[DemoSettings, list[float] | None, list[int] | None]:
+    """The run's settings, and the sweep's budgets and seeds when one was asked for."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     profile = PROFILES.get(args.model_type, FALLBACK_PROFILE)
+    if args.noise_multiplier and args.epsilon:
+        raise ValueError("--noise_multiplier and --epsilon are alternatives; give one")
+    if args.seeds and not args.sweep_epsilon:
+        raise ValueError("--seeds goes with --sweep_epsilon")
+    epsilon: float | None = args.epsilon or profile.epsilon_per_hospital
+    if args.noise_multiplier:
+        epsilon = None  # a fixed noise multiplier, as before budgets were planned
     settings = DemoSettings(
         model_type=args.model_type, out=args.out, hospitals=args.hospitals,
         rounds=args.rounds or profile.rounds,
         local_epochs=args.local_epochs or profile.local_epochs,
         noise_multiplier=args.noise_multiplier or profile.noise_multiplier,
+        epsilon_per_hospital=epsilon,
         epsilon_budget=args.epsilon_budget or profile.epsilon_budget,
         alpha=None if args.iid else args.alpha,
         samples=args.samples or profile.samples,
@@ -130,7 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoSettings:
         timeout_s=args.timeout_s,
         extra_server_args=tuple(args.server_arg))
     settings.validate()
-    return settings
+    return settings, args.sweep_epsilon, args.seeds
 
 
 # --- the run -------------------------------------------------------------------------
@@ -177,9 +235,9 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
         task = get_task(settings.model_type)
     names = settings.hospital_names
     skew = f"label skew alpha={settings.alpha}" if settings.alpha is not None else "IID split"
+    epochs = settings.local_epochs or task.hyperparams.local_epochs
     say(f"fl demo: {settings.model_type}, {settings.hospitals} hospitals, {settings.rounds}"
-        f" rounds x {settings.local_epochs} local epochs, DP-SGD noise"
-        f" {settings.noise_multiplier}, {skew} -> {_show(out)}/")
+        f" rounds x {epochs} local epochs, {privacy_text(settings)}, {skew} -> {_show(out)}/")
 
     with _timed(state, "keys"):
         say("[1/5] keys: CA + server certificate; each hospital's own key + CSR, signed by"
@@ -209,7 +267,7 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
     if settings.baseline:
         with _timed(state, "local_only"):
             say(f"[4/5] local-only models: each hospital alone, {settings.rounds} x"
-                f" {settings.local_epochs} epochs of DP-SGD on its own data")
+                f" {epochs} epochs of DP-SGD on its own data")
             local = train_baselines(task, settings, data_dir, stream)
     else:
         say("[4/5] local-only models: skipped (--no_baseline)")
@@ -232,10 +290,18 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
     server_args = [
         "--rounds", str(settings.rounds), "--min_clients", str(settings.hospitals),
         "--exit_when_done", "--eval_data", str(data_dir / "test"),
-        "--local_epochs", str(settings.local_epochs),
-        "--noise_multiplier", str(settings.noise_multiplier),
         "--strategy", settings.strategy, "--seed", str(settings.seed),
         "--round_deadline_s", "180", "--wait_for_clients_s", "120"]
+    client_args = ["--epsilon_budget", str(settings.epsilon_budget), "--max_reconnect_s", "60"]
+    if settings.local_epochs:
+        server_args += ["--local_epochs", str(settings.local_epochs)]
+    if settings.epsilon_per_hospital is None:
+        server_args += ["--noise_multiplier", str(settings.noise_multiplier)]
+    elif settings.private:
+        server_args += ["--epsilon_per_hospital", str(settings.epsilon_per_hospital)]
+    else:  # the sweep's epsilon = inf point: the utility without any privacy
+        server_args += ["--no_dp"]
+        client_args += ["--allow_no_dp"]
     if settings.learning_rate:
         server_args += ["--learning_rate", str(settings.learning_rate)]
     server_args += ["--eval_deadline_s", "60"] if settings.fed_eval else ["--no_fed_eval"]
@@ -248,9 +314,7 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
             state.write_pids()
     for name in fed.hospitals:
         with _signals_blocked():  # a Ctrl-C now must not lose the new process's handle
-            fed.start_client(name, data_dir / name,
-                             ["--epsilon_budget", str(settings.epsilon_budget),
-                              "--max_reconnect_s", "60"])
+            fed.start_client(name, data_dir / name, client_args)
         state.pids[name] = fed.clients[name].pid
         state.write_pids()
     say("      " + ", ".join(f"{k} pid {v}" for k, v in state.pids.items()))
@@ -389,7 +453,8 @@ def train_baselines(task: Any, settings: DemoSettings, data_dir: Path,
     from fl_demo.baseline import federation_train_config, train_all_local
 
     config = federation_train_config(task, settings.local_epochs, settings.noise_multiplier,
-                                     settings.learning_rate)
+                                     settings.learning_rate, settings.epsilon_per_hospital,
+                                     settings.rounds)
     test_set = task.load_split(data_dir / "test", "test")
     metric2 = second_metric(task.evaluate(task.build_model(), test_set))
 
@@ -402,7 +467,8 @@ def train_baselines(task: Any, settings: DemoSettings, data_dir: Path,
         stream.flush()
 
     return train_all_local(task, data_dir, settings.hospital_names, test_set, config,
-                           settings.rounds, settings.seed, on_done=done)
+                           settings.rounds, settings.seed, on_done=done,
+                           epsilon_budget=settings.epsilon_budget)
 
 
 # --- data and report -----------------------------------------------------------------
@@ -433,12 +499,15 @@ def projected_epsilon(train_examples: int, batch_size: int, epochs: int,
 
 def budget_warnings(task: Any, settings: DemoSettings, data: dict[str, Any]) -> list[str]:
     """Say before the run if a hospital's budget cannot cover every round: its client
-    will refuse the round that would exceed it, and the round then lacks its quorum."""
+    will refuse the round that would exceed it, and the round then lacks its quorum.
+    Only a fixed noise multiplier can do that: a planned budget never overruns."""
+    if settings.epsilon_per_hospital is not None:
+        return []
     hp = task.hyperparams
     out = []
     for name, info in data["hospitals"].items():
         eps = projected_epsilon(info["train"], hp.batch_size,
-                                settings.rounds * settings.local_epochs,
+                                settings.rounds * (settings.local_epochs or hp.local_epochs),
                                 settings.noise_multiplier, hp.delta)
         if eps > settings.epsilon_budget:
             out.append(f"{name} would spend epsilon {eps:.1f} over {settings.rounds} rounds,"
@@ -468,7 +537,8 @@ def build_report(settings: DemoSettings, task: Any, data: dict[str, Any], state:
     fed_local = {k[4:]: v for k, v in (last.metrics if last else {}).items()
                  if k.startswith("fed_")}
     metric2 = second_metric(glob)
-    local_json = {r.hospital: {"metrics": finite(r.metrics), "epsilon": r.epsilon,
+    local_json = {r.hospital: {"metrics": finite(r.metrics),
+                               "epsilon": r.epsilon if math.isfinite(r.epsilon) else None,
                                "train_examples": r.train_examples, "seconds": r.seconds}
                   for r in local}
     accuracies = [a for a in (r.metrics.get("accuracy", math.nan) for r in local)
@@ -476,7 +546,11 @@ def build_report(settings: DemoSettings, task: Any, data: dict[str, Any], state:
     best_local = max(accuracies, default=None)
     settings_json = {k: (str(v) if isinstance(v, Path) else v)
                      for k, v in asdict(settings).items()}
-    settings_json.update(hospital_names=settings.hospital_names, dp=True,
+    settings_json.update(hospital_names=settings.hospital_names, dp=settings.private,
+                         epsilon_per_hospital=(settings.epsilon_per_hospital
+                                               if settings.private else None),
+                         privacy=privacy_text(settings),
+                         local_epochs=settings.local_epochs or task.hyperparams.local_epochs,
                          delta=task.hyperparams.delta, batch_size=task.hyperparams.batch_size,
                          learning_rate=settings.learning_rate or task.hyperparams.learning_rate,
                          max_grad_norm=task.hyperparams.max_grad_norm)
@@ -492,8 +566,8 @@ def build_report(settings: DemoSettings, task: Any, data: dict[str, Any], state:
         "final": {"global": finite(glob), "global_on_hospital_tests": finite(fed_local),
                   "local_only": local_json,
                   "local_only_note": "each hospital alone: same initial model, same"
-                                     " TrainConfig and DP-SGD (noise multiplier, clipping),"
-                                     " same rounds x local epochs, its own data only"},
+                                     " TrainConfig and DP-SGD (budget, clipping), same"
+                                     " rounds x local epochs, its own data only"},
         "comparison": {
             "metric": "accuracy", "second_metric": metric2,
             "global_accuracy": finite({"v": glob.get("accuracy", float("nan"))})["v"],
@@ -609,18 +683,32 @@ def _shielded(stream: TextIO) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def privacy_text(settings: DemoSettings) -> str:
+    """How the run is private, for titles and the first line."""
+    if settings.epsilon_per_hospital is None:
+        return f"DP-SGD noise {settings.noise_multiplier:g}"
+    if not settings.private:
+        return "no DP (epsilon inf)"
+    return f"DP-SGD, epsilon <= {settings.epsilon_per_hospital:g} per hospital"
+
+
 def main(argv: Sequence[str] | None = None, stream: TextIO | None = None,
          started: float | None = None) -> int:
     """Exit codes: 0 success, 1 the demo failed, 2 bad arguments, 128+N on signal N."""
     stream = stream or sys.stdout
     try:
-        settings = parse_args(argv)
+        settings, sweep, seeds = parse_all(argv)
     except ValueError as exc:
         print(f"fl-demo: error: {exc}", file=sys.stderr)
         return 2
     with _stop_signals():
         try:
-            run_demo(settings, stream, started)
+            if sweep:
+                from fl_demo.sweep import run_sweep
+
+                run_sweep(settings, sweep, seeds or [settings.seed], stream)
+            else:
+                run_demo(settings, stream, started)
         except Interrupted as exc:
             print(f"\nfl-demo: interrupted by {exc}; every process the demo started has been"
                   " stopped", file=sys.stderr)

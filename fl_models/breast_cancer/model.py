@@ -1,4 +1,11 @@
-"""The breast cancer network: one hidden layer is enough for 30 standardised features."""
+"""The breast cancer network: logistic regression on the 30 standardised features.
+
+Why linear: under differential privacy every parameter costs signal-to-noise (the
+noise is added to each coordinate of the clipped gradient sum), and a hospital holds
+~40-180 cases. A linear model has 62 parameters instead of the former MLP's 1,058,
+and on these features it is as accurate as the MLP without DP (the logistic
+regression reference in README.md), so under DP-SGD it keeps far more of its signal.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,7 @@ from torch import nn
 
 from fl_models.breast_cancer.dataset import NUM_FEATURES
 
-HIDDEN = 32
-
 
 def build_model() -> nn.Module:
-    """MLP 30 -> 32 -> 2 (logits for benign, malignant); plain Linear layers suit Opacus."""
-    return nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2))
+    """Linear 30 -> 2 (logits for benign, malignant); a plain Linear layer suits Opacus."""
+    return nn.Sequential(nn.Linear(NUM_FEATURES, 2))
