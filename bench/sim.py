@@ -218,19 +218,25 @@ def main(argv: list[str] | None = None) -> int:
             sims.append(row)
             print(f"  sim N={n}: wall {row['wall_s']:.1f} s, rounds {row['rounds_s']:.1f} s,"
                   f" peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+        print()
+        print(table(["hospitals", "data parts", "pool workers", "wall s", "Ray start s",
+                     "pool start s", "rounds s", "ms per hospital-round",
+                     "peak RSS MB (tree)", "peak anon MB (tree)", "driver peak MB",
+                     "processes", "global accuracy"],
+                    [[r["hospitals"], r["parts"], r["workers"], r["wall_s"], r["ray_start_s"],
+                      r["pool_start_s"], r["rounds_s"],
+                      1000 * r["rounds_s"] / r["hospital_rounds"], r["peak_rss_mb"],
+                      r["peak_anon_mb"], r["driver_peak_mb"], r["processes"], r["accuracy"]]
+                     for r in sims]), flush=True)
         if args.real:
-            real = run_real(work, args.real)
-            print(f"  real N={args.real}: wall {real['wall_s']:.1f} s, rounds"
+            try:
+                real = run_real(work, args.real)
+            except (RuntimeError, OSError) as exc:
+                print(f"\nthe real-process federation failed: {str(exc)[:2000]}")
+                return 1
+            print(f"\n  real N={args.real}: wall {real['wall_s']:.1f} s, rounds"
                   f" {real['rounds_s']:.1f} s, peak RSS {real['peak_rss_mb']:.0f} MB",
                   flush=True)
-    print()
-    print(table(["hospitals", "data parts", "pool workers", "wall s", "Ray start s",
-                 "pool start s", "rounds s", "ms per hospital-round", "peak RSS MB (tree)",
-                 "peak anon MB (tree)", "driver peak MB", "processes", "global accuracy"],
-                [[r["hospitals"], r["parts"], r["workers"], r["wall_s"], r["ray_start_s"],
-                  r["pool_start_s"], r["rounds_s"], 1000 * r["rounds_s"] / r["hospital_rounds"],
-                  r["peak_rss_mb"], r["peak_anon_mb"], r["driver_peak_mb"], r["processes"],
-                  r["accuracy"]] for r in sims]))
     if real is not None:
         same = next((r for r in sims if r["hospitals"] == real["hospitals"]), None)
         print()

@@ -3,7 +3,8 @@
 A worker is a Ray actor (see `fl_sim.cluster`) holding the task and nothing per
 hospital: each call loads that hospital's training split from its folder, opens its
 privacy ledger in the simulation's state folder, and runs the client daemon's own
-round (`fl_client.local_training.train_round`, the metrics of
+round (its task policy `fl_client.task_policy.training_config` with the daemon's
+default flags, `fl_client.local_training.train_round`, the metrics of
 `fl_client.client.update_metrics`), so memory stays one model and one hospital's
 data whatever the number of hospitals. What a client would tell the server by a
 Report (budget refused, privacy required, a training crash) comes back as a status
@@ -98,17 +99,28 @@ class HospitalWorker:
         from fl_client.client import update_metrics
         from fl_client.local_training import PrivacyRequired, train_round
         from fl_client.privacy_ledger import BudgetExceeded, PrivacyLedger
+        from fl_client.task_policy import (
+            LocalPolicy,
+            TaskRefused,
+            check_global_model,
+            training_config,
+        )
 
         started = time.perf_counter()
         spec = self.spec
-        config = cpb.TrainConfig.FromString(config_bytes)
         ledger = PrivacyLedger(spec.state_dir, hospital, spec.epsilon_budget, spec.delta)
+        # A hospital started with the client daemon's default flags: the server's
+        # config, checked, at the ledger's delta (fl_client.task_policy).
+        policy = LocalPolicy(delta=ledger.delta, allow_no_dp=spec.allow_no_dp)
         try:
+            config = training_config(cpb.TrainConfig.FromString(config_bytes), policy,
+                                     self.task.hyperparams.max_grad_norm)
+            check_global_model(global_state)
             folder = part_folder(spec.data_dir, hospital_index(hospital), spec.parts)
             dataset = self.task.load_split(folder, "train")
             result = train_round(self.task, global_state, dataset, config, self.device, ledger,
                                  spec.allow_no_dp, job_id=job_id, round=round_no)
-        except (BudgetExceeded, PrivacyRequired) as exc:
+        except (BudgetExceeded, PrivacyRequired, TaskRefused) as exc:
             return HospitalResult(hospital, REFUSED, str(exc), epsilon_total=ledger.spent(),
                                   seconds=time.perf_counter() - started)
         except Exception as exc:  # a client reports a crash as FAILED and keeps serving

@@ -3,6 +3,7 @@ pool's size, and one pool worker training real hospitals in this process."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,34 +82,32 @@ def test_shared_parts_round_robin(tmp_path: Path) -> None:
 
 def test_worker_trains_records_and_drops_like_a_client(tmp_path: Path) -> None:
     """The pool worker, called in-process: an update comes back with the client's
-    metrics; a dropout after training still spends privacy; an exhausted budget is a
-    refusal with the ledger's reason and no spend."""
+    metrics; a dropout after training still spends privacy; a round over the budget is
+    a refusal with the ledger's reason and no spend."""
     task = get_task("breast_cancer")
     task.prepare(tmp_path / "data", 2, None, 0)
     from fl_server.config import ServerConfig
 
-    config = train_config(ServerConfig(local_epochs=1), task, {})
+    config = train_config(ServerConfig(local_epochs=1), task, {}).SerializeToString()
     spec = WorkerSpec("breast_cancer", {}, tmp_path / "data", tmp_path / "state", 2,
-                      epsilon_budget=5.0, delta=config.privacy.delta, allow_no_dp=False,
+                      epsilon_budget=1e6, delta=task.hyperparams.delta, allow_no_dp=False,
                       device="cpu", torch_threads=1)
     worker = HospitalWorker(spec)
     state = initial_state(task, 0)
-    ok = worker.train("hospital_1", "job", 1, state, config.SerializeToString(), False)
-    assert ok.status == OK and ok.num_examples > 0
+    ok = worker.train("hospital_1", "job", 1, state, config, False)
+    assert ok.status == OK and ok.num_examples > 0, ok.reason
     assert set(ok.state) == set(state)
     assert any(not torch.equal(ok.state[k], torch.zeros_like(state[k])) for k in state)
     assert {"train_loss", "epsilon_round", "epsilon_total", "dp_enabled"} <= set(ok.metrics)
-    lost = worker.train("hospital_2", "job", 1, state, config.SerializeToString(), True)
+    lost = worker.train("hospital_2", "job", 1, state, config, True)
     assert lost.status == DROPPED and not lost.state and lost.epsilon_total > 0
-    ledger = PrivacyLedger(tmp_path / "state", "hospital_2", 5.0, config.privacy.delta)
+    ledger = PrivacyLedger(tmp_path / "state", "hospital_2", 1e6, spec.delta)
     assert [e.round for e in ledger.entries()] == [1]
-    rounds = 1
-    while True:  # spend hospital_1's budget until its ledger refuses
-        rounds += 1
-        r = worker.train("hospital_1", "job", rounds, state, config.SerializeToString(), False)
-        if r.status != OK:
-            break
-        assert rounds < 20
-    assert r.status == REFUSED and "privacy budget exceeded" in r.reason
-    ledger = PrivacyLedger(tmp_path / "state", "hospital_1", 5.0, config.privacy.delta)
-    assert [e.round for e in ledger.entries()] == list(range(1, rounds))
+
+    assert worker.train("hospital_1", "job", 2, state, config, False).status == OK
+    spent = PrivacyLedger(tmp_path / "state", "hospital_1", 1e6, spec.delta).spent()
+    tight = HospitalWorker(replace(spec, epsilon_budget=spent * 1.0001))
+    refused = tight.train("hospital_1", "job", 3, state, config, False)
+    assert refused.status == REFUSED and "privacy budget exceeded" in refused.reason
+    ledger = PrivacyLedger(tmp_path / "state", "hospital_1", spent * 1.0001, spec.delta)
+    assert [e.round for e in ledger.entries()] == [1, 2]
