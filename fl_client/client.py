@@ -368,6 +368,8 @@ class ClientDaemon:
             up.update(done)
 
         state = result.state
+        if secure is not None:  # the ledger entry says how this run's update leaves
+            self.ledger.mark_secure(task.job_id, task.round)
         try:
             if secure is not None:  # the server gets only the masked, quantized delta
                 state = secure.masked_state(result.state, global_state,

@@ -58,7 +58,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,9 @@ class LedgerEntry:
     # True when the operator stopped the run part way (Ctrl-C, SIGTERM): only the steps
     # taken are charged, once, and no update left the hospital. Absent in older files.
     abandoned: bool = False
+    # True when the run's update went to the server only masked (secure aggregation,
+    # issue 12): the server saw it only inside the sum. Absent in older files.
+    secure_aggregation: bool = False
 
     @property
     def mechanism(self) -> Mechanism:
@@ -364,6 +367,19 @@ class PrivacyLedger:
             self._entries = entries
         return entry
 
+    def mark_secure(self, job_id: str, round: int) -> None:
+        """Records that the latest run of (job_id, round) is sent securely aggregated;
+        it changes no figure, only what the entry says about how the update left."""
+        with self._locked():
+            entries = self._load()
+            for i in range(len(entries) - 1, -1, -1):
+                if (entries[i].job_id, entries[i].round) == (job_id, round):
+                    entries[i] = replace(entries[i], secure_aggregation=True)
+                    self._keep_old_version()
+                    self._write(entries)
+                    break
+            self._entries = entries
+
     # --- persistence ------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -434,9 +450,12 @@ class PrivacyLedger:
             "epsilon_cumulative": (int, float),
             "timestamp": (int, float),
             "abandoned": (bool,),
+            "secure_aggregation": (bool,),
         }
         if isinstance(item, dict) and "abandoned" not in item:
             item = {**item, "abandoned": False}  # written before runs could be abandoned
+        if isinstance(item, dict) and "secure_aggregation" not in item:
+            item = {**item, "secure_aggregation": False}  # written before issue 12
         if version == 1 and isinstance(item, dict) and "accountant" not in item:
             item = {**item, "accountant": "rdp"}  # version 1 kept RDP figures only
         if not isinstance(item, dict) or set(item) != set(spec):
