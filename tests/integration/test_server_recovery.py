@@ -5,6 +5,7 @@ themselves), SIGTERM is a clean exit, and a restarted client keeps its ledger.""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import threading
@@ -19,6 +20,7 @@ from fl_client.connection import ServerConnection
 from fl_client.identity import load_client_tls
 from fl_demo.launcher import Federation, site_keys
 from fl_proto import coordinator_pb2 as cpb
+from tests.hostile.kit import checkpoint_sha, read_jobs, read_rounds
 
 pytestmark = pytest.mark.slow
 
@@ -107,13 +109,25 @@ def test_sigkill_mid_job_restart_finishes_every_round_once(federation: Federatio
     wait_until(lambda: (s := status_or_none(fed)) is not None and s.phase == "train", 60,
                "a round in its train phase")
     fed.kill_server(signal.SIGKILL)
-    before = completed_rounds(fed)
+    state = fed.workdir / "server_state"
+    (job_id, job_state), = read_jobs(state)
+    assert job_state == "running"
+    before = read_rounds(state, job_id)
     assert before, "no round was recorded before the kill"
     fed.start_server(args, port=port)
     assert fed.wait_server(timeout_s=240) == 0, fed.tail("server.log")
-    assert completed_rounds(fed) == [1, 2, 3, 4]
+    # the same job was continued (a restart that began a new job would also record
+    # rounds 1-4 once each, under another job id)
+    assert read_jobs(state) == [(job_id, "completed")]
+    after = read_rounds(state, job_id)
+    assert [(r.round, r.state) for r in after] == [(n, "completed") for n in range(1, 5)]
+    # from the last recorded round: the rounds recorded before the kill kept their
+    # models and figures (none was run again), and the restart said where it resumed
+    assert [(r.round, r.model_sha256, r.metrics) for r in after[:len(before)]] \
+        == [(r.round, r.model_sha256, r.metrics) for r in before]
     log = (fed.log_dir / "server.log").read_text()
-    assert "job_resumed" in log
+    assert re.search(rf"job_resumed job={job_id} completed_rounds={len(before)}\b", log), log
+    assert checkpoint_sha(state, job_id, 4) == after[-1].model_sha256
     for name, proc in fed.clients.items():  # the same client processes, never restarted
         assert proc.wait(timeout=30) == 0, fed.tail(f"{name}.log")
 
@@ -139,8 +153,17 @@ def test_sigterm_stops_cleanly_and_a_killed_client_keeps_its_ledger(
     # a client told to stop mid-job finishes or abandons its work and exits 0
     fed.clients["hospital_2"].send_signal(signal.SIGTERM)
     assert fed.clients["hospital_2"].wait(timeout=60) == 0, fed.tail("hospital_2.log")
-    recorded = completed_rounds(fed)
     assert fed.server is not None
     fed.server.send_signal(signal.SIGTERM)
     assert fed.wait_server(timeout_s=30) == 0, fed.tail("server.log")
-    assert completed_rounds(fed)[:len(recorded)] == recorded
+    # a clean stop leaves the job resumable: still running (neither failed nor
+    # completed, either of which would make the next start begin a new job), its
+    # rounds contiguous, the last one's checkpoint the model it recorded
+    state = fed.workdir / "server_state"
+    (job_id, job_state), = read_jobs(state)
+    assert job_state == "running"
+    rows = read_rounds(state, job_id)
+    assert rows and [(r.round, r.state) for r in rows] \
+        == [(n, "completed") for n in range(1, len(rows) + 1)]
+    assert checkpoint_sha(state, job_id, rows[-1].round) == rows[-1].model_sha256
+    assert not list((state / "spool").glob("*.spool"))
