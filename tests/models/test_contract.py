@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus import PrivacyEngine
@@ -79,6 +80,25 @@ def test_prepared_folders_load_and_evaluate(name: str, federations: dict[str, Pa
     matrix = task.confusion(model, data)
     assert len(matrix) == task.num_classes and all(len(r) == task.num_classes for r in matrix)
     assert sum(map(sum, matrix)) == len(data)
+    # The figures are the ones their names promise, from the confusion matrix (rows
+    # true, columns predicted) and a direct cross-entropy, not just present.
+    m = np.array(matrix, dtype=np.float64)
+    truth = m.sum(axis=1)
+    predicted = m.sum(axis=0)
+    assert metrics["accuracy"] == pytest.approx(np.trace(m) / len(data))
+    recalls = [m[c, c] / truth[c] for c in range(task.num_classes) if truth[c]]
+    assert metrics["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    model.eval()
+    assert metrics["loss"] == pytest.approx(_loss(model, data), rel=1e-4)
+    if task.num_classes == 2:
+        if truth[1]:
+            assert metrics["sensitivity"] == pytest.approx(m[1, 1] / truth[1])
+        if truth[0]:
+            assert metrics["specificity"] == pytest.approx(m[0, 0] / truth[0])
+    else:
+        present = [c for c in range(task.num_classes) if truth[c] or predicted[c]]
+        f1 = [2 * m[c, c] / (truth[c] + predicted[c]) for c in present]
+        assert metrics["macro_f1"] == pytest.approx(np.mean(f1))
 
 
 def _loss(model: torch.nn.Module, data: TensorDataset) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,20 @@ def test_prepare_and_train_command_lines(
         == 0
     )
     printed = capsys.readouterr().out
-    assert "| hospital_2 | test |" in printed and "| test | test | 114 |" in printed
+    # the table's rows are the folders written: each count (and its class split) is
+    # what loading that folder gives
+    table = [line.strip("|").split("|") for line in printed.splitlines()
+             if line.startswith("| ") and not line.startswith("| folder")]
+    rows = {(r[0].strip(), r[1].strip()): [int(v) for v in r[2:]] for r in table}
+    assert set(rows) == {("hospital_1", "train"), ("hospital_1", "test"),
+                         ("hospital_2", "train"), ("hospital_2", "test"), ("test", "test")}
+    task = BreastCancerTask()
+    for (folder, split), (examples, benign, malignant) in rows.items():
+        labels = task.load_split(out / folder, split).tensors[1]
+        assert (examples, benign, malignant) == (
+            len(labels), int((labels == 0).sum()), int((labels == 1).sum())), (folder, split)
+    assert rows[("test", "test")][0] == 114
+    assert sum(v[0] for v in rows.values()) == len(default_data()[1])
     assert (
         train_cli.main(
             [
@@ -94,5 +108,20 @@ def test_prepare_and_train_command_lines(
         == 0
     )
     printed = capsys.readouterr().out
-    assert "| accuracy |" in printed and "| auroc |" in printed and "global test" in printed
-    assert '"accuracy"' in (tmp_path / "m.json").read_text()
+    assert "global test" in printed
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["task"] == "breast_cancer" and saved["epochs"] == 3
+    # the printed table is the saved figures (4 decimals) ...
+    shown = {r[0].strip(): float(r[1]) for r in
+             (line.strip("|").split("|") for line in printed.splitlines())
+             if r[0].strip() in saved["breast_cancer"]}
+    assert shown.keys() == saved["breast_cancer"].keys()
+    for name, value in shown.items():
+        assert value == pytest.approx(saved["breast_cancer"][name], abs=5e-5), name
+    # ... and its accuracy is the printed confusion matrix's, on the 114 test cases
+    lines = printed.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("confusion"))
+    matrix = [[int(v) for v in lines[at + k].split()] for k in (1, 2)]
+    assert sum(map(sum, matrix)) == 114
+    assert saved["breast_cancer"]["accuracy"] == pytest.approx(
+        (matrix[0][0] + matrix[1][1]) / 114)
