@@ -38,7 +38,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Real Wisconsin data (569 cases): cheap.
     "breast_cancer": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
-    "symptom": Profile(rounds=5, noise_multiplier=1.0, epsilon_budget=20.0),
+    "symptom": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
     "ecg": Profile(rounds=5, noise_multiplier=0.8, epsilon_budget=25.0, samples=1800),
     # DP-SGD on small images needs data (the tasks' full synthetic sets) and the
     # issue's image budget is epsilon 8.
