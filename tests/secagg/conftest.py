@@ -36,6 +36,15 @@ def bc_data(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def symptom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """symptom split for 3 hospitals: its MLP has ~5k parameters, enough coordinates
+    for the statistics on what the server holds (breast_cancer's model has 62)."""
+    folder = tmp_path_factory.mktemp("symptom3") / "symptom"
+    get_task("symptom").prepare(folder, clients=3, alpha=None, seed=7)
+    return folder
+
+
 @pytest.fixture()
 def secfed(secagg_pki: Path, tmp_path: Path) -> Iterator[Federation]:
     work = tmp_path / "fed"
