@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import array
+import contextlib
 import errno
+import fcntl
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -356,18 +360,58 @@ def test_failed_checkpoint_write_leaves_previous_intact(
     store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # retry once space is back
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x00000010
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    """chattr +i / -i: an immutable directory refuses new entries (EPERM) even to root."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        flags[0] = flags[0] | FS_IMMUTABLE_FL if on else flags[0] & ~FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags, True)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def unwritable(directory: Path) -> Iterator[str]:
+    """The directory made unwritable: by its mode for an ordinary user, and for root
+    (which ignores modes, and is who runs the tests here) by the immutable attribute.
+    Yields how."""
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        try:
+            yield "mode 0500"
+        finally:
+            directory.chmod(0o700)
+        return
+    try:
+        _set_immutable(directory, True)
+    except OSError as exc:  # no CAP_LINUX_IMMUTABLE, or a file system without it
+        pytest.skip(f"root, and the immutable attribute is not available here: {exc}")
+    try:
+        yield "immutable"
+    finally:
+        _set_immutable(directory, False)
+
+
 def test_read_only_checkpoint_directory(store: Store) -> None:
     new_job(store)
     store.complete_round("job1", 1, SUMMARY, model_state(1), {})
     job_dir = store.checkpoint_path("job1", 1).parent
-    job_dir.chmod(0o500)
-    try:
-        with pytest.raises(StoreError, match="read-only or not writable"):
-            store.complete_round("job1", 2, SUMMARY, model_state(2), {})
-    finally:
-        job_dir.chmod(0o700)
+    before = sorted(p.name for p in job_dir.iterdir())
+    with unwritable(job_dir), pytest.raises(StoreError) as info:
+        store.complete_round("job1", 2, SUMMARY, model_state(2), {})
+    message = str(info.value)
+    assert f"cannot write checkpoint {store.checkpoint_path('job1', 2)}" in message, message
+    assert "(read-only or not writable)" in message, message
+    assert "the round is not recorded and earlier checkpoints are untouched" in message
+    assert store.last_completed_round("job1") == 1
+    assert sorted(p.name for p in job_dir.iterdir()) == before  # no temporary file left
     assert_same(store.load_checkpoint("job1", 1)[0], model_state(1))
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # writable again: recorded
 
 
 def test_checkpoint_directory_that_is_a_file(store: Store) -> None:
