@@ -42,6 +42,13 @@ def validate_client_id(client_id: str) -> str:
     return client_id
 
 
+def client_id_key(client_id: str) -> str:
+    """The form two names are compared in for uniqueness: case-folded, trailing dots
+    dropped, so HOSPITAL_1 and "hospital_1." are the same identity as hospital_1 (a
+    person reading a certificate, a log or a DNS-like name would take them for one)."""
+    return client_id.rstrip(".").casefold()
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a secret so that it is never readable by others, not even for an instant.
 

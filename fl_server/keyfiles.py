@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +40,23 @@ def read_key_file(path: Path, what: str) -> bytes:
         raise KeysError(f"cannot read {path} ({what}): {exc.strerror}") from None
 
 
+def read_private_key_file(path: Path, what: str) -> bytes:
+    """A private key file's bytes, refused when the group or others may read or write
+    it: a key others can read is a key others may have copied, and starting anyway
+    would hide that. The error names the chmod that fixes it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise KeysError(f"missing {path} ({what})") from None
+    except OSError as exc:
+        raise KeysError(f"cannot read {path} ({what}): {exc.strerror}") from None
+    if stat.S_ISREG(mode) and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeysError(f"{path} ({what}) is accessible to group or others (mode"
+                        f" {stat.S_IMODE(mode):04o}): run `chmod 600 {path}` (and check who"
+                        " may have copied it)")
+    return read_key_file(path, what)
+
+
 def load_cert_file(path: Path, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(read_key_file(path, what))
@@ -65,7 +83,9 @@ def load_server_tls(keys_dir: str | os.PathLike[str]) -> tuple[bytes, bytes, byt
     if not base.is_dir():
         raise KeysError(f"keys directory {base} does not exist; run fl-keys --generate-keys")
     cert_pem = read_key_file(base / "server.crt", "server certificate")
-    key_pem = read_key_file(base / "server.key", "server private key")
+    key_pem = read_private_key_file(base / "server.key", "server private key")
+    if (base / "ca.key").exists():  # the CA key may live offline; if it is here, private
+        read_private_key_file(base / "ca.key", "CA private key")
     ca_pem = read_key_file(base / "ca.crt", "CA certificate")
     # Checked here so a wrong or damaged file is named, instead of gRPC failing later
     # with "Failed to bind to address" (which sends an operator looking at the port).

@@ -45,6 +45,7 @@ from fl_core.constants import (
 )
 from fl_core.identity import (
     IdentityError,
+    client_id_key,
     generate_key_and_csr,
     validate_client_id,
     write_private,
@@ -350,6 +351,7 @@ def sign_csr(
         raise KeysError("the CSR's key type is not supported for TLS here (use EC P-256)")
     issued_dir = base / "issued"
     _mkdir_private(issued_dir)
+    _refuse_lookalike(base, ca, issued_dir, cn)
     record = issued_dir / f"{cn}.crt"
     if record.exists():
         old = load_cert_file(record, f"issued certificate of {cn}")
@@ -373,6 +375,22 @@ def sign_csr(
               csr_sha256=hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest(),
               cert_sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest())
     return cn, cert
+
+
+def _refuse_lookalike(base: Path, ca: _Ca, issued_dir: Path, cn: str) -> None:
+    """Refuse a name that differs from a current identity only in case or a trailing
+    dot (client_id_key): two certificates a person would read as one hospital."""
+    key = client_id_key(cn)
+    revoked = _revoked_serials(base, ca)
+    for other in sorted(issued_dir.glob("*.crt")):
+        name = other.name[: -len(".crt")]
+        if name == cn or client_id_key(name) != key:
+            continue
+        if _is_current(load_cert_file(other, f"issued certificate of {name}"), ca, revoked):
+            raise KeysError(
+                f"{cn!r} is the same name as the issued identity {name!r} (names are"
+                f" compared case-folded, without trailing dots); sign it as {name!r}, or"
+                f" revoke {name!r} first with --revoke {name}")
 
 
 def issue_identity(

@@ -30,7 +30,14 @@ from fl_core.constants import (
     JWT_LEEWAY_S,
     JWT_LIFETIME_S,
 )
-from fl_server.keyfiles import KeysError, b64url, load_cert_file, load_crl, read_key_file
+from fl_server.keyfiles import (
+    KeysError,
+    b64url,
+    load_cert_file,
+    load_crl,
+    read_key_file,
+    read_private_key_file,
+)
 
 _KID_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -163,7 +170,7 @@ class TokenService:
     def _load_private(self, kid: str) -> ed25519.Ed25519PrivateKey:
         path = self._dir / f"{kid}.key"
         try:
-            pem = read_key_file(path, "token key")
+            pem = read_private_key_file(path, "token key")
             key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError):
             raise KeysError(f"{path} is not an unencrypted PEM private key") from None
