@@ -29,6 +29,7 @@ from fl_client.config import add_config_flag, parse_args
 from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
 from fl_client.metrics import add_metrics_flags, watch_client
+from fl_client.model_store import has_model, model_sha256, save_final_model
 from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
 from fl_client.secagg_client import SecureRound
@@ -129,6 +130,7 @@ class ClientDaemon:
         # One daemon per state folder (two would charge the privacy ledger twice),
         # checked first so a second daemon fails before it reads any data.
         self.state_lock = StateLock(state_dir, "fl-client").acquire()
+        self.state_dir = state_dir
         self.task = get_task(args.model_type)
         self.device = _device(args.device)
         self.train_set = self.task.load_split(args.data_path, "train")
@@ -259,6 +261,7 @@ class ClientDaemon:
                 if task.kind == cpb.HEARTBEAT:
                     continue
                 if task.kind == cpb.STOP:
+                    self._receive_final_model(task)
                     log_event(log, "job_finished", job=task.job_id,
                               epsilon_spent=f"{self.ledger.spent():.3f}")
                     if not self.args.keep_running:
@@ -390,6 +393,34 @@ class ClientDaemon:
         self.watch.update_sent(task, receipt, result)
         # No separate OK report: the update's header carried the metrics and epsilon,
         # and the round may already have closed by the time a report would arrive.
+
+    def _receive_final_model(self, task: cpb.Task) -> None:
+        """A completed job's STOP carries its final model when this hospital trained it:
+        fetch it over the sealed path, check it against the announced manifest, and
+        store it with its card (fl_client/model_store.py). A failure is logged, never
+        fatal: the job is over either way."""
+        from fl_client.local_training import evaluate_state
+
+        if not task.HasField("model_manifest") or not task.model_manifest.chunk_count:
+            return
+        sha = bytes(task.model_manifest.sha256).hex()
+        if has_model(self.state_dir, task.job_id, sha):
+            return  # a STOP seen again after a reconnect
+        try:
+            state = self._fetch(task)
+            check_global_model(state)
+            if model_sha256(state) != sha:
+                raise TransferError("the final model does not match its announced SHA-256")
+            metrics = evaluate_state(self.task, state, self.test_set, self.device)
+            path = save_final_model(self.state_dir, task.job_id, task.round,
+                                    self.args.model_type, state, self.ledger,
+                                    {k: float(v) for k, v in metrics.items() if _is_number(v)})
+        except (TransferError, TaskRefused, ValueError, OSError) as exc:
+            log_event(log, "final_model_failed", logging.WARNING, job=task.job_id,
+                      reason=str(exc)[:300])
+            return
+        log_event(log, "final_model_saved", job=task.job_id, round=task.round,
+                  path=str(path), sha256=sha)
 
     def _evaluate(self, task: cpb.Task) -> None:
         """Evaluate the job's global model, under the hospital's evaluation policy
