@@ -272,12 +272,9 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     mark = time.monotonic()
     actors = start_pool(ray, settings, spec, size)
     phases["pool_start"] = time.monotonic() - mark
-    dp = (f"DP-SGD noise {config.privacy.noise_multiplier:g}" if config.privacy.enabled
-          and config.privacy.noise_multiplier else
-          f"DP-SGD epsilon {config.privacy.target_epsilon:g} per round"
-          if config.privacy.enabled else "NO differential privacy")
     say(f"job {job_id}: {cfg.rounds} rounds x {config.local_epochs} local epochs,"
-        f" {cfg.strategy}, {dp}, fraction {cfg.fraction:g}, quorum {cfg.quorum:g},"
+        f" {cfg.strategy}, {sim_report.privacy_text(config)}, fraction {cfg.fraction:g},"
+        f" quorum {cfg.quorum:g},"
         f" dropouts {settings.dropout_rate:g}")
     simulation = Simulation(ray, actors, cfg, strategy, task, config, settings.hospital_names,
                             job_id, settings.dropout_rate, eval_set,
@@ -302,7 +299,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     if settings.plot and report["rounds"]:
         sim_report.draw(report, out / "report.png")
     phases["report"] = time.monotonic() - mark
-    info["phase_seconds"] = {key: round(value, 2) for key, value in phases.items()}
+    report["simulation"]["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     report["wall_seconds"] = round(time.monotonic() - started, 2)
     write_json(report, out / "report.json")
     if outcome.completed:

@@ -9,6 +9,7 @@ bars (the first ones by number); report.json has every hospital.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -52,20 +53,25 @@ def rows(outcome: Outcome) -> list[RoundRow]:
 def build(settings: SimSettings, task: Any, config: cpb.TrainConfig, data: dict[str, Any],
           outcome: Outcome, simulation: dict[str, Any], started: float) -> dict[str, Any]:
     cfg = settings.server
+    # The demo's "job budget per hospital" (a planned noise) is not how the simulation
+    # sets its noise: None says "the fixed noise multiplier", inf "no DP".
     demo = DemoSettings(model_type=cfg.model_type, out=settings.out,
                         hospitals=settings.hospitals, rounds=cfg.rounds,
                         local_epochs=config.local_epochs,
                         noise_multiplier=config.privacy.noise_multiplier,
-                        epsilon_budget=settings.epsilon_per_hospital, alpha=settings.alpha,
-                        samples=settings.samples, learning_rate=config.learning_rate,
-                        seed=cfg.seed, strategy=cfg.strategy, baseline=False, fed_eval=False)
+                        epsilon_budget=settings.epsilon_per_hospital,
+                        epsilon_per_hospital=None if config.privacy.enabled else math.inf,
+                        alpha=settings.alpha, samples=settings.samples,
+                        learning_rate=config.learning_rate, seed=cfg.seed,
+                        strategy=cfg.strategy, baseline=False, fed_eval=False)
     state = DemoState(demo, started=started, rows=rows(outcome), job_id=simulation["job_id"])
     report = build_report(demo, task, data, state, [])
     report["status"] = "ok" if outcome.completed else "failed"
     if not outcome.completed:
         report["error"] = outcome.reason
     report["settings"].update(
-        dp=config.privacy.enabled, delta=config.privacy.delta, batch_size=config.batch_size,
+        privacy=privacy_text(config), dp=config.privacy.enabled, delta=config.privacy.delta,
+        batch_size=config.batch_size,
         max_grad_norm=config.privacy.max_grad_norm,
         target_epsilon_per_round=config.privacy.target_epsilon,
         strategy_params=dict(cfg.strategy_params), fraction=cfg.fraction,
@@ -79,6 +85,16 @@ def build(settings: SimSettings, task: Any, config: cpb.TrainConfig, data: dict[
                             "attempts": [a.as_json() for a in outcome.attempts]}
     report["wall_seconds"] = round(time.monotonic() - started, 2)
     return report
+
+
+def privacy_text(config: cpb.TrainConfig) -> str:
+    """How the simulated hospitals trained, for the report's title and settings."""
+    p = config.privacy
+    if not p.enabled:
+        return "no DP"
+    if p.target_epsilon:
+        return f"DP-SGD, epsilon {p.target_epsilon:g} per round"
+    return f"DP-SGD noise {p.noise_multiplier:g}"
 
 
 def plot_view(report: dict[str, Any]) -> dict[str, Any]:
