@@ -10,12 +10,10 @@ never a silently reset job.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,6 +35,7 @@ from fl_core.constants import (
     SERVER_METRICS_PORT,
 )
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
+from fl_core.site_checks import bind_problem
 from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import SERVER_OPTIONS, server_credentials
 from fl_proto import aggregator_pb2, coordinator_pb2
@@ -356,7 +355,10 @@ class ServerApp:
         except RuntimeError:
             port = 0
         if port == 0:
-            raise StartupError(f"cannot listen on {address}: {_bind_problem(cfg.host, cfg.port)}")
+            found = bind_problem(cfg.host, cfg.port)
+            why = (f"{found[0]}; {found[1]}" if found else
+                   "gRPC could not bind it (GRPC_VERBOSITY=debug shows its reason)")
+            raise StartupError(f"cannot listen on {address}: {why}")
         return server, port, address
 
     def start(self) -> int:
@@ -394,23 +396,6 @@ class ServerApp:
         self.engine.done_event.wait(timeout=grace_s)
         self.store.close()
         self.state_lock.release()
-
-
-def _bind_problem(host: str, port: int) -> str:
-    """Why gRPC could not bind (it only says 'Failed to bind'): the OS's own answer."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            return "the port is in use (another fl-server, or another program)"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return "that address is not one of this machine's"
-        if exc.errno == errno.EACCES:
-            return "permission denied (ports below 1024 need privileges)"
-        return exc.strerror or str(exc)
-    return "gRPC could not bind it (run with GRPC_VERBOSITY=debug for its reason)"
 
 
 def _write_ready(path: Path, port: int) -> None:
