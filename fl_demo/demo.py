@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local learning rate (default: per model, else the task's)")
     p.add_argument("--seed", type=int, default=0, help="data split and model init seed")
     p.add_argument("--strategy", default="fedavg", help="server aggregation strategy")
+    p.add_argument("--no_secure_aggregation", action="store_true",
+                   help="let the server see each hospital's update (by default it sees only"
+                        " their sum: SecAgg+)")
     p.add_argument("--no_baseline", action="store_true",
                    help="skip training the local-only models (faster)")
     p.add_argument("--fed_eval", action="store_true",
@@ -184,7 +187,8 @@ def parse_all(argv: Sequence[str] | None = None
         alpha=None if args.iid else args.alpha,
         samples=args.samples or profile.samples,
         learning_rate=args.learning_rate or profile.learning_rate, seed=args.seed,
-        strategy=args.strategy, baseline=not args.no_baseline, fed_eval=args.fed_eval,
+        strategy=args.strategy, secure_aggregation=not args.no_secure_aggregation,
+        baseline=not args.no_baseline, fed_eval=args.fed_eval,
         timeout_s=args.timeout_s,
         extra_server_args=tuple(args.server_arg))
     settings.validate()
@@ -305,6 +309,8 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
     if settings.learning_rate:
         server_args += ["--learning_rate", str(settings.learning_rate)]
     server_args += ["--eval_deadline_s", "60"] if settings.fed_eval else ["--no_fed_eval"]
+    if settings.secure_aggregation and settings.hospitals >= 2:
+        server_args += ["--secure_aggregation"]
     server_args += settings.extra_server_args
     try:
         fed.start_server(server_args, timeout_s=SERVER_START_TIMEOUT_S)

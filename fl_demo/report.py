@@ -65,6 +65,9 @@ def print_summary(report: Mapping[str, Any], stream: TextIO) -> None:
         m = local["metrics"]
         table.row([f"{name} alone", fmt(m.get("accuracy")), fmt(m.get(metric2)),
                    fmt(m.get("balanced_accuracy")), fmt(local.get("epsilon"), 2)])
+    if report["settings"].get("secure_aggregation") and len(hospitals) >= 2:
+        stream.write("Secure aggregation (SecAgg+) was on: the server saw only the sum of the"
+                     " hospitals' updates, never one hospital's.\n")
     stream.flush()
 
 

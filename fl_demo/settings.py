@@ -68,6 +68,8 @@ class DemoSettings:
     learning_rate: float | None = None  # None: the task's default
     seed: int = 0
     strategy: str = "fedavg"
+    # SecAgg+ (issue 12): the server sees only the sum of the hospitals' updates.
+    secure_aggregation: bool = True
     baseline: bool = True
     fed_eval: bool = False  # hospitals also score each global model on their own test split
     timeout_s: float = 600.0
