@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fl_client.audit import ClientAudit, _tls_file
+from fl_core.cert_expiry import ExpiryCache
 from fl_core.constants import METRICS_HOST
 from fl_core.logs import log_event
 from fl_proto import coordinator_pb2 as cpb
@@ -47,19 +47,7 @@ def add_metrics_flags(p: argparse.ArgumentParser) -> None:
 class _Live(Collector):
     def __init__(self, watch: ClientWatch) -> None:
         self.watch = watch
-        self._certs: dict[Path, tuple[float, float]] = {}
-
-    def _expiry(self, path: Path) -> float | None:
-        try:
-            mtime = path.stat().st_mtime
-            cached = self._certs.get(path)
-            if cached and cached[0] == mtime:
-                return cached[1]
-            expiry = x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
-        except (OSError, ValueError):
-            return None
-        self._certs[path] = (mtime, expiry.timestamp())
-        return expiry.timestamp()
+        self._certs = ExpiryCache()
 
     def collect(self) -> Iterator[Metric]:
         daemon = self.watch.daemon
@@ -96,7 +84,7 @@ class _Live(Collector):
         keys_dir = Path(daemon.args.keys_dir)
         for kind, path in (("client", _tls_file(keys_dir, f"{daemon.client_id}.crt")),
                            ("ca", _tls_file(keys_dir, "ca.crt"))):
-            expiry = self._expiry(path)
+            expiry = self._certs.expiry(path)
             if expiry is not None:
                 g.add_metric([kind], expiry)
         yield g

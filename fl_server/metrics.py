@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fl_core.cert_expiry import ExpiryCache
 from fl_core.logs import log_event
 from fl_proto import coordinator_pb2 as cpb
 
@@ -212,23 +212,7 @@ class _LiveCollector(Collector):
         self.engine = engine
         self.registry = registry
         self.keys_dir = keys_dir
-        self._certs: dict[Path, tuple[float, float]] = {}
-
-    def _expiry(self, path: Path) -> float | None:
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return None
-        cached = self._certs.get(path)
-        if cached and cached[0] == mtime:
-            return cached[1]
-        try:
-            cert = x509.load_pem_x509_certificate(path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        expiry = cert.not_valid_after_utc.timestamp()
-        self._certs[path] = (mtime, expiry)
-        return expiry
+        self._certs = ExpiryCache()
 
     def collect(self) -> Iterator[Metric]:
         entries = self.registry.entries()
@@ -276,7 +260,7 @@ class _LiveCollector(Collector):
                  ("server", "server", self.keys_dir / "server.crt")]
         certs += [("client", p.stem, p) for p in sorted((self.keys_dir / "issued").glob("*.crt"))]
         for kind, name, path in certs:
-            expiry = self._expiry(path)
+            expiry = self._certs.expiry(path)
             if expiry is not None:
                 g.add_metric([kind, name], expiry)
         yield g

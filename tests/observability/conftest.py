@@ -66,7 +66,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFederation]:
     client_ports = {name: free_port() for name in HOSPITALS}
     try:
         fed.start_server(["--min_clients", "2", "--rounds", str(ROUNDS), "--local_epochs", "1",
-                          "--round_deadline_s", "90", "--wait_for_clients_s", "60",
+                          "--round_deadline_s", "300", "--wait_for_clients_s", "300",
                           "--metrics_port", str(server_port)])
         for name in HOSPITALS:
             fed.start_client(name, data / name, ["--epsilon_budget", "50",

@@ -22,7 +22,9 @@ from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.observability.conftest import HOSPITALS, LiveFederation, wait_for
 from tests.observability.test_metrics import value
 
-pytestmark = pytest.mark.slow
+# generous: the shared federation starts in the first of these tests to run, and a loaded
+# machine (other suites, torch imports) can take minutes before round 2
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def records(path: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -48,7 +50,7 @@ def test_trails_record_what_happened_and_verify(live: LiveFederation) -> None:
         return {r["event"] for r in records(server_trail)} if server_trail.exists() else set()
 
     wait_for(lambda: {"join", "admin_call", "refusal", "round_completed"} <= server_events(),
-             240, "joins, an admin call, a refusal and a round in the server's trail", fed)
+             480, "joins, an admin call, a refusal and a round in the server's trail", fed)
     refusal = [r for r in records(server_trail) if r["event"] == "refusal"][-1]
     assert refusal["data"]["client"] == "hospital_1"
     assert refusal["data"]["method"].endswith("/Status")
@@ -62,7 +64,7 @@ def test_trails_record_what_happened_and_verify(live: LiveFederation) -> None:
     for name in HOSPITALS:
         trail = fed.workdir / "sites" / name / "state" / "audit.jsonl"
         wait_for(lambda t=trail: sum(r["event"] == "update_sent" for r in records(t)) >= 2,
-                 240, f"two updates in {name}'s trail", fed)
+                 480, f"two updates in {name}'s trail", fed)
         sent = [r["data"] for r in records(trail) if r["event"] == "update_sent"]
         for item in sent:
             assert item["server_cert_sha256"] == fingerprint
