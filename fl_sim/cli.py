@@ -1,7 +1,7 @@
 """`python -m fl_sim`: a federation of N virtual hospitals, simulated on Ray.
 
     python -m fl_sim --model_type breast_cancer --hospitals 100 --rounds 3 \
-        [--strategy fedavg] [--alpha 0.5] [--epsilon_per_hospital 10] \
+        [--strategy fedavg] [--alpha 0.5] [--epsilon_per_hospital 3] \
         [--dropout_rate 0.1] [--ray_address HOST:6379]
 
 Steps: partition the data with the task's own `prepare` (one folder per hospital
@@ -83,15 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = p.add_argument_group("privacy")
     privacy.add_argument("--no_dp", action="store_true",
                          help="train WITHOUT differential privacy (the hospitals allow it)")
-    privacy.add_argument("--noise_multiplier", type=float,
-                         help="default: the demo's for the model")
+    privacy.add_argument("--noise_multiplier", type=float, default=0.0,
+                         help="a fixed DP noise multiplier instead of a planned budget")
     privacy.add_argument("--target_epsilon", type=float, default=0.0,
                          help="epsilon per round; overrides the noise multiplier")
     privacy.add_argument("--delta", type=float, default=0.0, help="0: the task's")
     privacy.add_argument("--max_grad_norm", type=float, default=0.0, help="0: the task's")
     privacy.add_argument("--epsilon_per_hospital", type=float,
-                         help="each hospital's total epsilon budget: its ledger refuses rounds"
-                              " beyond it (default: the demo's for the model)")
+                         help="each hospital's epsilon for the whole job: it plans its own"
+                              " noise to spend at most this over --rounds, as the server's"
+                              " flag asks (default: the demo's for the model, unless"
+                              " --noise_multiplier or --target_epsilon fixes the noise)")
+    privacy.add_argument("--epsilon_budget", type=float,
+                         help="each hospital's lifetime epsilon budget: its ledger refuses"
+                              " rounds beyond it (default: the demo's for the model)")
     privacy.add_argument("--secure_aggregation", action="store_true",
                          help="secure aggregation (not simulated yet: refused)")
     ray = p.add_argument_group("Ray")
@@ -121,8 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SimSettings:
     # Unset knobs take the demo's quick per-model profile (fl_demo.settings), so a first
     # run learns within a few rounds and stays within each hospital's budget.
     profile = PROFILES.get(a.model_type, FALLBACK_PROFILE)
-    if a.target_epsilon and a.noise_multiplier is None:
-        a.noise_multiplier = 0.0  # an epsilon per round drives the noise
+    fixed_noise = bool(a.noise_multiplier or a.target_epsilon or a.no_dp)
+    per_job = _given(a.epsilon_per_hospital, 0.0 if fixed_noise
+                     else profile.epsilon_per_hospital)
     try:
         params = parse_strategy_params(a.strategy_param)
     except ConfigError as exc:
@@ -134,13 +140,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SimSettings:
         local_epochs=_given(a.local_epochs, profile.local_epochs or 0),  # 0: the task's
         batch_size=a.batch_size,
         learning_rate=_given(a.learning_rate, profile.learning_rate or 0.0),
-        no_dp=a.no_dp, noise_multiplier=_given(a.noise_multiplier, profile.noise_multiplier),
+        no_dp=a.no_dp, noise_multiplier=a.noise_multiplier, epsilon_per_hospital=per_job,
         target_epsilon=a.target_epsilon, delta=a.delta,
         max_grad_norm=a.max_grad_norm, seed=a.seed, fed_eval=False)
     settings = SimSettings(
         server=server, hospitals=a.hospitals, out=a.out, data_dir=a.data_dir, alpha=a.alpha,
         partitions=a.partitions, samples=_given(a.samples, profile.samples),
-        epsilon_per_hospital=_given(a.epsilon_per_hospital, profile.epsilon_budget),
+        epsilon_budget=_given(a.epsilon_budget, profile.epsilon_budget),
         dropout_rate=a.dropout_rate,
         secure_aggregation=a.secure_aggregation, ray_address=a.ray_address,
         num_cpus=a.num_cpus, cpus_per_hospital=a.cpus_per_hospital,
@@ -229,6 +235,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
 
     from fl_demo.baseline import initial_state
     from fl_demo.report import write_json
+    from fl_server.config import settle_job
     from fl_server.rounds import select_clients
     from fl_server.server import train_config
     from fl_server.strategies import make_strategy
@@ -244,6 +251,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     data_dir = _data(task, settings, say)
     data = sim_report.describe(task, data_dir, settings)
     phases["data"] = time.monotonic() - mark
+    settle_job(cfg, task.hyperparams)  # the task's defaults and the privacy mode, as a job
     strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
     config = train_config(cfg, task, strategy.client_config())
     torch.set_num_threads(cfg.torch_threads)
@@ -253,7 +261,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     job_id = f"sim-{cfg.model_type}-seed{cfg.seed}"
     spec = WorkerSpec(model_type=cfg.model_type, task_options=options, data_dir=data_dir,
                       state_dir=out / "state", parts=settings.parts,
-                      epsilon_budget=settings.epsilon_per_hospital,
+                      epsilon_budget=settings.epsilon_budget,
                       delta=cfg.delta or task.hyperparams.delta, allow_no_dp=cfg.no_dp,
                       device="cuda" if settings.gpus_per_hospital else "cpu",
                       torch_threads=max(1, int(settings.cpus_per_hospital)))
@@ -307,7 +315,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
         eps = [v for v in report["epsilon"].values() if v is not None]
         say(f"done in {report['wall_seconds']:.1f} s: global accuracy"
             f" {last.get('accuracy', float('nan')):.3f}; epsilon per hospital max"
-            f" {max(eps, default=0.0):.2f} of {settings.epsilon_per_hospital:g};"
+            f" {max(eps, default=0.0):.2f} (lifetime budget {settings.epsilon_budget:g});"
             f" {out / 'report.json'}")
     return report
 

@@ -53,14 +53,14 @@ def rows(outcome: Outcome) -> list[RoundRow]:
 def build(settings: SimSettings, task: Any, config: cpb.TrainConfig, data: dict[str, Any],
           outcome: Outcome, simulation: dict[str, Any], started: float) -> dict[str, Any]:
     cfg = settings.server
-    # The demo's "job budget per hospital" (a planned noise) is not how the simulation
-    # sets its noise: None says "the fixed noise multiplier", inf "no DP".
+    # The demo's job budget per hospital: None says "a fixed noise", inf "no DP".
     demo = DemoSettings(model_type=cfg.model_type, out=settings.out,
                         hospitals=settings.hospitals, rounds=cfg.rounds,
                         local_epochs=config.local_epochs,
                         noise_multiplier=config.privacy.noise_multiplier,
-                        epsilon_budget=settings.epsilon_per_hospital,
-                        epsilon_per_hospital=None if config.privacy.enabled else math.inf,
+                        epsilon_budget=settings.epsilon_budget,
+                        epsilon_per_hospital=(config.privacy.epsilon_per_job or None)
+                        if config.privacy.enabled else math.inf,
                         alpha=settings.alpha, samples=settings.samples,
                         learning_rate=config.learning_rate, seed=cfg.seed,
                         strategy=cfg.strategy, baseline=False, fed_eval=False)
@@ -92,6 +92,8 @@ def privacy_text(config: cpb.TrainConfig) -> str:
     p = config.privacy
     if not p.enabled:
         return "no DP"
+    if p.epsilon_per_job:
+        return f"DP-SGD, epsilon <= {p.epsilon_per_job:g} per hospital (planned)"
     if p.target_epsilon:
         return f"DP-SGD, epsilon {p.target_epsilon:g} per round"
     return f"DP-SGD noise {p.noise_multiplier:g}"

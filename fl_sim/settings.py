@@ -28,7 +28,7 @@ class SimSettings:
     alpha: float | None = None  # Dirichlet label skew when preparing; None = IID
     partitions: int = 0  # data parts (0: one per hospital); fewer parts are shared round-robin
     samples: int | None = None  # synthetic tasks: examples to generate
-    epsilon_per_hospital: float = DEFAULT_EPSILON_BUDGET  # each hospital's ledger budget
+    epsilon_budget: float = DEFAULT_EPSILON_BUDGET  # each hospital's lifetime ledger budget
     dropout_rate: float = 0.0  # chance a selected hospital drops out of a round
     secure_aggregation: bool = False
     ray_address: str | None = None  # None: embedded Ray on this machine
@@ -61,8 +61,8 @@ class SimSettings:
                             " hospital)")
         if self.alpha is not None and not self.alpha > 0:
             problems.append("--alpha must be positive (omit it for an IID split)")
-        if not (self.epsilon_per_hospital > 0):
-            problems.append("--epsilon_per_hospital must be positive")
+        if not (self.epsilon_budget > 0):
+            problems.append("--epsilon_budget must be positive")
         if not 0 <= self.dropout_rate < 1:
             problems.append("--dropout_rate must be in [0, 1)")
         if self.num_cpus < 0:

@@ -22,7 +22,7 @@ def test_fifty_hospitals_with_dp_and_dropouts(tmp_path: Path) -> None:
     out = tmp_path / "sim"
     result = run_sim(["--hospitals", str(HOSPITALS), "--rounds", str(ROUNDS),
                       "--local_epochs", "1", "--dropout_rate", "0.2", "--fraction", "0.8",
-                      "--epsilon_per_hospital", "50", "--seed", "3", "--out", str(out),
+                      "--epsilon_budget", "50", "--seed", "3", "--out", str(out),
                       *RAY_SMALL], timeout_s=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "hospitals done" in result.stdout and "ETA" in result.stdout
