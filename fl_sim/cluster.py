@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from fl_sim.worker import WorkerSpec
 
 
+EMBEDDED_START_ATTEMPTS = 2
+
+
 class SimError(RuntimeError):
     """The simulation cannot go on; the message is the one line an operator sees."""
 
@@ -88,9 +91,19 @@ def _init(ray: Any, settings: SimSettings) -> None:
     if settings.ray_address:
         probe(settings.ray_address, settings.ray_connect_timeout_s)
         ray.init(address=settings.ray_address, **common)
-    else:
-        ray.init(num_cpus=settings.num_cpus or os.cpu_count() or 1,
-                 num_gpus=None if settings.gpus_per_hospital else 0, **common)
+        return
+    for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=settings.num_cpus or os.cpu_count() or 1,
+                     num_gpus=None if settings.gpus_per_hospital else 0, **common)
+            return
+        except Exception:
+            # Ray gives its raylet a fixed 30 s to register; a machine busy enough
+            # misses that once and makes it the next time.
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            if attempt == EMBEDDED_START_ATTEMPTS:
+                raise
 
 
 @contextlib.contextmanager
@@ -111,20 +124,20 @@ def _stderr_to_file() -> Iterator[int]:
 
 def _init_with_watchdog(ray: Any, settings: SimSettings) -> None:
     """ray.init, but a join that hangs ends the process with one line after the timeout
-    (ray.init cannot be interrupted from another thread, and must run on this one)."""
+    (ray.init cannot be interrupted from another thread, and must run on this one).
+    Embedded Ray bounds its own start (and is retried), so only a join is watched."""
     done = threading.Event()
     with _stderr_to_file() as real_stderr:
 
         def watchdog() -> None:
             if not done.wait(settings.ray_connect_timeout_s):
-                where = f"--ray_address {settings.ray_address}" if settings.ray_address \
-                    else "embedded Ray"
-                line = (f"fl-sim: error: {where} did not answer within"
+                line = (f"fl-sim: error: --ray_address {settings.ray_address} did not answer within"
                         f" {settings.ray_connect_timeout_s:.0f} s (--ray_connect_timeout_s)\n")
                 os.write(real_stderr, line.encode())
                 os._exit(3)
 
-        threading.Thread(target=watchdog, name="ray-init-watchdog", daemon=True).start()
+        if settings.ray_address:
+            threading.Thread(target=watchdog, name="ray-init-watchdog", daemon=True).start()
         try:
             _init(ray, settings)
         finally:
