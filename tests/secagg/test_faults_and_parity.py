@@ -88,7 +88,7 @@ def test_server_killed_while_unmasking_restarts_the_round_with_fresh_keys(
     assert len(sessions) == len(set(sessions)) >= 3  # round 1 twice (fresh keys), round 2
 
 
-def _final_accuracy(fed: Federation, data: Path, n: int, secure: bool) -> float:
+def _start(fed: Federation, data: Path, n: int, secure: bool) -> None:
     args = ["--min_clients", str(n), "--rounds", "1", "--no_dp", "--seed", "3",
             "--eval_data", str(data / "test"), *BASE]
     if secure:
@@ -96,6 +96,9 @@ def _final_accuracy(fed: Federation, data: Path, n: int, secure: bool) -> float:
     fed.start_server(args)
     for name in HOSPITALS[:n]:
         fed.start_client(name, data / name, ["--allow_no_dp"])
+
+
+def _final_accuracy(fed: Federation, secure: bool) -> float:
     assert fed.wait_server(timeout_s=300) == 0, fed.tail("server.log", 60)
     rows = _rows(fed)
     assert [s for _, s, _, _ in rows] == ["completed"]
@@ -106,12 +109,19 @@ def _final_accuracy(fed: Federation, data: Path, n: int, secure: bool) -> float:
 @pytest.mark.parametrize("n", [3, 5])
 def test_secure_aggregation_reaches_the_same_accuracy(
         secagg_pki: Path, bc_data: dict[int, Path], tmp_path: Path, n: int) -> None:
+    """The same job (no DP, same seeds) with and without secure aggregation, side by
+    side: only quantization separates them."""
     import shutil
 
-    accuracy = {}
-    for secure in (False, True):
-        work = tmp_path / f"fed-{secure}"
-        shutil.copytree(secagg_pki, work)
-        with Federation(work, [], "breast_cancer") as fed:
-            accuracy[secure] = _final_accuracy(fed, bc_data[n], n, secure)
+    feds = {}
+    try:
+        for secure in (False, True):
+            work = tmp_path / f"fed-{secure}"
+            shutil.copytree(secagg_pki, work)
+            feds[secure] = Federation(work, [], "breast_cancer")
+            _start(feds[secure], bc_data[n], n, secure)
+        accuracy = {secure: _final_accuracy(fed, secure) for secure, fed in feds.items()}
+    finally:
+        for fed in feds.values():
+            fed.stop_all()
     assert abs(accuracy[True] - accuracy[False]) <= 0.005, accuracy
