@@ -9,15 +9,17 @@ it (read from the store, so a server restarted after the job ended still knows
 them); any other connected hospital gets a plain STOP. A failed or stopped job
 delivers nothing.
 
-``delivered`` is set once every offered hospital has streamed the model to its
-last chunk, so a server run with ``--exit_when_done`` can wait for the downloads
-(bounded by ``FINAL_MODEL_GRACE_S``) instead of closing under them.
+A server run with ``--exit_when_done`` waits (at most ``FINAL_MODEL_GRACE_S``) while
+``awaited``: an offered hospital that has not streamed the model to its last chunk is
+still connected; it does not close under a download in progress, and does not wait
+for a hospital that left (or a client that does not fetch).
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterable
 
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
@@ -41,8 +43,6 @@ class FinalDelivery:
         self._lock = threading.Lock()
         self._tasks: dict[str, cpb.Task] = {}
         self._pending: set[str] = set()
-        self.delivered = threading.Event()
-        self.delivered.set()  # nothing offered yet, so nothing to wait for
 
     def open(self, job_id: str, round_no: int, manifest: tpb.TensorManifest,
              clients: set[str]) -> None:
@@ -53,8 +53,6 @@ class FinalDelivery:
                               round=round_no, model_manifest=manifest)
                 for cid in clients}
             self._pending = set(clients)
-            if self._pending:
-                self.delivered.clear()
 
     def stop_task(self, client_id: str, job_id: str, round_no: int) -> cpb.Task:
         """The STOP task for ``client_id``: with the final model when it is offered one."""
@@ -70,9 +68,13 @@ class FinalDelivery:
             task = self._tasks.get(client_id)
         return task if task is not None and task.task_id == task_id else None
 
+    def awaited(self, connected: Iterable[str]) -> bool:
+        """True while an offered hospital that has not fetched the model yet is still
+        connected (one that left, or a client that does not fetch, is not waited for)."""
+        with self._lock:
+            return bool(self._pending.intersection(connected))
+
     def fetched(self, client_id: str) -> None:
         """``client_id`` has streamed the whole model."""
         with self._lock:
             self._pending.discard(client_id)
-            if not self._pending:
-                self.delivered.set()

@@ -443,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.exit_when_done and app.engine.done_event.is_set():
             # the final model's downloads first (bounded), then time to read the STOP task
             give_up = time.monotonic() + FINAL_MODEL_GRACE_S
-            while not (app.engine.final.delivered.is_set() or stopping.is_set()) \
-                    and time.monotonic() < give_up:
+            while app.engine.final.awaited(app.registry.connected()) \
+                    and not stopping.is_set() and time.monotonic() < give_up:
                 stopping.wait(0.2)
             stopping.wait(2.0)
             break

@@ -1,0 +1,30 @@
+"""Who is offered a completed job's final model, and what the server waits for."""
+
+from __future__ import annotations
+
+import torch
+
+from fl_core.tensor_codec import build_manifest
+from fl_proto import coordinator_pb2 as cpb
+from fl_server.final_model import FinalDelivery
+
+
+def test_only_participants_get_the_model_and_only_connected_ones_are_awaited() -> None:
+    final = FinalDelivery()
+    assert not final.awaited(["h1"])  # nothing offered yet
+    assert not final.stop_task("h1", "job", 3).HasField("model_manifest")
+    manifest = build_manifest({"w": torch.ones(3)})
+    final.open("job", 3, manifest, {"h1", "h2"})
+    offered = final.stop_task("h1", "job", 3)
+    assert offered.kind == cpb.STOP and (offered.job_id, offered.round) == ("job", 3)
+    assert offered.model_manifest == manifest
+    assert final.stop_task("h1", "job", 3).task_id == offered.task_id  # stable on re-send
+    outsider = final.stop_task("h3", "job", 3)
+    assert outsider.kind == cpb.STOP and not outsider.HasField("model_manifest")
+    assert final.task_of("h1", offered.task_id) == offered
+    assert final.task_of("h2", offered.task_id) is None  # another hospital's task id
+    assert final.task_of("h3", outsider.task_id) is None  # a plain STOP fetches nothing
+    assert final.awaited(["h1", "h3"])
+    assert not final.awaited(["h3"])  # the ones left are gone: not waited for
+    final.fetched("h1")
+    assert not final.awaited(["h1", "h3"]) and final.awaited(["h2"])
