@@ -39,13 +39,13 @@ PROFILES: dict[str, Profile] = {
     # Real Wisconsin data (569 cases): cheap.
     "breast_cancer": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
     "symptom": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
-    "ecg": Profile(rounds=5, noise_multiplier=0.8, epsilon_budget=25.0, samples=1800),
+    "ecg": Profile(rounds=4, noise_multiplier=0.8, epsilon_budget=25.0, samples=1800),
     # DP-SGD on small images needs data (the tasks' full synthetic sets) and the
     # issue's image budget is epsilon 8.
     "glaucoma": Profile(rounds=3, noise_multiplier=0.8, epsilon_budget=20.0,
-                        epsilon_per_hospital=8.0),
+                        epsilon_per_hospital=8.0, local_epochs=2, learning_rate=0.005),
     "pneumonia": Profile(rounds=3, noise_multiplier=0.8, epsilon_budget=20.0,
-                         epsilon_per_hospital=8.0),
+                         epsilon_per_hospital=8.0, local_epochs=2, learning_rate=0.005),
 }
 FALLBACK_PROFILE = Profile(rounds=3, noise_multiplier=1.0, epsilon_budget=20.0)
 

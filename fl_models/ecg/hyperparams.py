@@ -1,4 +1,13 @@
-"""ECG training defaults: ~800 windows per hospital, 3 classes."""
+"""ECG training defaults, tuned for DP-SGD on ~130-640 windows per hospital, 3 classes.
+
+- batch_size 128 (sample rate about 1/5 to 1 by hospital size) and 3 local epochs:
+  unlike the tabular tasks, this one learned better from more, sampled steps than
+  from a few full batches (in-process at epsilon 3, seed 0: batch 128 0.819, 64 0.819
+  at lr 0.1, 256 0.767; 2 epochs at batch 64 0.772).
+- SGD lr 0.2, momentum 0.9; max_grad_norm 1.0 (per-window gradients of the linear
+  head on 600 standardised features are a few units, so most are clipped).
+- noise_multiplier / target_epsilon: the fallbacks when no job budget is given.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,12 @@ BASELINE_EPOCHS = 20
 
 def hyperparams() -> HyperParams:
     return HyperParams(
-        local_epochs=2,
-        batch_size=64,
-        learning_rate=0.02,
+        local_epochs=3,
+        batch_size=128,
+        learning_rate=0.2,
         max_grad_norm=1.0,
-        noise_multiplier=1.0,
-        target_epsilon=8.0,
+        noise_multiplier=1.5,
+        target_epsilon=3.0,
         delta=1e-5,
         optimizer="sgd",
         momentum=0.9,
