@@ -161,6 +161,9 @@ def resolve_settings(task: Task, config: coordinator_pb2.TrainConfig) -> RoundSe
     if per_job > 0:
         if p.total_rounds < 1:
             raise ValueError("epsilon_per_job needs total_rounds (the job's rounds) >= 1")
+        # A server planning the job sends no noise; one here is the hospital's own
+        # (task_policy), a floor the plan may raise but never lower (_planned).
+        noise = max(0.0, float(p.noise_multiplier))
     elif p.target_epsilon > 0:
         target = p.target_epsilon
     elif p.noise_multiplier > 0:
@@ -517,12 +520,16 @@ def _planned(settings: RoundSettings, ledger: PrivacyLedger | None, job_id: str,
     """The settings with this round's noise from the job's budget plan.
 
     Opacus samples each batch at rate ``1 / batches`` and takes ``batches`` steps per
-    epoch (Poisson sampling), so both are known before any data is touched."""
+    epoch (Poisson sampling), so both are known before any data is touched. A noise
+    multiplier the hospital set itself wins when it is the larger (more privacy, and
+    the job still ends under its budget); a smaller one cannot undercut the plan."""
     if ledger is None:
         raise ValueError("planning the job's privacy budget needs the hospital's ledger")
     plan = plan_round(ledger, job_id, 1.0 / batches, settings.hyperparams.local_epochs * batches,
                       max(1, settings.total_rounds - round + 1), settings.epsilon_per_job)
-    return replace(settings, noise_multiplier=plan.noise_multiplier, target_epsilon=0.0)
+    return replace(settings, noise_multiplier=max(plan.noise_multiplier,
+                                                  settings.noise_multiplier),
+                   target_epsilon=0.0)
 
 
 def _train_plain(

@@ -85,3 +85,25 @@ def test_bad_arguments_are_refused(tmp_path: Path, bad: dict[str, float]) -> Non
     args = {"sample_rate": 0.5, "steps": 4, "rounds_left": 3, "epsilon_per_job": 3.0, **bad}
     with pytest.raises((ValueError, BudgetExceeded)):
         plan_round(ledger(tmp_path), "job", **args)  # type: ignore[arg-type]
+
+
+def test_the_trainer_plans_and_a_hospitals_larger_noise_wins(tmp_path: Path) -> None:
+    """local_training's hook: the plan's noise, or the hospital's own when larger."""
+    from fl_client.local_training import RoundSettings, _planned, resolve_settings
+    from fl_models.registry import get_task
+    from fl_proto import coordinator_pb2 as cpb
+
+    task = get_task("breast_cancer")
+    book = ledger(tmp_path)
+
+    def settings(noise: float) -> RoundSettings:
+        config = cpb.TrainConfig(privacy=cpb.PrivacyConfig(
+            enabled=True, epsilon_per_job=3.0, total_rounds=4, noise_multiplier=noise))
+        return resolve_settings(task, config)
+
+    planned = _planned(settings(0.0), book, "job", 1, 1)
+    expected = plan_round(book, "job", 1.0, task.hyperparams.local_epochs, 4, 3.0)
+    assert planned.noise_multiplier == expected.noise_multiplier
+    assert _planned(settings(50.0), book, "job", 1, 1).noise_multiplier == 50.0
+    assert _planned(settings(0.5), book, "job", 1, 1).noise_multiplier \
+        == expected.noise_multiplier
