@@ -46,6 +46,7 @@ from fl_client.task_policy import (
 )
 from fl_core.constants import (
     EPSILON_WARN_PER_JOB,
+    JOB_IDLE_POLL_S,
     RECONNECT_BASE_S,
     RECONNECT_MAX_S,
     SESSION_CONFLICT_ATTEMPTS,
@@ -156,6 +157,7 @@ class ClientDaemon:
         self.trust = TrustFailures(host, port, client_tls_files(args.keys_dir, self.client_id),
                                    args.server_name)
         self.session_conflicts = 0
+        self.ended_jobs: set[str] = set()
         torch.manual_seed(0)
         self.reference = self.task.build_model().state_dict()
         if args.epsilon_budget > EPSILON_WARN_PER_JOB:
@@ -217,6 +219,8 @@ class ClientDaemon:
                 log_event(log, "disconnected", code=code.name, details=(details or "")[:200])
             except TransferError as exc:
                 log_event(log, "transfer_failed", reason=str(exc)[:300])
+            if self._idle_after_job():
+                continue
             offline_since = offline_since or time.monotonic()
             if self.args.max_reconnect_s and \
                     time.monotonic() - offline_since > self.args.max_reconnect_s:
@@ -228,6 +232,17 @@ class ClientDaemon:
             self.stop.wait(delay)
         log_event(log, "stopped", client=self.client_id, tasks_done=self.tasks_done)
         return 0
+
+    def _idle_after_job(self) -> bool:
+        """With --keep_running, after a job ended the server ends each task stream with the
+        same STOP: wait JOB_IDLE_POLL_S before asking again instead of re-joining at
+        once (a loop of joins, each one audited), and do not count it as an outage."""
+        if not (self.args.keep_running and self.ended_jobs):
+            return False
+        log_event(log, "waiting_for_next_job", in_s=f"{JOB_IDLE_POLL_S:g}",
+                  ended=",".join(sorted(self.ended_jobs)))
+        self.stop.wait(JOB_IDLE_POLL_S)
+        return True
 
     def _untrusted(self, details: str | None) -> bool:
         """True once a trust failure (not an outage) has repeated TRUST_FAILURE_ATTEMPTS
@@ -262,12 +277,16 @@ class ClientDaemon:
                 if task.kind == cpb.HEARTBEAT:
                     continue
                 if task.kind == cpb.STOP:
+                    if task.job_id in self.ended_jobs:
+                        continue  # told again on a new stream: nothing new to do
                     self._receive_final_model(task)
                     log_event(log, "job_finished", job=task.job_id,
                               epsilon_spent=f"{self.ledger.spent():.3f}")
                     if not self.args.keep_running:
                         return True
+                    self.ended_jobs.add(task.job_id)
                     continue
+                self.ended_jobs.discard(task.job_id)
                 self._handle(task)
         finally:
             self._call = None

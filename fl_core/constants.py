@@ -155,3 +155,7 @@ EPSILON_WARN_PER_JOB: Final = 10.0
 # A server run with --exit_when_done waits at most this long, after its job completed,
 # for the participating hospitals to download the final model (fl_server/final_model.py).
 FINAL_MODEL_GRACE_S: Final = 60.0
+
+# A client kept running after its job ended asks the server for a new job this often
+# (the server answers an ended job's task stream with its STOP at once).
+JOB_IDLE_POLL_S: Final = 30.0

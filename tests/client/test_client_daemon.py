@@ -147,3 +147,52 @@ def test_one_daemon_per_state_folder(daemon: tuple[ClientDaemon, FakeConnection]
                                      site: Path, tmp_path: Path) -> None:
     with pytest.raises(StateLockError, match="in use by another fl-client"):
         make_daemon(site, tmp_path / "state")
+
+
+class StoppedJobServer(FakeConnection):
+    """A server whose job has ended: every task stream carries its STOP, then ends."""
+
+    joins: int = 0
+
+    def connect(self) -> None:
+        return None
+
+    def join(self) -> None:
+        self.joins += 1
+
+    def tasks(self) -> TaskCall:
+        return TaskCall([cpb.Task(task_id="stop", kind=cpb.STOP, job_id="job-ended", round=3)])
+
+
+class TaskCall:
+    """A finished server stream, as gRPC hands it over: iterable and cancellable."""
+
+    def __init__(self, tasks: list[cpb.Task]) -> None:
+        self._tasks = tasks
+
+    def __iter__(self) -> Iterator[cpb.Task]:
+        return iter(self._tasks)
+
+    def cancel(self) -> None:
+        return None
+
+
+def test_a_kept_running_client_waits_for_the_next_job_instead_of_rejoining(
+        site: Path, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    d, _ = make_daemon(site, tmp_path / "state", "--keep_running")
+    server = StoppedJobServer({})
+    d.conn = server  # type: ignore[assignment]
+    runner = threading.Thread(target=d.run, daemon=True)
+    try:
+        runner.start()
+        time.sleep(3.0)  # before the fix: a join every few tens of milliseconds
+        assert runner.is_alive(), "the daemon's loop died"
+        assert server.joins == 1 and d.ended_jobs == {"job-ended"}
+    finally:
+        d.request_stop()
+        runner.join(10)
+        d.state_lock.release()
+    assert not runner.is_alive()

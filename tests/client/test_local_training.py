@@ -280,9 +280,12 @@ def test_loss_falls(
 def test_fedprox_large_mu_stays_near_global(
     bc: Task, bc_train: TensorDataset, global_state: dict[str, torch.Tensor], dp: bool
 ) -> None:
-    # lr 0.05 * mu 10 = 0.5: a strong but stable pull back to the global weights.
+    # lr 0.05 * mu 10 = 0.5: a strong but stable pull back to the global weights (the
+    # learning rate is set here: the task's own default may change with its tuning).
     def moved(mu: float) -> float:
-        res = train_round(bc, global_state, bc_train, config(dp=dp, epochs=2, mu=mu), CPU,
+        cfg = config(dp=dp, epochs=2, mu=mu)
+        cfg.learning_rate = 0.05
+        res = train_round(bc, global_state, bc_train, cfg, CPU,
                           None, allow_no_dp=not dp, private_seed=14)
         return distance(res.state, global_state)
 
