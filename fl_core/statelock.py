@@ -29,6 +29,9 @@ class StateLock:
         self._fd: int | None = None
 
     def acquire(self) -> StateLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StateLockError(f"state directory {self.folder} is not a directory (a file"
+                                 " is in its place): move it away or choose another folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

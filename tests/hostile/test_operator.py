@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fl_core.statelock import LOCK_NAME
 from fl_demo.launcher import Federation, make_pki
 from fl_server.pki import generate_keys
 from tests.hostile.kit import (
@@ -138,12 +139,12 @@ def port_in_use(_: Path) -> list[str]:
 
 SCENARIOS: dict[str, Scenario] = {
     # flags and config files (an empty state dir, so a wrongly accepted start shows)
-    "rounds_zero": Scenario(["--rounds", "0"], "rounds must be at least 1", fresh_state=True),
-    "port_out_of_range": Scenario(["--port", "70000"], "port 70000", fresh_state=True),
+    "rounds_zero": Scenario(["--rounds", "0"], "rounds must be in [1, 1e+06] (got 0)", fresh_state=True),
+    "port_out_of_range": Scenario(["--port", "70000"], "port must be in [0, 65535] (got 70000)", fresh_state=True),
     "fraction_above_one": Scenario(["--fraction", "1.5"], "fraction must be in",
                                    fresh_state=True),
     "negative_deadline": Scenario(["--round_deadline_s", "-1"],
-                                  "round_deadline_s must be positive", fresh_state=True),
+                                  "round_deadline_s must be in (0, 2.592e+06] (got -1.0)", fresh_state=True),
     "rounds_not_a_number": Scenario(["--rounds", "many"], "invalid int value",
                                     fresh_state=True),
     "unknown_strategy": Scenario(["--strategy", "nosuch"], "invalid choice", fresh_state=True),
@@ -199,7 +200,7 @@ SCENARIOS: dict[str, Scenario] = {
     "checkpoint_of_another_round": Scenario([], "is not valid", damage=swap_checkpoint),
     "sqlite_garbage": Scenario([], "not a SQLite database", damage=garbage_db),
     "sqlite_truncated": Scenario([], "corrupt", damage=truncate_db),
-    "state_dir_is_a_file": Scenario([], "state directory", damage=state_dir_is_a_file),
+    "state_dir_is_a_file": Scenario([], "is not a directory", damage=state_dir_is_a_file),
     "unfinished_job_of_another_model": Scenario(["--model_type", "symptom"],
                                                 "pass --new_job"),
 }
@@ -211,8 +212,9 @@ def files_digest(state: Path) -> dict[str, str]:
             else {}
     out = {}
     for path in sorted(state.rglob("*")):
+        # the lock file holds the pid of whoever last held the folder: not state
         if path.is_file() and not path.name.endswith(("-wal", "-shm")) \
-                and "spool" not in path.parts:
+                and "spool" not in path.parts and path.name != LOCK_NAME:
             out[str(path.relative_to(state))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 

@@ -37,7 +37,7 @@ Msgs = list[apb.UpdateStreamMessage]
 
 
 def upload(evil: HostileClient, frozen: Frozen) -> SealedUpload:
-    up = evil.sealed(frozen.evil_task, evil.zero_delta(frozen.evil_task), chunk_size=512)
+    up = evil.sealed(frozen.evil_task, evil.zero_delta(frozen.evil_task), chunk_size=48)
     assert len(up.chunks) >= 4, "the attacks below need a stream of several chunks"
     return up
 
