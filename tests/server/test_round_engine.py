@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,6 +94,11 @@ class FakeStore:
 
     def set_job_state(self, job_id: str, state: str) -> None:
         self.job_state = state
+
+    def rounds(self, job_id: str) -> list[Any]:
+        """The recorded rounds, as the final-model delivery reads them."""
+        return [SimpleNamespace(round=n, state="completed", metrics=summary.metrics)
+                for n, (summary, _) in sorted(self.completed.items())]
 
 
 GLOBAL = {"w": torch.zeros(4), "b": torch.zeros(1)}
