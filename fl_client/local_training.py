@@ -363,7 +363,7 @@ def _make_opacus_compatible(
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
         return model
-    fixed = ModuleValidator.fix(model)
+    fixed: nn.Module = ModuleValidator.fix(model)
     own = fixed.state_dict()
     same = set(own) == set(global_state) and all(
         tuple(own[k].shape) == tuple(global_state[k].shape) for k in own

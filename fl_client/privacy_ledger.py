@@ -169,7 +169,7 @@ class _PRVGridTooLarge(Exception):
     pass
 
 
-class _PRVAccountant(PRVAccountant):
+class _PRVAccountant(PRVAccountant):  # type: ignore[misc]  # opacus ships no type hints
     """Opacus's PRV accountant, with its grid bound taken from the cached RDP curves.
 
     ``_get_domain`` is Opacus's own (``compute_safe_domain_size`` then an aligned

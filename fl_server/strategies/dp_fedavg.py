@@ -90,7 +90,7 @@ class DPFedAvg(NormBounding):
         """The update sum's share of ``z`` once the clipped count has taken its own."""
         if not self.adaptive:
             return self.noise_multiplier
-        return (self.noise_multiplier ** -2 - (2 * self.count_noise) ** -2) ** -0.5
+        return float((self.noise_multiplier ** -2 - (2 * self.count_noise) ** -2) ** -0.5)
 
     def _on_begin(self) -> None:
         super()._on_begin()
