@@ -195,8 +195,8 @@ class ClientDaemon:
                 if self._serve_tasks():
                     return 0
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                details = exc.details()  # type: ignore[attr-defined]
+                code = exc.code()
+                details = exc.details()
                 if self.stop.is_set():
                     break
                 if code == grpc.StatusCode.ALREADY_EXISTS:
@@ -488,8 +488,8 @@ class ClientDaemon:
         try:
             self.conn.report(request)
         except grpc.RpcError as exc:
-            log_event(log, "report_not_delivered", code=exc.code().name,  # type: ignore[attr-defined]
-                      details=(exc.details() or "")[:200])  # type: ignore[attr-defined]
+            log_event(log, "report_not_delivered", code=exc.code().name,
+                      details=(exc.details() or "")[:200])
 
     def request_stop(self) -> None:
         self.stop.set()

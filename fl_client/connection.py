@@ -200,12 +200,12 @@ class ServerConnection:
                 opener.finish()
                 return assembler.finish()
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     self.session = None
                 elif code not in RETRYABLE or attempt == TRANSFER_ATTEMPTS - 1:
                     raise TransferError(f"download refused: {code.name}:"
-                                        f" {exc.details()}") from exc  # type: ignore[attr-defined]
+                                        f" {exc.details()}") from exc
                 self.resumes += 1
                 log.warning("download interrupted (%s) at chunk %d; resuming", code.name,
                             assembler.next_sequence if assembler else 0)
@@ -238,12 +238,13 @@ class ServerConnection:
                 stream_id=stream_id, manifest=manifest, num_examples=num_examples,
                 resume_from=resume_from, metrics=dict(metrics))
             try:
-                return self.aggregator.SubmitUpdate(
+                receipt: apb.UpdateReceipt = self.aggregator.SubmitUpdate(
                     self._update_messages(header, state, manifest, sealer, stop, on_progress),
                     metadata=metadata,
                     timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
+                return receipt
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code = exc.code()
                 if stop is not None and stop.is_set():
                     raise TransferError("upload abandoned: the client is stopping") from exc
                 if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -251,7 +252,7 @@ class ServerConnection:
                     resume_from = 0
                 elif code not in RETRYABLE or attempt == TRANSFER_ATTEMPTS - 1:
                     raise TransferError(f"upload refused: {code.name}:"
-                                        f" {exc.details()}") from exc  # type: ignore[attr-defined]
+                                        f" {exc.details()}") from exc
                 else:
                     resume_from = self._upload_position(stream_id)
                 self.resumes += 1
@@ -286,7 +287,7 @@ class ServerConnection:
                     timeout=RPC_TIMEOUT_S)
                 return int(reply.next_sequence)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return 0
                 time.sleep(0.5)
         return 0

@@ -115,7 +115,7 @@ def export(task: Task, model: torch.nn.Module, fmt: str, out: Path, model_type: 
         # TorchScript is what the issue asks for (loadable from C++ and older
         # runtimes); torch marks jit deprecated in favour of torch.export.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        traced = torch.jit.trace(model, example)
+        traced = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
         traced.save(str(out))
 
 

@@ -251,9 +251,9 @@ class SecureRound:
             return getattr(self.conn.coordinator, method)(
                 request, metadata=self.conn.metadata(), timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code().name  # type: ignore[attr-defined]
+            code = exc.code().name
             raise SecAggError("SERVER_REFUSED", f"{method}: {code}:"
-                              f" {exc.details()}") from None  # type: ignore[attr-defined]
+                              f" {exc.details()}") from None
 
     def _deadline_left(self) -> float:
         return max(0.0, self.task.deadline_unix_ms / 1000 - time.time())

@@ -171,7 +171,7 @@ def dtype_itemsize(dtype: int) -> int:
 
 def _dtype_name(dtype: int) -> str:
     try:
-        return tensors_pb2.DType.Name(dtype)  # type: ignore[arg-type]
+        return tensors_pb2.DType.Name(dtype)
     except ValueError:
         return str(int(dtype))
 

@@ -27,6 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from fl_core.audit import AuditError, AuditTrail, open_trail
 from fl_core.audit import main as audit_main
 from fl_proto import tensors_pb2 as tpb
+from fl_server.grpc_types import Handler, InterceptorBase
 from fl_server.metrics import OBSERVED
 
 log = logging.getLogger("fl_server.audit")
@@ -129,7 +130,7 @@ def _detail_code(context: grpc.ServicerContext) -> str:
     """The machine-readable reason the service sent in its trailers, if any: an
     ErrorInfo in the standard `grpc-status-details-bin` or the older ErrorDetail."""
     try:
-        trailing = context.trailing_metadata() or ()  # type: ignore[attr-defined]
+        trailing = context.trailing_metadata() or ()
     except Exception:
         return ""
     for key, value in trailing:
@@ -141,7 +142,7 @@ def _detail_code(context: grpc.ServicerContext) -> str:
                 for any_detail in status.details:
                     info = error_details_pb2.ErrorInfo()
                     if any_detail.Unpack(info):
-                        return info.reason
+                        return str(info.reason)
             elif key == ERROR_DETAIL_KEY:
                 return tpb.ErrorDetail.FromString(value).code
         except Exception:  # a malformed trailer is not worth failing the call over
@@ -170,16 +171,16 @@ def _observe_end(context: grpc.ServicerContext, method: str) -> None:
             method=method, peer=context.peer())
 
 
-class RefusalObserver(grpc.ServerInterceptor):
+class RefusalObserver(InterceptorBase):
     """Outermost interceptor: every call that ends with an error status (refused by the
     authentication interceptor or by a service's abort) is counted by code, audited and
     shown among the recent events, without a hook at each of the many abort sites."""
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
 from fl_core.ratelimit import RefusalLog, peer_host
+from fl_server.grpc_types import Handler, InterceptorBase
 from fl_server.tokens import AuthError, RevocationList, TokenService, cert_sha256
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return token.strip()
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(InterceptorBase):
     """Runs before every service method: certificate identity, revocation, bearer
     token bound to the certificate, and admin-only methods.
 
@@ -160,13 +161,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self._admin = frozenset(admin_methods)
         self._refusal_log = RefusalLog(log)
         self._lock = threading.Lock()
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -179,7 +180,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         def guard(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
             # Not a generator even for streaming responses: the check must run (and
             # abort) when the call starts, before the service's generator is created.

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 
 from fl_core.constants import HEARTBEAT_INTERVAL_S, ROLE_CLIENT
-from fl_core.errors import Refusal
+from fl_core.errors import Refusal, abort
 from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from fl_server import audit
-from fl_server.aggregator import abort, abort_refusal
+from fl_server.aggregator import abort_refusal
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, SessionConflict
 from fl_server.metrics import fill_status

@@ -51,6 +51,7 @@ from fl_core.constants import (
 from fl_core.logs import log_event
 from fl_core.ratelimit import RefusalLog
 from fl_server.auth import identity_of
+from fl_server.grpc_types import Handler, InterceptorBase
 
 log = logging.getLogger("fl_server.limits")
 
@@ -249,7 +250,7 @@ class _Once:
             fn()
 
 
-class CallLimitInterceptor(grpc.ServerInterceptor):
+class CallLimitInterceptor(InterceptorBase):
     """Installs `CallLimits` and the stream deadlines on every method. Must come
     after AuthInterceptor in the server's interceptor list (it reads the identity
     that AuthInterceptor put on the context)."""
@@ -263,14 +264,14 @@ class CallLimitInterceptor(grpc.ServerInterceptor):
         self.idle_s = idle_s
         self.send_stall_s = send_stall_s
         self.refusals = RefusalLog(log)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
         self._lock = threading.Lock()
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -283,7 +284,7 @@ class CallLimitInterceptor(grpc.ServerInterceptor):
             self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: Handler, method: str) -> Handler:
         streaming_in = bool(handler.request_streaming)
         streaming_out = bool(handler.response_streaming)
         kind = METHOD_KINDS.get(method, "stream" if streaming_in or streaming_out else "unary")

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fl-admin: error: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
-        print(f"fl-admin: error: {exc.code().name}: {exc.details()}",  # type: ignore[attr-defined]
+        print(f"fl-admin: error: {exc.code().name}: {exc.details()}",
               file=sys.stderr)
         return 1
     if args.json:

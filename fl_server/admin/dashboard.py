@@ -86,7 +86,7 @@ class StatusFeed:
                 self._publish({"ok": True, "error": "", "status": last_good,
                                "fetched_unix_ms": int(time.time() * 1000)})
             except grpc.RpcError as exc:
-                message = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+                message = f"{exc.code().name}: {exc.details()}"
                 self._publish({"ok": False, "error": message, "status": last_good})
             except Exception as exc:  # unreadable certificate files, anything unexpected:
                 # the page says so and the feed tries again; it never dies silently

@@ -139,12 +139,15 @@ def port_in_use(_: Path) -> list[str]:
 
 SCENARIOS: dict[str, Scenario] = {
     # flags and config files (an empty state dir, so a wrongly accepted start shows)
-    "rounds_zero": Scenario(["--rounds", "0"], "rounds must be in [1, 1e+06] (got 0)", fresh_state=True),
-    "port_out_of_range": Scenario(["--port", "70000"], "port must be in [0, 65535] (got 70000)", fresh_state=True),
+    "rounds_zero": Scenario(["--rounds", "0"], "rounds must be in [1, 1e+06] (got 0)",
+                            fresh_state=True),
+    "port_out_of_range": Scenario(["--port", "70000"], "port must be in [0, 65535] (got 70000)",
+                                  fresh_state=True),
     "fraction_above_one": Scenario(["--fraction", "1.5"], "fraction must be in",
                                    fresh_state=True),
     "negative_deadline": Scenario(["--round_deadline_s", "-1"],
-                                  "round_deadline_s must be in (0, 2.592e+06] (got -1.0)", fresh_state=True),
+                                  "round_deadline_s must be in (0, 2.592e+06] (got -1.0)",
+                                  fresh_state=True),
     "rounds_not_a_number": Scenario(["--rounds", "many"], "invalid int value",
                                     fresh_state=True),
     "unknown_strategy": Scenario(["--strategy", "nosuch"], "invalid choice", fresh_state=True),
