@@ -70,7 +70,8 @@ class DPFedAvg(NormBounding):
                     f"count_noise must be above noise_multiplier / 2 ({self.noise_multiplier / 2}),"
                     f" got {self.count_noise}: the clipped count alone would spend more than"
                     " the whole round's noise multiplier allows")
-        self.unclipped: list[float] = []
+        self.unclipped: list[float] = []  # the round's bits, or its securely summed count
+        self._next_fraction = math.nan
         self.last_fraction = math.nan  # the noised fraction released by the last round
         self.last_clip = self.bound
         self.sample_rate = check_fraction("sample_rate", sample_rate, 0.0, 1.0, high_open=False)
@@ -100,6 +101,23 @@ class DPFedAvg(NormBounding):
         super()._fold(client_id, delta, 1)  # equal weights: the sensitivity is one clip
         self.unclipped.append(0.0 if client_id in self.clipped else 1.0)
 
+    def accept_sum(self, client_ids: list[str], sums: dict[str, torch.Tensor],
+                   weight_total: float, unclipped_count: float | None = None) -> None:
+        """Secure aggregation: the hospitals clipped and the server sees only the sum.
+        For adaptive clipping the hospitals' bits must be summed securely with it
+        (``unclipped_count``); without them this round's clip cannot move, and the
+        round says so (``central_unclipped_fraction`` NaN) rather than guess."""
+        super().accept_sum(client_ids, sums, weight_total)
+        with self._lock:
+            if unclipped_count is None:
+                self.unclipped = []
+                return
+            m = len(client_ids)
+            if not (math.isfinite(unclipped_count) and 0 <= unclipped_count <= m):
+                raise StrategyError(f"unclipped_count must be in [0, {m}], got {unclipped_count}")
+            # Only the sum matters (noised_fraction adds the bits), so spread it evenly.
+            self.unclipped = [unclipped_count / m] * m
+
     def _aggregate(self) -> dict[str, torch.Tensor]:
         sums, self._sums = self._sums, {}
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
@@ -110,7 +128,8 @@ class DPFedAvg(NormBounding):
         if self.adaptive:
             count_noise = float(torch.normal(0.0, self.count_noise, size=(1,),
                                              generator=generator, dtype=torch.float64))
-            self._next_fraction = self.noised_fraction(self.unclipped, count_noise)
+            self._next_fraction = (self.noised_fraction(self.unclipped, count_noise)
+                                   if self.unclipped else math.nan)
         return sums
 
     @staticmethod
@@ -128,7 +147,8 @@ class DPFedAvg(NormBounding):
         self.last_clip = self.bound
         if self.adaptive:
             self.last_fraction = self._next_fraction
-            self.bound = self.next_clip(self._next_fraction)
+            if math.isfinite(self._next_fraction):  # NaN: no count this round, no step
+                self.bound = self.next_clip(self._next_fraction)
 
     def epsilon(self, rounds: int | None = None) -> float:
         """Client-level epsilon at `delta` after `rounds` rounds (default: so far)."""

@@ -119,3 +119,27 @@ def test_fixed_clipping_is_unchanged_by_default() -> None:
 def test_bad_adaptive_parameters_are_refused(params: dict[str, float]) -> None:
     with pytest.raises(StrategyError):
         make_strategy("dp_fedavg", **params)
+
+
+def test_secure_sum_moves_the_clip_only_with_a_summed_count() -> None:
+    """Under secure aggregation the server gets the clipped sum and, for adaptive
+    clipping, the hospitals' bits summed with it; without them the clip stays."""
+    strategy = make_strategy("dp_fedavg", clip=1.0, noise_multiplier=1e-9,
+                             target_quantile=0.5, count_noise=1e-9)
+    assert isinstance(strategy, DPFedAvg)
+    g = {"w": torch.zeros(3, dtype=torch.float64)}
+    strategy.begin_round(g)
+    strategy.accept_sum(["a", "b", "c", "d"], {"w": torch.ones(3, dtype=torch.float64)}, 4.0,
+                        unclipped_count=4.0)  # all four fitted: the clip shrinks
+    strategy.finish_round()
+    assert strategy.bound == pytest.approx(math.exp(-0.2 * 0.5))
+    assert strategy.last_fraction == pytest.approx(1.0)
+    moved = strategy.bound
+    strategy.begin_round(g)
+    strategy.accept_sum(["a", "b"], {"w": torch.ones(3, dtype=torch.float64)}, 2.0)
+    strategy.finish_round()
+    assert strategy.bound == moved and math.isnan(strategy.last_fraction)
+    strategy.begin_round(g)
+    with pytest.raises(StrategyError, match="unclipped_count"):
+        strategy.accept_sum(["a", "b"], {"w": torch.ones(3, dtype=torch.float64)}, 2.0,
+                            unclipped_count=3.0)
