@@ -27,7 +27,7 @@ from google.rpc import error_details_pb2, status_pb2
 from fl_core.audit import AuditError, AuditTrail, open_trail
 from fl_core.audit import main as audit_main
 from fl_proto import tensors_pb2 as tpb
-from fl_server.grpc_types import Handler, InterceptorBase
+from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.metrics import OBSERVED
 
 log = logging.getLogger("fl_server.audit")
@@ -171,20 +171,12 @@ def _observe_end(context: grpc.ServicerContext, method: str) -> None:
             method=method, peer=context.peer())
 
 
-class RefusalObserver(InterceptorBase):
+class RefusalObserver(WrappingInterceptor):
     """Outermost interceptor: every call that ends with an error status (refused by the
     authentication interceptor or by a service's abort) is counted by code, audited and
     shown among the recent events, without a hook at each of the many abort sites."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def _wrap(self, handler: Handler, method: str) -> Handler:
 
         def unary(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
             def observed(request: Any, context: grpc.ServicerContext) -> Any:
@@ -202,19 +194,8 @@ class RefusalObserver(InterceptorBase):
                     _observe_end(context, method)
             return observed
 
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream),
-                                                        **kwargs)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream),
-                                                         **kwargs)
-        return handler
+        return rewrap(handler, lambda behavior, _in, streaming_out:
+                      streaming(behavior) if streaming_out else unary(behavior))
 
 
 def update_accepted(client_id: str, round_no: int, nbytes: int,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -27,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
 from fl_core.ratelimit import RefusalLog, peer_host
-from fl_server.grpc_types import Handler, InterceptorBase
+from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.tokens import AuthError, RevocationList, TokenService, cert_sha256
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return token.strip()
 
 
-class AuthInterceptor(InterceptorBase):
+class AuthInterceptor(WrappingInterceptor):
     """Runs before every service method: certificate identity, revocation, bearer
     token bound to the certificate, and admin-only methods.
 
@@ -155,30 +154,12 @@ class AuthInterceptor(InterceptorBase):
         public_methods: Iterable[str] = (),
         admin_methods: Iterable[str] = (),
     ) -> None:
+        super().__init__()
         self._tokens = tokens
         self._revocations = revocations
         self._public = frozenset(public_methods)
         self._admin = frozenset(admin_methods)
         self._refusal_log = RefusalLog(log)
-        self._lock = threading.Lock()
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        with self._lock:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         def guard(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
@@ -190,19 +171,7 @@ class AuthInterceptor(InterceptorBase):
 
             return checked
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(guard(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(guard(handler.unary_stream), **kwargs)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(guard(handler.stream_unary), **kwargs)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(guard(handler.stream_stream), **kwargs)
-        raise TypeError(f"method handler for {method} has no behavior")
+        return rewrap(handler, lambda behavior, _in, _out: guard(behavior))
 
     def _check(self, context: grpc.ServicerContext, method: str) -> Identity:
         try:

@@ -51,7 +51,7 @@ from fl_core.constants import (
 from fl_core.logs import log_event
 from fl_core.ratelimit import RefusalLog
 from fl_server.auth import identity_of
-from fl_server.grpc_types import Handler, InterceptorBase
+from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 
 log = logging.getLogger("fl_server.limits")
 
@@ -250,7 +250,7 @@ class _Once:
             fn()
 
 
-class CallLimitInterceptor(InterceptorBase):
+class CallLimitInterceptor(WrappingInterceptor):
     """Installs `CallLimits` and the stream deadlines on every method. Must come
     after AuthInterceptor in the server's interceptor list (it reads the identity
     that AuthInterceptor put on the context)."""
@@ -258,31 +258,13 @@ class CallLimitInterceptor(InterceptorBase):
     def __init__(self, max_workers: int, *, header_deadline_s: float = STREAM_HEADER_DEADLINE_S,
                  idle_s: float = STREAM_IDLE_S, send_stall_s: float = STREAM_SEND_STALL_S,
                  per_identity: Mapping[str, int] = CALLS_PER_IDENTITY) -> None:
+        super().__init__()
         self.limits = CallLimits(max_workers, per_identity)
         self.watchdog = Watchdog()
         self.header_deadline_s = header_deadline_s
         self.idle_s = idle_s
         self.send_stall_s = send_stall_s
         self.refusals = RefusalLog(log)
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-        self._lock = threading.Lock()
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]  # the same object each time, so AuthInterceptor's cache hits
-        wrapped = self._wrap(handler, method)
-        with self._lock:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, handler: Handler, method: str) -> Handler:
         streaming_in = bool(handler.request_streaming)
@@ -309,18 +291,7 @@ class CallLimitInterceptor(InterceptorBase):
 
             return call
 
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(limited(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(limited(handler.unary_stream), **kwargs)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(limited(handler.stream_unary), **kwargs)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(limited(handler.stream_stream),
-                                                         **kwargs)
-        raise TypeError(f"method handler for {method} has no behavior")
+        return rewrap(handler, lambda behavior, _in, _out: limited(behavior))
 
     def _admit(self, context: grpc.ServicerContext, method: str, kind: str) -> _Once:
         client_id = identity_of(context).client_id
