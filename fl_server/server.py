@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new job even if the state dir holds an unfinished one")
     p.add_argument("--exit_when_done", action="store_true",
                    help="exit once the job has finished (default: keep serving Status)")
+    p.add_argument("--final_model_grace_s", type=float, default=FINAL_MODEL_GRACE_S,
+                   help="with --exit_when_done: at most this long for the hospitals still"
+                        " connected to download the final model before exiting")
     p.add_argument("--ready_file", type=Path,
                    help="write {\"port\": N, \"pid\": P} here once serving")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         explicit = _explicit(argv)
         if args.strategy_param:
             explicit.add("strategy_params")
+        if not (math.isfinite(args.final_model_grace_s) and args.final_model_grace_s >= 0):
+            raise ConfigError("--final_model_grace_s must be a finite number of seconds >= 0")
         values = collect_values(args, explicit)
         cfg = config_from(values)
         app = ServerApp(cfg, new_job=args.new_job, given=set(values))
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping.is_set():
         if args.exit_when_done and app.engine.done_event.is_set():
             # the final model's downloads first (bounded), then time to read the STOP task
-            give_up = time.monotonic() + FINAL_MODEL_GRACE_S
+            give_up = time.monotonic() + args.final_model_grace_s
             while app.engine.final.awaited(app.registry.connected()) \
                     and not stopping.is_set() and time.monotonic() < give_up:
                 stopping.wait(0.2)

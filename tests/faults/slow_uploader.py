@@ -31,7 +31,7 @@ def main() -> int:
     task = client.next_task(cpb.TRAIN, timeout=120)
     client.fetch_model(task, task.model_manifest)
     poison = {s.name: torch.full(tuple(s.shape), 1000.0) for s in task.model_manifest.tensors}
-    up = client.sealed(task, poison, chunk_size=256, num_examples=64)
+    up = client.sealed(task, poison, chunk_size=32, num_examples=64)
     half = len(up.chunks) // 2
     forever = threading.Event()
 

@@ -60,7 +60,8 @@ def expected_model(state_dir: Path, job_id: str, deltas: list[dict[str, torch.Te
 
 def test_client_sigkilled_mid_upload_has_no_effect(fed: Federation) -> None:
     port = fed.start_server([*FLAGS, "--rounds", "1", "--min_clients", "3", "--quorum", "0.6",
-                             "--round_deadline_s", "6", "--exit_when_done"])
+                             "--round_deadline_s", "6", "--exit_when_done",
+                             "--final_model_grace_s", "2"])
     state_dir = fed.workdir / "server_state"
     marker = fed.workdir / "mid-upload"
     dying = subprocess.Popen(
@@ -120,7 +121,8 @@ def test_connection_cut_mid_upload_resumes_from_the_last_acknowledged_chunk(
     monkeypatch.setattr(connection_module, "build_manifest",
                         lambda state: build_manifest(state, chunk_size=chunk_size))
     port = fed.start_server([*FLAGS, "--rounds", "1", "--min_clients", "1",
-                             "--round_deadline_s", "60", "--exit_when_done"])
+                             "--round_deadline_s", "60", "--exit_when_done",
+                             "--final_model_grace_s", "2"])
     proxy = CutProxy(port)
     ident = site_identity(fed.workdir, "hospital_1")
     conn = CountingConnection(f"127.0.0.1:{proxy.port}", ident.ca, ident.cert, ident.key,

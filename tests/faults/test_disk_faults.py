@@ -117,7 +117,8 @@ def test_checkpoint_write_fails(fed: Federation, fault: str) -> None:
                 filler.unlink()
             else:
                 _mount("-o", "remount,bind,rw", str(checkpoints))
-            fed.start_server([*FLAGS, "--exit_when_done"], port=port)
+            fed.start_server([*FLAGS, "--exit_when_done",
+                             "--final_model_grace_s", "2"], port=port)
             assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
             rounds = read_rounds(state, job_id)
             assert [r.round for r in rounds] == [1, 2, 3]
@@ -134,7 +135,8 @@ def test_disk_full_while_receiving_an_upload(fed: Federation) -> None:
     state = fed.workdir / "server_state"
     spool = state / "spool"
     with mounted("tmpfs", spool):
-        fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done"])
+        fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done",
+                             "--final_model_grace_s", "2"])
         holding, hold = threading.Event(), threading.Event()
 
         def before_submit(round_no: int) -> None:

@@ -31,7 +31,7 @@ ROUNDS = 4
 KILL_IN_ROUND = 2
 FLAGS = ["--rounds", str(ROUNDS), "--min_clients", "2", "--quorum", "1.0", "--seed", "11",
          "--no_fed_eval", "--round_deadline_s", "60", "--wait_for_clients_s", "120",
-         "--exit_when_done"]
+         "--exit_when_done", "--final_model_grace_s", "2"]
 
 
 def run_job(fed: Federation, kill_in_round: int | None

@@ -65,8 +65,10 @@ def test_own_delta_wins_and_evaluations_are_noised_rounded_and_charged(tmp_path:
     ledger = json.loads((tmp_path / "sites" / HOSPITAL / "state"
                          / f"privacy_ledger_{HOSPITAL}.json").read_text())
     assert ledger["delta"] == OWN_DELTA
-    training = [e for e in ledger["entries"] if e["sample_rate"] < 1.0]
-    evaluations = [e for e in ledger["entries"] if e["sample_rate"] == 1.0]
+    # an evaluation's release is charged at sigma EVAL_SIGMA (one step, sample rate 1);
+    # training may also run at sample rate 1 (full-batch tasks), so tell them by noise
+    training = [e for e in ledger["entries"] if e["noise_multiplier"] != EVAL_SIGMA]
+    evaluations = [e for e in ledger["entries"] if e["noise_multiplier"] == EVAL_SIGMA]
     assert [e["round"] for e in training] == [1, 2]
     # item 7: the epsilon reported for each round is the ledger's, at the hospital's
     # delta (at the server's 0.05 it would be far smaller)

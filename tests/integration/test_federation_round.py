@@ -86,6 +86,7 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
     fed = federation
     port = fed.start_server(["--min_clients", "3", "--round_deadline_s", "90",
                              "--wait_for_clients_s", "60", "--exit_when_done",
+                             "--final_model_grace_s", "2",  # scripted clients never fetch
                              "--rounds", "2", "--strategy", "median", "--no_fed_eval"])
     assert fed.server is not None
     maps = Path(f"/proc/{fed.server.pid}/maps")
