@@ -69,7 +69,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveFederation]:
                           "--round_deadline_s", "300", "--wait_for_clients_s", "300",
                           "--metrics_port", str(server_port)])
         for name in HOSPITALS:
-            fed.start_client(name, data / name, ["--epsilon_budget", "50",
+            # --keep_running: the hospitals (and their metrics endpoints) stay up after
+            # the job, which the small model finishes within a scrape interval or two
+            fed.start_client(name, data / name, ["--epsilon_budget", "50", "--keep_running",
                                                  "--metrics_port", str(client_ports[name])])
         live = LiveFederation(fed, server_port, client_ports)
         scraper = threading.Thread(target=live._scrape_loop, daemon=True)

@@ -72,7 +72,9 @@ def test_metrics_change_as_rounds_complete(live: LiveFederation) -> None:
         (value(first, "fl_server_received_bytes_total") or 0)  # type: ignore[operator]
     assert value(second, "fl_server_sent_bytes_total") > \
         (value(first, "fl_server_sent_bytes_total") or 0)  # type: ignore[operator]
-    assert value(second, "fl_server_clients_connected") == 2
+    # both hospitals were seen connected (by "second" the job may have ended and the
+    # hospitals left: rounds of the small model take a fraction of a scrape interval)
+    assert max(value(t, "fl_server_clients_connected") or 0 for t in list(live.scrapes)) == 2
     for hospital in HOSPITALS:
         assert value(second, "fl_server_updates_accepted_total", client=hospital) >= 2
         assert value(second, "fl_server_client_last_seen_timestamp_seconds",
