@@ -42,8 +42,82 @@ OK: ReportStatus
 REFUSED: ReportStatus
 FAILED: ReportStatus
 
+class ServedStudy(_message.Message):
+    __slots__ = ("model_type", "num_examples")
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    model_type: str
+    num_examples: int
+    def __init__(self, model_type: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("job_toml",)
+    JOB_TOML_FIELD_NUMBER: _ClassVar[int]
+    job_toml: str
+    def __init__(self, job_toml: _Optional[str] = ...) -> None: ...
+
+class JobRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job_id", "model_type", "strategy", "state", "total_rounds", "completed_rounds", "created_unix_ms", "job_sha256", "model_sha256", "queue_position", "settings_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    JOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model_type: str
+    strategy: str
+    state: str
+    total_rounds: int
+    completed_rounds: int
+    created_unix_ms: int
+    job_sha256: str
+    model_sha256: str
+    queue_position: int
+    settings_json: str
+    def __init__(self, job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., job_sha256: _Optional[str] = ..., model_sha256: _Optional[str] = ..., queue_position: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
+
+class ListJobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelBytes(_message.Message):
+    __slots__ = ("data", "offset", "total_bytes", "sha256", "file_sha256", "round")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FILE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_bytes: int
+    sha256: str
+    file_sha256: str
+    round: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
-    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version", "previous_session_id", "replace_session", "epsilon_budget")
+    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version", "previous_session_id", "replace_session", "epsilon_budget", "studies")
     X25519_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +125,7 @@ class JoinRequest(_message.Message):
     PREVIOUS_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REPLACE_SESSION_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
     x25519_public_key: bytes
     model_type: str
     num_examples: int
@@ -58,10 +133,11 @@ class JoinRequest(_message.Message):
     previous_session_id: str
     replace_session: bool
     epsilon_budget: float
-    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., previous_session_id: _Optional[str] = ..., replace_session: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
+    studies: _containers.RepeatedCompositeFieldContainer[ServedStudy]
+    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., previous_session_id: _Optional[str] = ..., replace_session: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ..., studies: _Optional[_Iterable[_Union[ServedStudy, _Mapping]]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session_id", "token", "token_expires_unix", "server_x25519_public_key", "job_id", "model_type", "client_id")
+    __slots__ = ("session_id", "token", "token_expires_unix", "server_x25519_public_key", "job_id", "model_type", "client_id", "job_model_types")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +145,7 @@ class JoinReply(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_MODEL_TYPES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token: str
     token_expires_unix: int
@@ -76,7 +153,8 @@ class JoinReply(_message.Message):
     job_id: str
     model_type: str
     client_id: str
-    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., token_expires_unix: _Optional[int] = ..., server_x25519_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    job_model_types: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., token_expires_unix: _Optional[int] = ..., server_x25519_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., client_id: _Optional[str] = ..., job_model_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskStreamRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -130,7 +208,7 @@ class TrainConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg")
+    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg", "strategy", "job_sha256", "job_rounds", "reason", "job_state")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +218,11 @@ class Task(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    JOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    JOB_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     job_id: str
@@ -149,7 +232,12 @@ class Task(_message.Message):
     deadline_unix_ms: int
     model_manifest: _tensors_pb2.TensorManifest
     secagg: _secagg_pb2.SecAggConfig
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ...) -> None: ...
+    strategy: str
+    job_sha256: str
+    job_rounds: int
+    reason: str
+    job_state: str
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ..., strategy: _Optional[str] = ..., job_sha256: _Optional[str] = ..., job_rounds: _Optional[int] = ..., reason: _Optional[str] = ..., job_state: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "status", "reason", "metrics", "num_examples", "epsilon_round", "epsilon_total", "delta", "dp_enabled", "train_seconds")
@@ -195,8 +283,10 @@ class ReportReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
     __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status", "last_report_reason", "epsilon_budget_left", "phase", "upload_chunks_done", "upload_chunks_total", "updates_accepted", "refusals", "epsilon_budget", "selected")
@@ -289,7 +379,7 @@ class StatusEvent(_message.Message):
     def __init__(self, unix_ms: _Optional[int] = ..., kind: _Optional[str] = ..., client_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job_id", "model_type", "strategy", "round", "total_rounds", "phase", "job_state", "clients", "rounds", "model_sha256", "events", "now_unix_ms", "phase_seconds")
+    __slots__ = ("job_id", "model_type", "strategy", "round", "total_rounds", "phase", "job_state", "clients", "rounds", "model_sha256", "events", "now_unix_ms", "phase_seconds", "queue")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +393,7 @@ class StatusReply(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     NOW_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model_type: str
     strategy: str
@@ -316,4 +407,5 @@ class StatusReply(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[StatusEvent]
     now_unix_ms: int
     phase_seconds: float
-    def __init__(self, job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., strategy: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., job_state: _Optional[str] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., events: _Optional[_Iterable[_Union[StatusEvent, _Mapping]]] = ..., now_unix_ms: _Optional[int] = ..., phase_seconds: _Optional[float] = ...) -> None: ...
+    queue: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., strategy: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., job_state: _Optional[str] = ..., clients: _Optional[_Iterable[_Union[ClientStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., events: _Optional[_Iterable[_Union[StatusEvent, _Mapping]]] = ..., now_unix_ms: _Optional[int] = ..., phase_seconds: _Optional[float] = ..., queue: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...

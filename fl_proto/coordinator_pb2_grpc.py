@@ -75,6 +75,26 @@ class CoordinatorStub:
                 request_serializer=fl__proto_dot_secagg__pb2.RevealSharesRequest.SerializeToString,
                 response_deserializer=fl__proto_dot_secagg__pb2.RevealSharesReply.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/fl.v1.Coordinator/SubmitJob',
+                request_serializer=fl__proto_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_coordinator__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fl.v1.Coordinator/ListJobs',
+                request_serializer=fl__proto_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_coordinator__pb2.ListJobsReply.FromString,
+                _registered_method=True)
+        self.AbortJob = channel.unary_unary(
+                '/fl.v1.Coordinator/AbortJob',
+                request_serializer=fl__proto_dot_coordinator__pb2.JobRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_coordinator__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.DownloadModel = channel.unary_stream(
+                '/fl.v1.Coordinator/DownloadModel',
+                request_serializer=fl__proto_dot_coordinator__pb2.JobRequest.SerializeToString,
+                response_deserializer=fl__proto_dot_coordinator__pb2.ModelBytes.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -136,6 +156,33 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Jobs at runtime (issue 15); each needs an admin certificate. A job file is TOML
+        with the job's settings (fl_server/jobs.py); jobs queue and run one at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadModel(self, request, context):
+        """The final global model of a completed job, as safetensors bytes in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +225,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RevealShares,
                     request_deserializer=fl__proto_dot_secagg__pb2.RevealSharesRequest.FromString,
                     response_serializer=fl__proto_dot_secagg__pb2.RevealSharesReply.SerializeToString,
+            ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=fl__proto_dot_coordinator__pb2.SubmitJobRequest.FromString,
+                    response_serializer=fl__proto_dot_coordinator__pb2.JobInfo.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=fl__proto_dot_coordinator__pb2.ListJobsRequest.FromString,
+                    response_serializer=fl__proto_dot_coordinator__pb2.ListJobsReply.SerializeToString,
+            ),
+            'AbortJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortJob,
+                    request_deserializer=fl__proto_dot_coordinator__pb2.JobRequest.FromString,
+                    response_serializer=fl__proto_dot_coordinator__pb2.JobInfo.SerializeToString,
+            ),
+            'DownloadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModel,
+                    request_deserializer=fl__proto_dot_coordinator__pb2.JobRequest.FromString,
+                    response_serializer=fl__proto_dot_coordinator__pb2.ModelBytes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +463,114 @@ class Coordinator:
             '/fl.v1.Coordinator/RevealShares',
             fl__proto_dot_secagg__pb2.RevealSharesRequest.SerializeToString,
             fl__proto_dot_secagg__pb2.RevealSharesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/SubmitJob',
+            fl__proto_dot_coordinator__pb2.SubmitJobRequest.SerializeToString,
+            fl__proto_dot_coordinator__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/ListJobs',
+            fl__proto_dot_coordinator__pb2.ListJobsRequest.SerializeToString,
+            fl__proto_dot_coordinator__pb2.ListJobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Coordinator/AbortJob',
+            fl__proto_dot_coordinator__pb2.JobRequest.SerializeToString,
+            fl__proto_dot_coordinator__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fl.v1.Coordinator/DownloadModel',
+            fl__proto_dot_coordinator__pb2.JobRequest.SerializeToString,
+            fl__proto_dot_coordinator__pb2.ModelBytes.FromString,
             options,
             channel_credentials,
             insecure,
