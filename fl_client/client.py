@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import os
+import queue
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
 from fl_client.progress import Progress
 from fl_client.secagg_client import SecureRound
 from fl_client.site_data import class_counts, describe
+from fl_client.studies import JobPolicy, Study, check_job, flag_policy
 from fl_client.task_policy import (
     EvaluationPolicy,
     LocalPolicy,
@@ -63,6 +65,7 @@ log = logging.getLogger("fl_client.client")
 
 DEFAULT_EPSILON_BUDGET = 10.0
 STOPPED_REASON = "stopped by the operator"
+ABORTED_REASON = "the job was stopped by the server (aborted by its operator)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server_url", required=True,
                    help="server address: host:port, grpcs://host:port or https://host[:port]"
                         " (always TLS)")
-    p.add_argument("--data_path", type=Path, required=True,
-                   help="folder with this hospital's data in a format the task loads")
-    p.add_argument("--model_type", required=True,
-                   help="breast_cancer, ecg, glaucoma, pneumonia or symptom")
+    p.add_argument("--data_path", type=Path, default=None,
+                   help="folder with this hospital's data in a format the task loads (or"
+                        " [studies.<model_type>] tables in --config for several studies)")
+    p.add_argument("--model_type", default=None,
+                   help="breast_cancer, ecg, glaucoma, pneumonia or symptom (or"
+                        " [studies.<model_type>] tables in --config)")
     p.add_argument("--keys_dir", type=Path, default=Path("keys"),
                    help="folder with <client_id>.key, <client_id>.crt and ca.crt")
     p.add_argument("--state_dir", type=Path, default=None,
@@ -113,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                         " default a second daemon is refused and exits)")
     p.add_argument("--keep_running", action="store_true",
                    help="stay connected after the job ends, waiting for the next one")
+    # the one-study job policy (a [studies.X] table in --config holds the same keys)
+    p.add_argument("--accept_strategy", action="append", default=None, metavar="NAME",
+                   help="take part only in jobs aggregated with this strategy (repeatable;"
+                        " default: any)")
+    p.add_argument("--max_epsilon_per_job", type=float, default=0.0,
+                   help="refuse a job that would cost this hospital more epsilon than this"
+                        " (0: only --epsilon_budget limits)")
+    p.add_argument("--require_secure_aggregation", action="store_true",
+                   help="refuse a job whose rounds are not securely aggregated")
+    p.add_argument("--allowed_job", action="append", default=None, metavar="ID_OR_SHA256",
+                   help="take part only in these jobs (job ids or job-file SHA-256s;"
+                        " repeatable; default: any)")
     p.add_argument("--max_reconnect_s", type=float, default=0.0,
                    help="give up after this many seconds without a server (0: never)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -122,57 +139,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def study_settings(args: argparse.Namespace) -> dict[str, tuple[Path, JobPolicy]]:
+    """The studies to serve: the config's [studies.X] tables, or the one study of
+    --model_type/--data_path with the policy flags."""
+    studies: dict[str, tuple[Path, JobPolicy]] = dict(getattr(args, "studies", None) or {})
+    if args.model_type or args.data_path:
+        if not (args.model_type and args.data_path):
+            raise ValueError("--model_type and --data_path go together (or list"
+                             " [studies.<model_type>] tables in --config)")
+        studies[args.model_type] = (args.data_path, flag_policy(
+            args.accept_strategy, args.max_epsilon_per_job, args.require_secure_aggregation,
+            args.allowed_job))
+    if not studies:
+        raise ValueError("no study to serve: give --model_type and --data_path, or"
+                         " [studies.<model_type>] tables with data_path in --config")
+    return studies
+
+
 class ClientDaemon:
     def __init__(self, args: argparse.Namespace) -> None:
-        from fl_models.registry import get_task
-
         self.args = args
         self.client_id: str = args.client_id
+        settings = study_settings(args)
         state_dir = args.state_dir or Path("client_state") / self.client_id
         # One daemon per state folder (two would charge the privacy ledger twice),
         # checked first so a second daemon fails before it reads any data.
         self.state_lock = StateLock(state_dir, "fl-client").acquire()
         self.state_dir = state_dir
-        self.task = get_task(args.model_type)
         self.device = _device(args.device)
-        self.train_set = self.task.load_split(args.data_path, "train")
-        try:
-            self.test_set = self.task.load_split(args.data_path, "test")
-        except Exception as exc:  # a site without a local test split still trains
-            log.warning("no local test split in %s (%s): evaluation tasks will use the"
-                        " training data", args.data_path, exc)
-            self.test_set = self.train_set
-        for split, data in (("train", self.train_set), ("test", self.test_set)):
-            counts = class_counts(data, self.task.class_names)
-            log_event(log, "data_loaded", split=split, path=str(args.data_path),
-                      examples=len(data), classes=describe(counts))
+        self.studies = {mt: load_study(mt, path, policy) for mt, (path, policy)
+                        in settings.items()}
+        first = next(iter(self.studies.values()))
+        # the first study's, for callers that know one study (tests, the doctor)
+        self.task, self.train_set, self.test_set = first.task, first.train_set, first.test_set
+        self.reference = first.reference
         host, port = parse_server_url(args.server_url)
         ca, cert, key = load_client_tls(args.keys_dir, self.client_id)
         self.tls = (ca, cert, key)  # secure aggregation signs key adverts with this key
         self.conn = ServerConnection(target(host, port), ca, cert, key, self.client_id,
-                                     args.model_type, len(self.train_set),
+                                     first.model_type, len(first.train_set),
                                      server_name=args.server_name,
                                      replace_session=args.replace_session,
                                      epsilon_budget=args.epsilon_budget)
+        self.conn.studies = {mt: len(st.train_set) for mt, st in self.studies.items()}
         self.trust = TrustFailures(host, port, client_tls_files(args.keys_dir, self.client_id),
                                    args.server_name)
         self.session_conflicts = 0
         self.ended_jobs: set[str] = set()
-        torch.manual_seed(0)
-        self.reference = self.task.build_model().state_dict()
         if args.epsilon_budget > EPSILON_WARN_PER_JOB:
             log_event(log, "privacy_warning", logging.WARNING,
                       epsilon_budget=args.epsilon_budget,
                       note=f"a budget above {EPSILON_WARN_PER_JOB:g} gives this hospital's"
                            " patients little privacy")
+        # one ledger for every study: the budget is the hospital's, whatever the study
         self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
-                                    args.delta or self.task.hyperparams.delta)
+                                    args.delta or min(st.task.hyperparams.delta
+                                                      for st in self.studies.values()))
         self.policy = LocalPolicy(delta=self.ledger.delta, target_epsilon=args.target_epsilon,
                                   noise_multiplier=args.noise_multiplier,
                                   max_grad_norm=args.max_grad_norm,
                                   allow_no_dp=args.allow_no_dp)
         self.evaluations = EvaluationPolicy()
         self.stop = threading.Event()
+        # set by a stop request, or by the STOP of the job whose task is running (an
+        # operator's abort): training checks it between batches
+        self.task_stop = threading.Event()
+        self.working_on = ""  # the job of the task being handled
         self.watch = watch_client(self)
         self._call: Any = None
         self.tasks_done = 0
@@ -191,7 +223,11 @@ class ClientDaemon:
                 delays = backoff_delays(RECONNECT_BASE_S, RECONNECT_MAX_S)
                 log_event(log, "connected", client=self.client_id, server=self.conn.target,
                           epsilon_spent=f"{self.ledger.spent():.3f}",
-                          epsilon_budget=self.args.epsilon_budget)
+                          epsilon_budget=self.args.epsilon_budget,
+                          studies=",".join(self.studies),
+                          server_jobs=",".join(self.conn.job_model_types) or "none")
+                if self._nothing_to_serve():
+                    return 3
                 if self._serve_tasks():
                     return 0
             except grpc.RpcError as exc:
@@ -233,6 +269,19 @@ class ClientDaemon:
         log_event(log, "stopped", client=self.client_id, tasks_done=self.tasks_done)
         return 0
 
+    def _nothing_to_serve(self) -> bool:
+        """A daemon started for one job (no --keep_running) whose server runs and queues
+        only other studies would wait forever: the same error a typo in --model_type
+        always gave. A daemon kept running waits for a job it serves instead."""
+        server_types = set(self.conn.job_model_types)
+        if self.args.keep_running or not server_types or server_types & set(self.studies):
+            return False
+        print(f"fl-client: error: the server refused this client: FAILED_PRECONDITION: this"
+              f" server trains {', '.join(repr(t) for t in self.conn.job_model_types)}; the"
+              f" client has {', '.join(repr(t) for t in self.studies)} data (or run with"
+              " --keep_running to wait for a job it serves)", file=sys.stderr)
+        return True
+
     def _idle_after_job(self) -> bool:
         """With --keep_running, after a job ended the server ends each task stream with the
         same STOP: wait JOB_IDLE_POLL_S before asking again instead of re-joining at
@@ -266,21 +315,44 @@ class ClientDaemon:
                       self.trust.host, None).fix
         return f"; fix: {fix}"
 
+    def _read_tasks(self, call: Any, inbox: queue.Queue[Any]) -> None:
+        """The task stream's reader thread: it hands tasks to the daemon's loop, and a
+        STOP of the job being worked on stops that work between batches at once (an
+        operator's abort), rather than after the round it would otherwise finish."""
+        try:
+            for task in call:
+                if task.kind == cpb.HEARTBEAT:
+                    continue
+                if task.kind == cpb.STOP and task.job_id and task.job_id == self.working_on:
+                    self.task_stop.set()
+                inbox.put(task)
+            inbox.put(None)
+        except grpc.RpcError as exc:
+            inbox.put(exc)
+
     def _serve_tasks(self) -> bool:
         """Handle pushed tasks until the stream ends; True when the job is over."""
         call = self.conn.tasks()
         self._call = call
+        inbox: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._read_tasks, args=(call, inbox), name="task-stream",
+                         daemon=True).start()
         try:
-            for task in call:
+            while True:
+                task = inbox.get()
                 if self.stop.is_set():
                     return True
-                if task.kind == cpb.HEARTBEAT:
-                    continue
+                if task is None:
+                    break
+                if isinstance(task, BaseException):
+                    raise task
                 if task.kind == cpb.STOP:
-                    if task.job_id in self.ended_jobs:
-                        continue  # told again on a new stream: nothing new to do
+                    if task.job_id in self.ended_jobs or (
+                            task.model_type and task.model_type not in self.studies):
+                        continue  # told again, or about a study this hospital does not serve
                     self._receive_final_model(task)
                     log_event(log, "job_finished", job=task.job_id,
+                              state=task.job_state or "ended", reason=task.reason[:300],
                               epsilon_spent=f"{self.ledger.spent():.3f}")
                     if not self.args.keep_running:
                         return True
@@ -295,15 +367,40 @@ class ClientDaemon:
             return True
         raise TransferError("task stream closed by the server")
 
+    def _study_for(self, task: cpb.Task) -> Study:
+        """The study a task is for, judged against its policy (TaskRefused says why)."""
+        study = self.studies.get(task.model_type) if task.model_type else \
+            next(iter(self.studies.values()))
+        if study is None:
+            raise TaskRefused(f"task refused: this hospital has no {task.model_type} data (it"
+                              f" serves {', '.join(self.studies)})")
+        config = training_config(task.config, self.policy,
+                                 study.task.hyperparams.max_grad_norm)
+        check_job(task, config, study.policy,
+                  self.ledger.epsilon(self.ledger.history(task.job_id)),
+                  len(study.train_set), self.ledger.epsilon)
+        return study
+
     def _handle(self, task: cpb.Task) -> None:
         kind = cpb.TaskKind.Name(task.kind)
         log_event(log, "task", kind=kind, job=task.job_id, round=task.round,
-                  task=task.task_id[:8])
+                  model_type=task.model_type, task=task.task_id[:8])
+        self.working_on = task.job_id
+        self.task_stop.clear()
+        if self.stop.is_set():
+            self.task_stop.set()
         try:
+            try:
+                study = self._study_for(task)
+            except TaskRefused as exc:  # before any of the study's data is used
+                log_event(log, "task_refused", kind=kind, job=task.job_id, round=task.round,
+                          reason=str(exc))
+                self._report(task, cpb.REFUSED, reason=str(exc))
+                return
             if task.kind == cpb.TRAIN:
-                self._train(task)
+                self._train(task, study)
             elif task.kind == cpb.EVALUATE:
-                self._evaluate(task)
+                self._evaluate(task, study)
             self.tasks_done += 1
         except TransferError as exc:
             log_event(log, "task_failed", kind=kind, round=task.round, reason=str(exc)[:300])
@@ -315,25 +412,26 @@ class ClientDaemon:
             log.exception("task %s failed", kind)
             self._report(task, cpb.FAILED, reason=f"{type(exc).__name__}: {exc}"[:1000])
         finally:
+            self.working_on = ""
             self.watch.task_done(task)
 
     # tasks --------------------------------------------------------------------------
-    def _fetch(self, task: cpb.Task) -> dict[str, torch.Tensor]:
+    def _fetch(self, task: cpb.Task, study: Study) -> dict[str, torch.Tensor]:
         self.watch.phase("download")
         bar = Progress("download", task.model_manifest.chunk_count, " chunks")
         try:
-            return self.conn.fetch_model(task, self.reference,
+            return self.conn.fetch_model(task, study.reference,
                                          on_progress=lambda d, t: bar.update(d))
         finally:
             bar.close()
 
-    def _train(self, task: cpb.Task) -> None:
+    def _train(self, task: cpb.Task, study: Study) -> None:
         from fl_client.local_training import PrivacyRequired, TrainingStopped, train_round
 
         try:
             config = training_config(task.config, self.policy,
-                                     self.task.hyperparams.max_grad_norm)
-            global_state = self._fetch(task)
+                                     study.task.hyperparams.max_grad_norm)
+            global_state = self._fetch(task, study)
             check_global_model(global_state)
         except TaskRefused as exc:
             log_event(log, "task_refused", round=task.round, reason=str(exc))
@@ -363,14 +461,17 @@ class ClientDaemon:
             bar.update(epoch if step >= steps else epoch - 1, f"loss={loss:.4f}")
 
         try:
-            result = train_round(self.task, global_state, self.train_set, config, self.device,
-                                 self.ledger, self.args.allow_no_dp, on_progress=on_progress,
-                                 job_id=task.job_id, round=task.round, stop=self.stop)
+            result = train_round(study.task, global_state, study.train_set, config,
+                                 self.device, self.ledger, self.args.allow_no_dp,
+                                 on_progress=on_progress, job_id=task.job_id, round=task.round,
+                                 stop=self.task_stop)
         except TrainingStopped as exc:
             # abandoned: the steps taken are in the ledger once (abandoned=True)
-            log_event(log, "round_abandoned", round=task.round, steps=exc.steps,
+            reason = STOPPED_REASON if self.stop.is_set() else ABORTED_REASON
+            log_event(log, "round_abandoned", job=task.job_id, round=task.round,
+                      steps=exc.steps, reason=reason,
                       epsilon_total=f"{self.ledger.spent():.3f}")
-            self._report(task, cpb.FAILED, reason=STOPPED_REASON)
+            self._report(task, cpb.FAILED, reason=reason)
             return
         except BudgetExceeded as exc:
             log_event(log, "task_refused", round=task.round, reason=str(exc))
@@ -423,17 +524,21 @@ class ClientDaemon:
 
         if not task.HasField("model_manifest") or not task.model_manifest.chunk_count:
             return
+        study = self.studies.get(task.model_type) if task.model_type else \
+            next(iter(self.studies.values()))
+        if study is None:
+            return
         sha = bytes(task.model_manifest.sha256).hex()
         if has_model(self.state_dir, task.job_id, sha):
             return  # a STOP seen again after a reconnect
         try:
-            state = self._fetch(task)
+            state = self._fetch(task, study)
             check_global_model(state)
             if model_sha256(state) != sha:
                 raise TransferError("the final model does not match its announced SHA-256")
-            metrics = evaluate_state(self.task, state, self.test_set, self.device)
+            metrics = evaluate_state(study.task, state, study.test_set, self.device)
             path = save_final_model(self.state_dir, task.job_id, task.round,
-                                    self.args.model_type, state, self.ledger,
+                                    study.model_type, state, self.ledger,
                                     {k: float(v) for k, v in metrics.items() if _is_number(v)})
         except (TransferError, TaskRefused, ValueError, OSError) as exc:
             log_event(log, "final_model_failed", logging.WARNING, job=task.job_id,
@@ -442,18 +547,18 @@ class ClientDaemon:
         log_event(log, "final_model_saved", job=task.job_id, round=task.round,
                   path=str(path), sha256=sha)
 
-    def _evaluate(self, task: cpb.Task) -> None:
+    def _evaluate(self, task: cpb.Task, study: Study) -> None:
         """Evaluate the job's global model, under the hospital's evaluation policy
         (fl_client/task_policy.py): refused with the reason, never answered exactly
         for a model the job did not distribute or on too small a test split."""
         from fl_client.local_training import evaluate_state
 
-        examples = len(self.test_set)
+        examples = len(study.test_set)
         sigma = self.args.eval_noise_multiplier
         try:
             self.evaluations.admit(task.job_id, task.round, task.model_manifest.sha256.hex(),
                                    examples)
-            state = self._fetch(task)
+            state = self._fetch(task, study)
             check_global_model(state)
             if sigma > 0:
                 self.ledger.ensure_budget(sigma, 1.0, 1)
@@ -462,7 +567,7 @@ class ClientDaemon:
             self._report(task, cpb.REFUSED, reason=str(exc))
             return
         self.watch.phase("evaluate")
-        metrics = evaluate_state(self.task, state, self.test_set, self.device)
+        metrics = evaluate_state(study.task, state, study.test_set, self.device)
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
         if sigma > 0:
             # Only accuracy has a known sensitivity (1/examples): the others are dropped.
@@ -493,9 +598,31 @@ class ClientDaemon:
 
     def request_stop(self) -> None:
         self.stop.set()
+        self.task_stop.set()
         call = self._call
         if call is not None:
             call.cancel()
+
+
+def load_study(model_type: str, data_path: Path, policy: JobPolicy) -> Study:
+    """A study's task, data (both splits) and reference model, loaded at start."""
+    from fl_models.registry import get_task
+
+    task = get_task(model_type)
+    train_set = task.load_split(data_path, "train")
+    try:
+        test_set = task.load_split(data_path, "test")
+    except Exception as exc:  # a site without a local test split still trains
+        log.warning("no local %s test split in %s (%s): evaluation tasks will use the"
+                    " training data", model_type, data_path, exc)
+        test_set = train_set
+    for split, data in (("train", train_set), ("test", test_set)):
+        counts = class_counts(data, task.class_names)
+        log_event(log, "data_loaded", model_type=model_type, split=split, path=str(data_path),
+                  examples=len(data), classes=describe(counts))
+    torch.manual_seed(0)
+    return Study(model_type, data_path, policy, task, train_set, test_set,
+                 task.build_model().state_dict())
 
 
 def update_metrics(result: Any, epsilon_total: float) -> dict[str, float]:

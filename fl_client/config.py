@@ -5,7 +5,9 @@ server takes `--config server.toml`) and may still override one value for a run 
 command line. Keys are the flags' names without the dashes (`client_id`, `server_url`,
 `epsilon_budget`, ...); a key that is no flag, or a value of the wrong type, is an
 error naming the file and the key, never silently ignored: a mistyped
-`epsilon_budegt = 2` must not leave the default budget in force.
+`epsilon_budegt = 2` must not leave the default budget in force. The one key that is
+no flag is `[studies.<model_type>]`: the studies a hospital serves, each with its data
+and job policy (fl_client/studies.py).
 
 The flags themselves stay defined in one place (the daemon's argparse parser): this
 module reads their names, types and choices from it, so a new flag is a valid TOML key
@@ -20,7 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fl_client.studies import StudyConfigError, parse_studies
+
 __all__ = ["ConfigError", "add_config_flag", "load_toml", "parse_args"]
+
+# `[studies.<model_type>]` tables: the studies a daemon serves (fl_client/studies.py)
+STUDIES_KEY = "studies"
 
 
 class ConfigError(ValueError):
@@ -91,12 +98,18 @@ def load_toml(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     options = _options(parser)
-    unknown = sorted(set(data) - set(options))
+    unknown = sorted(set(data) - set(options) - {STUDIES_KEY})
     if unknown:
         raise ConfigError(f"config file {path} has unknown keys: {', '.join(unknown)}"
                           f" (known: {', '.join(sorted(options))})")
-    return {key: _convert(key, value, options[key], f"config file {path}")
-            for key, value in data.items()}
+    values = {key: _convert(key, value, options[key], f"config file {path}")
+              for key, value in data.items() if key != STUDIES_KEY}
+    if STUDIES_KEY in data:
+        try:
+            values[STUDIES_KEY] = parse_studies(data[STUDIES_KEY], f"config file {path}")
+        except StudyConfigError as exc:
+            raise ConfigError(str(exc)) from None
+    return values
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
@@ -116,6 +129,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             parser.error(str(exc))
         options = _options(parser)
         for key in values:
-            options[key].required = False
+            if key in options:
+                options[key].required = False
         parser.set_defaults(**values)
     return parser.parse_args(argv)

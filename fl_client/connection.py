@@ -94,6 +94,10 @@ class ServerConnection:
         self.last_session_id = ""
         self.replace_session = replace_session
         self.epsilon_budget = epsilon_budget
+        # every study this daemon serves (model type -> examples; issue 15) and, from the
+        # last Join, the model types of the server's running and queued jobs
+        self.studies: dict[str, int] = {model_type: num_examples}
+        self.job_model_types: list[str] = []
         self.bytes_sent = 0
         self.bytes_received = 0
         self.resumes = 0
@@ -118,8 +122,11 @@ class ServerConnection:
                             num_examples=self.num_examples, client_version="fl.v1",
                             previous_session_id=self.last_session_id,
                             replace_session=self.replace_session,
-                            epsilon_budget=self.epsilon_budget),
+                            epsilon_budget=self.epsilon_budget,
+                            studies=[cpb.ServedStudy(model_type=k, num_examples=v)
+                                     for k, v in self.studies.items()]),
             timeout=RPC_TIMEOUT_S)
+        self.job_model_types = list(reply.job_model_types)
         self.replace_session = False  # displace the other daemon once, not at every renewal
         self.last_session_id = reply.session_id
         if reply.client_id != self.client_id:

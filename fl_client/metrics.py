@@ -112,7 +112,7 @@ class ClientWatch:
         self._outcome = ""
         self.audit = ClientAudit(daemon.ledger.state_dir, args.server_url, Path(args.keys_dir),
                                  daemon.client_id, args.server_name)
-        self.audit.started(client=daemon.client_id, model_type=args.model_type,
+        self.audit.started(client=daemon.client_id, model_type=",".join(daemon.studies),
                            server_url=args.server_url,
                            epsilon_budget=daemon.ledger.total_epsilon_budget,
                            delta=daemon.ledger.delta,

@@ -159,3 +159,24 @@ FINAL_MODEL_GRACE_S: Final = 60.0
 # A client kept running after its job ended asks the server for a new job this often
 # (the server answers an ended job's task stream with its STOP at once).
 JOB_IDLE_POLL_S: Final = 30.0
+
+# --- transfer and round cost (issue 16) ---
+# Session tokens whose signature the server has verified and remembers (per token and
+# certificate), so a hospital's later calls in its session skip the EdDSA check.
+VERIFIED_TOKEN_CACHE: Final = 4096
+# Hashing threads per process at most (fewer on fewer cores; hashlib releases the GIL):
+# a sender hashes tensors in parallel, receivers hash multi-chunk streams off the
+# thread that moves the bytes.
+HASH_THREADS: Final = 4
+# Below this many bytes a model's tensors are hashed on the caller's thread (handing
+# work to threads costs more than it saves).
+PARALLEL_HASH_MIN_BYTES: Final = 8 << 20
+# Streams of at least this many chunks are hashed off the receiving thread.
+ASYNC_HASH_MIN_CHUNKS: Final = 4
+# A spooled upload decrypts into this many chunk-sized buffers in turn; each is free
+# again once its chunk is hashed (bounds the memory hashing may lag behind by).
+SPOOL_SCRATCH_CHUNKS: Final = 4
+
+# --- jobs at runtime (issue 15) ---
+# `fl-admin download` receives the final model in messages of this size (mTLS).
+DOWNLOAD_CHUNK_BYTES: Final = 1 << 20

@@ -181,7 +181,7 @@ class PrivacyConfig(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., epsilon_per_job: _Optional[float] = ..., total_rounds: _Optional[int] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "update_kind", "privacy", "seed", "strategy_settings")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "proximal_mu", "update_kind", "privacy", "seed", "strategy_settings", "strategy", "job_sha256", "job_rounds", "secure_aggregation")
     class StrategySettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,10 @@ class TrainConfig(_message.Message):
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    JOB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    JOB_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -205,10 +209,14 @@ class TrainConfig(_message.Message):
     privacy: PrivacyConfig
     seed: int
     strategy_settings: _containers.ScalarMap[str, float]
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    strategy: str
+    job_sha256: str
+    job_rounds: int
+    secure_aggregation: bool
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[str] = ..., job_sha256: _Optional[str] = ..., job_rounds: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg", "strategy", "job_sha256", "job_rounds", "reason", "job_state")
+    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg", "reason", "job_state")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -218,9 +226,6 @@ class Task(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
-    STRATEGY_FIELD_NUMBER: _ClassVar[int]
-    JOB_SHA256_FIELD_NUMBER: _ClassVar[int]
-    JOB_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
@@ -232,12 +237,9 @@ class Task(_message.Message):
     deadline_unix_ms: int
     model_manifest: _tensors_pb2.TensorManifest
     secagg: _secagg_pb2.SecAggConfig
-    strategy: str
-    job_sha256: str
-    job_rounds: int
     reason: str
     job_state: str
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ..., strategy: _Optional[str] = ..., job_sha256: _Optional[str] = ..., job_rounds: _Optional[int] = ..., reason: _Optional[str] = ..., job_state: _Optional[str] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ..., reason: _Optional[str] = ..., job_state: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "status", "reason", "metrics", "num_examples", "epsilon_round", "epsilon_total", "delta", "dp_enabled", "train_seconds")

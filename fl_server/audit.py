@@ -198,6 +198,11 @@ class RefusalObserver(WrappingInterceptor):
                       streaming(behavior) if streaming_out else unary(behavior))
 
 
+def job_event(event: str, job_id: str, summary: str, **data: Any) -> None:
+    """A job's life: submitted, started, ended, aborted, its model downloaded."""
+    _record(event, "", summary, job=job_id, **data)
+
+
 def update_accepted(client_id: str, round_no: int, nbytes: int,
                     metrics: dict[str, float]) -> None:
     OBSERVED.update_accepted(client_id, metrics)

@@ -52,6 +52,9 @@ class ClientEntry:
     last_reason: str = ""
     stream_peer: str = ""
     stream_since: float = 0.0
+    # model type -> training examples, for each study the hospital serves (issue 15);
+    # empty for a client that declared only one (its num_examples above)
+    studies: dict[str, int] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
     # Wakes only this client's task stream (on the registry's lock); see ClientRegistry.
     wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
@@ -75,6 +78,17 @@ class ClientRegistry:
         self._lock = threading.Condition(self._mutex)
         self._clients: dict[str, ClientEntry] = {}
         self._closed = False
+        self._model_type = ""  # the running job's: selection counts only its hospitals
+
+    def set_model_type(self, model_type: str) -> None:
+        """The job now running trains `model_type`: only hospitals serving it are
+        waited for and selected, and their example count is that study's."""
+        with self._lock:
+            self._model_type = model_type
+            self._lock.notify_all()
+
+    def _serves(self, entry: ClientEntry) -> bool:
+        return not self._model_type or not entry.studies or self._model_type in entry.studies
 
     def _entry(self, client_id: str) -> ClientEntry:
         """The client's entry, created if new (call with the lock held)."""
@@ -96,7 +110,8 @@ class ClientRegistry:
     def new_session(self, client_id: str, secret: bytes, num_examples: int,
                     session_id: str | None = None, *, previous_session_id: str = "",
                     replace: bool = False, grace_s: float = SESSION_TAKEOVER_GRACE_S,
-                    epsilon_budget: float = 0.0) -> Session:
+                    epsilon_budget: float = 0.0,
+                    studies: dict[str, int] | None = None) -> Session:
         """A new session for `client_id`, refused (SessionConflict) while another process
         of the same identity holds a live task stream.
 
@@ -127,6 +142,7 @@ class ClientRegistry:
             if epsilon_budget:
                 entry.epsilon_budget = epsilon_budget
             entry.num_examples = num_examples
+            entry.studies = dict(studies or {})
             entry.last_seen = time.time()
             entry.sessions[session.session_id] = session
             while len(entry.sessions) > self.MAX_SESSIONS_PER_CLIENT:
@@ -209,10 +225,11 @@ class ClientRegistry:
                 if pending is None:
                     yield cpb.Task(kind=cpb.HEARTBEAT)
                 else:
+                    # A STOP no longer ends the stream: a hospital daemon that serves
+                    # several studies waits on it for the next job (one that exits on
+                    # STOP cancels the call itself).
                     sent_id = pending.task_id
                     yield pending
-                    if pending.kind == cpb.STOP:
-                        return
                 last_yield = time.monotonic()
         finally:
             with self._lock:
@@ -230,7 +247,8 @@ class ClientRegistry:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                ready = sorted(c.client_id for c in self._clients.values() if c.streams_open > 0)
+                ready = sorted(c.client_id for c in self._clients.values()
+                               if c.streams_open > 0 and self._serves(c))
                 remaining = deadline - time.monotonic()
                 if len(ready) >= minimum or remaining <= 0 or stop.is_set():
                     return ready
@@ -241,7 +259,7 @@ class ClientRegistry:
             return [ClientEntry(**{k: getattr(c, k) for k in (
                 "client_id", "num_examples", "last_seen", "stream_generation", "streams_open",
                 "pending", "epsilon_total", "epsilon_budget", "last_status", "last_reason",
-                "stream_peer", "stream_since")}) for c in self._clients.values()]
+                "stream_peer", "stream_since", "studies")}) for c in self._clients.values()]
 
     def note_report(self, client_id: str, status: str, epsilon_total: float | None,
                     reason: str = "") -> None:
@@ -255,7 +273,9 @@ class ClientRegistry:
     def num_examples(self, client_id: str) -> int:
         with self._lock:
             entry = self._clients.get(client_id)
-            return entry.num_examples if entry else 0
+            if entry is None:
+                return 0
+            return entry.studies.get(self._model_type, entry.num_examples)
 
     def wake(self) -> None:
         """Wake every waiting task stream so each re-checks whether its call is alive."""

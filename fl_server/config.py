@@ -225,6 +225,12 @@ def _typed(name: str, value: Any, source: str) -> Any:
     return value
 
 
+def typed_value(name: str, value: Any, source: str) -> Any:
+    """A job file's value in the field's type (fl_server/jobs.py), checked as in a TOML
+    config; out-of-range values are caught by `validate` with the others."""
+    return _typed(name, value, source)
+
+
 def collect_values(args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
     """The options the operator gave: the TOML file's, then the typed flags over them."""
     values: dict[str, Any] = {}

@@ -7,15 +7,17 @@ may see and do.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from fl_core.constants import HEARTBEAT_INTERVAL_S, ROLE_CLIENT
+from fl_core.constants import DOWNLOAD_CHUNK_BYTES, HEARTBEAT_INTERVAL_S, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
 from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
@@ -25,10 +27,11 @@ from fl_server import audit
 from fl_server.aggregator import abort_refusal
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, SessionConflict
+from fl_server.jobs import JobError, JobManager, job_info, model_file_bytes
 from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.secagg_round import SecAggServicer
-from fl_server.store import Report, Store
+from fl_server.store import Job, Report, Store, state_sha256
 from fl_server.tokens import AuthError, RevocationList, TokenService
 from fl_server.validation import MAX_EPSILON, check_join, check_report
 
@@ -38,8 +41,10 @@ log = logging.getLogger("fl_server.coordinator")
 class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
     def __init__(self, engine: RoundEngine, registry: ClientRegistry, store: Store,
                  tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S,
-                 revocations: RevocationList | None = None) -> None:
+                 revocations: RevocationList | None = None,
+                 jobs: JobManager | None = None) -> None:
         self.engine = engine
+        self.jobs = jobs
         self.registry = registry
         self.store = store
         self.tokens = tokens
@@ -51,11 +56,14 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         if ident.role != ROLE_CLIENT:
             abort(context, grpc.StatusCode.PERMISSION_DENIED,
                   f"only hospital (client) certificates can join; this one has role {ident.role}")
-        cfg = self.engine.cfg
-        if request.model_type != cfg.model_type:
+        job_types = self._job_model_types()
+        studies = {s.model_type: int(s.num_examples) for s in request.studies} or {
+            request.model_type: int(request.num_examples)}
+        if self.jobs is None and not set(studies) & set(job_types):
+            # a server without a job queue trains one model type, for good
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"this server trains {cfg.model_type!r}; the client has"
-                  f" {request.model_type!r} data")
+                  f"this server trains {job_types[0]!r}; the client has"
+                  f" {', '.join(repr(t) for t in sorted(studies))} data")
         problem = check_join(request)
         if problem:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")
@@ -75,7 +83,8 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
             self.registry.new_session(ident.client_id, secret, int(request.num_examples),
                                       session_id=session_id,
                                       previous_session_id=request.previous_session_id,
-                                      replace=request.replace_session, epsilon_budget=budget)
+                                      replace=request.replace_session, epsilon_budget=budget,
+                                      studies=studies)
         except SessionConflict as exc:
             log_event(log, "join_refused", logging.WARNING, client=ident.client_id,
                       peer=context.peer(), live_peer=exc.peer, reason="identity already live")
@@ -87,11 +96,20 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
                                            session_id)
         self.store.upsert_client(ident.client_id, num_examples=int(request.num_examples))
         log_event(log, "client_joined", client=ident.client_id, session=session_id[:8],
-                  examples=request.num_examples)
+                  examples=request.num_examples,
+                  studies=",".join(f"{k}:{v}" for k, v in sorted(studies.items())))
         audit.joined(ident.client_id, session_id, int(request.num_examples), ident.cert_sha256)
         return cpb.JoinReply(session_id=session_id, token=token, token_expires_unix=expires,
                              server_x25519_public_key=public_bytes, job_id=self.engine.job_id,
-                             model_type=cfg.model_type, client_id=ident.client_id)
+                             model_type=self.engine.cfg.model_type, client_id=ident.client_id,
+                             job_model_types=job_types)
+
+    def _job_model_types(self) -> list[str]:
+        """The running job's model type first, then the queued jobs' (no repeats)."""
+        found = [self.engine.cfg.model_type] if self.engine.job_id else []
+        if self.jobs is not None:
+            found += [j.model_type for j in self.jobs.queue()]
+        return list(dict.fromkeys(t for t in found if t))
 
     def Tasks(self, request: cpb.TaskStreamRequest,
               context: grpc.ServicerContext) -> Iterator[cpb.Task]:
@@ -164,7 +182,94 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
                context: grpc.ServicerContext) -> cpb.StatusReply:
         ident = identity_of(context)
         audit.admin_call(ident.client_id, "Status", ident.cert_sha256)
-        return build_status(self.engine, self.registry, self.store)
+        if request.job_id and request.job_id != self.engine.job_id:
+            job = self.store.get_job(request.job_id)
+            if job is None:
+                abort(context, grpc.StatusCode.NOT_FOUND,
+                      f"no job {request.job_id[:128]!r} on this server (fl-admin list)",
+                      "UNKNOWN_JOB", "job_id")
+            reply = build_job_status(job, self.registry, self.store)
+        else:
+            reply = build_status(self.engine, self.registry, self.store)
+        if self.jobs is not None:
+            queue = self.jobs.queue()
+            reply.queue.extend(job_info(self.store, j, queue) for j in queue)
+        return reply
+
+    # --- jobs at runtime (admin certificate) -----------------------------------------
+    def SubmitJob(self, request: cpb.SubmitJobRequest,
+                  context: grpc.ServicerContext) -> cpb.JobInfo:
+        ident = identity_of(context)
+        audit.admin_call(ident.client_id, "SubmitJob", ident.cert_sha256)
+        jobs = self._jobs(context)
+        try:
+            job = jobs.submit(request.job_toml, ident.client_id)
+        except JobError as exc:
+            abort(context, getattr(grpc.StatusCode, exc.code), str(exc), "BAD_JOB")
+        queue = jobs.queue()
+        return job_info(self.store, job, queue)
+
+    def ListJobs(self, request: cpb.ListJobsRequest,
+                 context: grpc.ServicerContext) -> cpb.ListJobsReply:
+        ident = identity_of(context)
+        audit.admin_call(ident.client_id, "ListJobs", ident.cert_sha256)
+        queue = self.store.jobs(("queued",))
+        return cpb.ListJobsReply(jobs=[job_info(self.store, j, queue)
+                                       for j in self.store.jobs()])
+
+    def AbortJob(self, request: cpb.JobRequest, context: grpc.ServicerContext) -> cpb.JobInfo:
+        ident = identity_of(context)
+        audit.admin_call(ident.client_id, "AbortJob", ident.cert_sha256)
+        try:
+            job = self._jobs(context).abort(request.job_id, request.reason[:500],
+                                            ident.client_id)
+        except JobError as exc:
+            abort(context, getattr(grpc.StatusCode, exc.code), str(exc), "BAD_JOB", "job_id")
+        return job_info(self.store, job)
+
+    def DownloadModel(self, request: cpb.JobRequest,
+                      context: grpc.ServicerContext) -> Iterator[cpb.ModelBytes]:
+        ident = identity_of(context)
+        job = self.store.get_job(request.job_id)
+        if job is None:
+            abort(context, grpc.StatusCode.NOT_FOUND,
+                  f"no job {request.job_id[:128]!r} on this server (fl-admin list)",
+                  "UNKNOWN_JOB", "job_id")
+        if job.state != "completed":
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                  f"job {job.job_id} is {job.state}: a final model exists once it has"
+                  " completed", "JOB_NOT_COMPLETED", "job_id")
+        last = self.store.last_completed_round(job.job_id)
+        state, _ = self.store.load_checkpoint(job.job_id, last)
+        data = model_file_bytes(state)
+        sha = state_sha256(state)
+        file_sha = hashlib.sha256(data).hexdigest()
+        audit.job_event("model_downloaded", job.job_id,
+                        f"final model of job {job.job_id} downloaded by {ident.client_id}",
+                        by=ident.client_id, model_sha256=sha)
+        for offset in range(0, max(1, len(data)), DOWNLOAD_CHUNK_BYTES):
+            yield cpb.ModelBytes(data=data[offset:offset + DOWNLOAD_CHUNK_BYTES],
+                                 offset=offset, total_bytes=len(data), sha256=sha,
+                                 file_sha256=file_sha, round=last)
+
+    def _jobs(self, context: grpc.ServicerContext) -> JobManager:
+        if self.jobs is None:
+            abort(context, grpc.StatusCode.UNIMPLEMENTED, "this server takes no jobs at runtime")
+        assert self.jobs is not None
+        return self.jobs
+
+
+def build_job_status(job: Job, registry: ClientRegistry, store: Store) -> cpb.StatusReply:
+    """Status of a job that is not the one being served (queued or ended): from the store."""
+    reply = cpb.StatusReply(job_id=job.job_id, model_type=job.model_type,
+                            strategy=job.strategy, round=store.last_completed_round(job.job_id),
+                            total_rounds=job.total_rounds, phase=job.state,
+                            job_state=job.state, now_unix_ms=int(time.time() * 1000))
+    _add_clients(reply, registry)
+    _add_rounds(reply, store, job.job_id)
+    if reply.rounds:
+        reply.model_sha256 = reply.rounds[-1].model_sha256
+    return reply
 
 
 def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) -> cpb.StatusReply:
@@ -173,6 +278,13 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
         job_id=engine.job_id, model_type=engine.cfg.model_type, strategy=engine.cfg.strategy,
         round=fields["round"], total_rounds=engine.cfg.rounds, phase=fields["phase"],
         job_state=fields["job_state"], model_sha256=fields["model_sha256"])
+    _add_clients(reply, registry)
+    _add_rounds(reply, store, engine.job_id)
+    fill_status(reply, engine, store)
+    return reply
+
+
+def _add_clients(reply: cpb.StatusReply, registry: ClientRegistry) -> None:
     connected = set(registry.connected())
     for entry in sorted(registry.entries(), key=lambda e: e.client_id):
         reply.clients.add(client_id=entry.client_id, connected=entry.client_id in connected,
@@ -184,7 +296,10 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
                           epsilon_budget_left=(max(0.0, entry.epsilon_budget
                                                    - entry.epsilon_total)
                                                if entry.epsilon_budget else 0.0))
-    for row in store.rounds(engine.job_id):
+
+
+def _add_rounds(reply: cpb.StatusReply, store: Store, job_id: str) -> None:
+    for row in store.rounds(job_id):
         summary = reply.rounds.add(
             round=row.round, state=row.state, selected=row.selected, reported=row.reported,
             failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "",
@@ -195,8 +310,6 @@ def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) ->
         for key, value in row.metrics.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 summary.metrics[key] = float(value)
-    fill_status(reply, engine, store)
-    return reply
 
 
 def _new_session_id() -> str:

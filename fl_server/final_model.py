@@ -43,6 +43,14 @@ class FinalDelivery:
         self._lock = threading.Lock()
         self._tasks: dict[str, cpb.Task] = {}
         self._pending: set[str] = set()
+        self._model_type = ""
+
+    def begin_job(self, job_id: str, model_type: str) -> None:
+        """A new job runs: its STOP tasks name its model type, so a hospital serving
+        other studies knows the STOP is not about its work. The previous job's model
+        stays offered until this one completes."""
+        with self._lock:
+            self._model_type = model_type
 
     def open(self, job_id: str, round_no: int, manifest: tpb.TensorManifest,
              clients: set[str]) -> None:
@@ -50,7 +58,8 @@ class FinalDelivery:
         with self._lock:
             self._tasks = {
                 cid: cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id,
-                              round=round_no, model_manifest=manifest)
+                              round=round_no, model_manifest=manifest,
+                              model_type=self._model_type, job_state="completed")
                 for cid in clients}
             self._pending = set(clients)
 
@@ -58,9 +67,11 @@ class FinalDelivery:
         """The STOP task for ``client_id``: with the final model when it is offered one."""
         with self._lock:
             offered = self._tasks.get(client_id)
-        if offered is not None:
+            model_type = self._model_type
+        if offered is not None and offered.job_id == job_id:
             return offered
-        return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id, round=round_no)
+        return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id, round=round_no,
+                        model_type=model_type)
 
     def task_of(self, client_id: str, task_id: str) -> cpb.Task | None:
         """The final-model task ``task_id`` of ``client_id``, or None when it is not one."""

@@ -57,12 +57,13 @@ from fl_server.config import (
     settle_job,
 )
 from fl_server.coordinator import CoordinatorService
+from fl_server.jobs import JobManager, initial_state
 from fl_server.keyfiles import load_server_tls
 from fl_server.limits import CallLimitInterceptor, log_limits
 from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
 from fl_server.secagg_round import SecAggSettings, SecureAggregation
-from fl_server.store import Store
+from fl_server.store import Job, Store
 from fl_server.strategies import STRATEGY_NAMES, StrategyError, make_strategy
 from fl_server.tokens import RevocationList, TokenService
 
@@ -72,13 +73,19 @@ COORDINATOR = "fl.v1.Coordinator"
 AGGREGATOR = "fl.v1.Aggregator"
 PUBLIC_METHODS = frozenset({
     f"/{COORDINATOR}/Join",
-    f"/{COORDINATOR}/Status",  # also in ADMIN_METHODS: admin certificate, no token
+    f"/{COORDINATOR}/Status",  # these four and DownloadModel also in ADMIN_METHODS
+    f"/{COORDINATOR}/SubmitJob",
+    f"/{COORDINATOR}/ListJobs",
+    f"/{COORDINATOR}/AbortJob",
+    f"/{COORDINATOR}/DownloadModel",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
 })
-ADMIN_METHODS = frozenset({f"/{COORDINATOR}/Status"})
+# Admin certificate, no session token: the operator's calls.
+ADMIN_METHODS = frozenset(f"/{COORDINATOR}/{m}" for m in (
+    "Status", "SubmitJob", "ListJobs", "AbortJob", "DownloadModel"))
 
 
 class StartupError(Exception):
@@ -173,8 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
                         " on a 2-core machine)")
     p.add_argument("--new_job", action="store_true",
                    help="start a new job even if the state dir holds an unfinished one")
+    p.add_argument("--no_job", action="store_true",
+                   help="start without a job of its own (the job flags are then unused):"
+                        " jobs come from `fl-admin submit JOB.toml` and run one at a time;"
+                        " a job left running by a previous start is resumed first")
     p.add_argument("--exit_when_done", action="store_true",
-                   help="exit once the job has finished (default: keep serving Status)")
+                   help="exit once the job has finished and none is queued (default: keep"
+                        " serving, waiting for submitted jobs)")
     p.add_argument("--final_model_grace_s", type=float, default=FINAL_MODEL_GRACE_S,
                    help="with --exit_when_done: at most this long for the hospitals still"
                         " connected to download the final model before exiting")
@@ -200,7 +212,8 @@ def _explicit(argv: list[str]) -> set[str]:
     return names
 
 
-def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -> cpb.TrainConfig:
+def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float],
+                 job: Job | None = None) -> cpb.TrainConfig:
     """The training task's settings, from the job's settled config.
 
     A job's config is settled against the task's defaults when it is created; the
@@ -225,6 +238,11 @@ def train_config(cfg: ServerConfig, task: Any, strategy_cfg: dict[str, float]) -
         update_kind=cpb.DELTA, privacy=privacy)
     for name, value in strategy_cfg.items():
         config.strategy_settings[name] = float(value)
+    config.strategy = cfg.strategy
+    config.job_rounds = cfg.rounds
+    config.secure_aggregation = cfg.secure_aggregation
+    if job is not None:
+        config.job_sha256 = job.job_sha256
     return config
 
 
@@ -232,13 +250,14 @@ class ServerApp:
     """Everything one server process runs; `start()` then `wait()`."""
 
     def __init__(self, cfg: ServerConfig, new_job: bool = False,
-                 given: set[str] | None = None) -> None:
+                 given: set[str] | None = None, no_job: bool = False) -> None:
         """Order matters: the state folder is locked and the port bound before any job
         row is written, so a second server on the same port or folder changes nothing.
         `given` names the options the operator set (flags or TOML): on a running job
         any of them that differs from the job's stored value refuses the start."""
         self.cfg = cfg
         self.given = set(given or ())
+        self.no_job = no_job
         torch.set_num_threads(cfg.torch_threads)
         try:
             self.tls = load_server_tls(cfg.keys_dir)
@@ -261,77 +280,95 @@ class ServerApp:
             raise
 
     def _build(self, new_job: bool) -> None:
-        from fl_models.registry import get_task
-
+        """The job manager, and the job this process starts with: the running one a
+        restart resumes, else (unless --no_job) a new one from the flags."""
         cfg = self.cfg
-        job = self.store.latest_job()
-        resuming = job is not None and job.state == "running" and not new_job
-        if resuming:
-            assert job is not None
-            try:
-                restore_job(cfg, job.config, self.given, job.job_id)
-            except ConfigError as exc:
-                raise StartupError(str(exc)) from exc
-        try:
-            self.task = get_task(cfg.model_type)
-            self.strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
-        except (ValueError, StrategyError) as exc:
-            raise StartupError(str(exc)) from exc
-        self.job_id, round_no, state = self._load_or_create_job(new_job)
-        eval_dataset = None
-        if cfg.eval_data is not None:
-            try:
-                eval_dataset = self.task.load_split(cfg.eval_data, "test")
-            except Exception as exc:
-                raise StartupError(f"--eval_data {cfg.eval_data}: {exc}") from exc
         self.registry = ClientRegistry()
-        self.engine = RoundEngine(cfg, self.store, self.registry, self.strategy, self.task,
-                                  self.job_id, train_config(cfg, self.task,
-                                                            self.strategy.client_config()),
-                                  eval_dataset)
-        self.engine.set_model(round_no, state)
-        if cfg.secure_aggregation:
-            self.engine.secure = SecureAggregation(
-                SecAggSettings(cfg.secagg_threshold, cfg.secagg_bits, cfg.secagg_clip,
-                               cfg.secagg_stage_timeout_s),
-                self.strategy, self.tls[2], cfg.keys_dir / "crl.pem")
+        self.jobs = JobManager(cfg, self.store, self.registry, self._engine_for)
+        self.engine: Any = self.jobs.active
+        running = self.store.running_job()
+        try:
+            if running is not None and not new_job:
+                restore_job(cfg, running.config, self.given, running.job_id)
+                self.jobs.start_with(running, resuming=True)
+            elif not self.no_job:
+                if running is not None:
+                    log_event(log, "previous_job", job=running.job_id, state=running.state,
+                              note="left running: --new_job starts a new job")
+                self._check_job(cfg)
+                settle_job(cfg, self._task(cfg).hyperparams)
+                self.jobs.start_with(self.jobs.create_from_flags(cfg), resuming=False)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from exc
         self.health = health.HealthServicer()
 
-    def _load_or_create_job(self, new_job: bool) -> tuple[str, int, dict[str, torch.Tensor]]:
-        cfg = self.cfg
-        job = self.store.latest_job()
-        if job is not None and job.state == "running" and not new_job:
+    @staticmethod
+    def _task(cfg: ServerConfig) -> Any:
+        from fl_models.registry import get_task
+
+        try:
+            return get_task(cfg.model_type)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+
+    def _check_job(self, cfg: ServerConfig) -> None:
+        try:
+            make_strategy(cfg.strategy, **cfg.strategy_params)
+        except StrategyError as exc:
+            raise StartupError(str(exc)) from exc
+
+    def _engine_for(self, cfg: ServerConfig, job: Job, resuming: bool) -> RoundEngine:
+        """A job's round engine: its task, strategy (with its server state when
+        resuming), global model and secure aggregation, all from the stored job."""
+        task = self._task(cfg)
+        try:
+            strategy = make_strategy(cfg.strategy, **cfg.strategy_params)
+        except StrategyError as exc:
+            raise StartupError(str(exc)) from exc
+        if resuming:
             last = self.store.last_completed_round(job.job_id)
             state, strategy_state = self.store.load_checkpoint(job.job_id, last)
             if strategy_state:
                 try:
-                    self.strategy.import_state(strategy_state)
+                    strategy.import_state(strategy_state)
                 except StrategyError as exc:
                     raise StartupError(f"job {job.job_id} round {last}: {exc}") from exc
             log_event(log, "job_resumed", job=job.job_id, completed_rounds=last,
                       total_rounds=cfg.rounds, strategy=cfg.strategy)
-            return job.job_id, last, state
-        if job is not None and job.state != "running" and not new_job:
-            log_event(log, "previous_job", job=job.job_id, state=job.state,
-                      note="starting a new job")
-        settle_job(cfg, self.task.hyperparams)
-        torch.manual_seed(cfg.seed)
-        model_state = {k: v.detach().clone() for k, v in
-                       self.task.build_model().state_dict().items()}
-        job_id = cfg.job_id or f"job-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.job_dict(),
-                              cfg.rounds)
-        self.store.save_initial_model(job_id, model_state)
-        if cfg.epsilon_per_hospital > EPSILON_WARN_PER_JOB or (
-                cfg.target_epsilon * cfg.rounds > EPSILON_WARN_PER_JOB):
-            log_event(log, "privacy_warning", logging.WARNING, job=job_id,
-                      epsilon_per_hospital=cfg.epsilon_per_hospital or
-                      f"{cfg.target_epsilon:g} per round x {cfg.rounds} rounds",
-                      note=f"above {EPSILON_WARN_PER_JOB:g} for one job gives little privacy")
-        log_event(log, "job_created", job=job_id, model_type=cfg.model_type,
-                  rounds=cfg.rounds, strategy=cfg.strategy,
-                  settings=json.dumps(cfg.job_dict(), sort_keys=True))
-        return job_id, 0, model_state
+        else:
+            last = 0
+            state = initial_state(task, cfg.seed)
+            self.store.save_initial_model(job.job_id, state)
+            if cfg.epsilon_per_hospital > EPSILON_WARN_PER_JOB or (
+                    cfg.target_epsilon * cfg.rounds > EPSILON_WARN_PER_JOB):
+                log_event(log, "privacy_warning", logging.WARNING, job=job.job_id,
+                          epsilon_per_hospital=cfg.epsilon_per_hospital or
+                          f"{cfg.target_epsilon:g} per round x {cfg.rounds} rounds",
+                          note=f"above {EPSILON_WARN_PER_JOB:g} for one job gives little"
+                               " privacy")
+            log_event(log, "job_created", job=job.job_id, model_type=cfg.model_type,
+                      rounds=cfg.rounds, strategy=cfg.strategy,
+                      settings=json.dumps(cfg.job_dict(), sort_keys=True))
+        eval_dataset = None
+        if cfg.eval_data is not None:
+            try:
+                eval_dataset = task.load_split(cfg.eval_data, "test")
+            except Exception as exc:
+                if cfg.model_type == self.cfg.model_type and not self.no_job:
+                    raise StartupError(f"--eval_data {cfg.eval_data}: {exc}") from exc
+                log_event(log, "eval_data_skipped", logging.WARNING, job=job.job_id,
+                          reason=f"--eval_data {cfg.eval_data} is not {cfg.model_type} data:"
+                                 f" {exc}"[:300])
+        engine = RoundEngine(cfg, self.store, self.registry, strategy, task, job.job_id,
+                             train_config(cfg, task, strategy.client_config(), job),
+                             eval_dataset)
+        engine.set_model(last, state)
+        if cfg.secure_aggregation:
+            engine.secure = SecureAggregation(
+                SecAggSettings(cfg.secagg_threshold, cfg.secagg_bits, cfg.secagg_clip,
+                               cfg.secagg_stage_timeout_s),
+                strategy, self.tls[2], cfg.keys_dir / "crl.pem")
+        return engine
 
     def _bind(self) -> tuple[grpc.Server, int, str]:
         """The gRPC server with its interceptors, bound (not yet serving).
@@ -370,7 +407,7 @@ class ServerApp:
         server = self.server
         cpb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
-                               revocations=self.revocations), server)
+                               revocations=self.revocations, jobs=self.jobs), server)
         apb_grpc.add_AggregatorServicer_to_server(
             AggregatorService(self.engine, self.registry, cfg.state_dir / "spool"), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -383,15 +420,26 @@ class ServerApp:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         port, address = self.port, self.address
         server.start()
-        threading.Thread(target=self.engine.run, name="round-engine", daemon=True).start()
+        threading.Thread(target=self.jobs.run, name="jobs", daemon=True).start()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log_event(log, "serving", address=address, port=port, job=self.job_id,
-                  model_type=cfg.model_type, strategy=cfg.strategy, rounds=cfg.rounds)
+        if self.job_id:
+            log_event(log, "serving", address=address, port=port, job=self.job_id,
+                      model_type=self.engine.cfg.model_type, strategy=self.engine.cfg.strategy,
+                      rounds=self.engine.cfg.rounds, queued=len(self.jobs.queue()))
+        else:
+            log_event(log, "serving", address=address, port=port, job="none",
+                      queued=len(self.jobs.queue()),
+                      note="waiting for jobs: fl-admin submit JOB.toml")
         return port
 
+    @property
+    def job_id(self) -> str:
+        """The job being served (or the last one); "" before the first."""
+        return str(self.engine.job_id)
+
     def stop(self, grace_s: float = 5.0) -> None:
-        self.engine.shutdown()
+        self.jobs.shutdown()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.registry.close()
@@ -426,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--final_model_grace_s must be a finite number of seconds >= 0")
         values = collect_values(args, explicit)
         cfg = config_from(values)
-        app = ServerApp(cfg, new_job=args.new_job, given=set(values))
+        app = ServerApp(cfg, new_job=args.new_job, given=set(values), no_job=args.no_job)
         observe(app, args.metrics_host, args.metrics_port, "metrics_port" in explicit)
         port = app.start()
     except (ConfigError, StartupError, ValueError, OSError) as exc:
@@ -446,10 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_file:
         _write_ready(args.ready_file, port)
     while not stopping.is_set():
-        if args.exit_when_done and app.engine.done_event.is_set():
+        if args.exit_when_done and app.jobs.idle():
             # the final model's downloads first (bounded), then time to read the STOP task
             give_up = time.monotonic() + args.final_model_grace_s
-            while app.engine.final.awaited(app.registry.connected()) \
+            while app.jobs.final.awaited(app.registry.connected()) \
                     and not stopping.is_set() and time.monotonic() < give_up:
                 stopping.wait(0.2)
             stopping.wait(2.0)

@@ -34,12 +34,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.job_sha256 (issue 15); version 1 databases are migrated
 DB_NAME = "server.db"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "fl-checkpoint/1"
 DEFAULT_KEEP_CHECKPOINTS = 5
-JOB_STATES = ("running", "paused", "completed", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "paused", "completed", "failed", "cancelled", "aborted")
+# A job in one of these states never runs again.
+FINAL_JOB_STATES = ("completed", "failed", "cancelled", "aborted")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROUND_FILE = re.compile(r"round_(\d+)\.safetensors")
 _MODEL_PREFIX = "model/"
@@ -56,7 +58,8 @@ CREATE TABLE jobs (
     state TEXT NOT NULL,
     created REAL NOT NULL,
     initial_sha256 TEXT,
-    initial_checkpoint TEXT
+    initial_checkpoint TEXT,
+    job_sha256 TEXT
 );
 CREATE TABLE rounds (
     job_id TEXT NOT NULL REFERENCES jobs(job_id),
@@ -127,6 +130,7 @@ class Job:
     total_rounds: int
     state: str
     created: float
+    job_sha256: str = ""  # of the submitted job file, or of the settings (flags)
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,16 @@ class Store:
             return
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         version = None if row is None else row[0]
+        if version == 1:  # before the job queue: one column more, nothing else changes
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("ALTER TABLE jobs ADD COLUMN job_sha256 TEXT")
+                conn.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"state database {self.db_path} has schema version {version}, "
@@ -366,7 +380,13 @@ class Store:
         strategy: str,
         config: Mapping[str, Any],
         total_rounds: int,
+        state: str = "running",
+        job_sha256: str = "",
     ) -> Job:
+        """A new job: `running` (its initial model follows), or `queued` behind the others
+        (its initial model is made when it starts)."""
+        if state not in ("running", "queued"):
+            raise StoreError(f"a new job is running or queued, not {state!r}")
         if not _JOB_ID.fullmatch(job_id):
             raise StoreError(
                 f"job id {job_id!r} must be 1-128 characters of letters, digits, '.', '_', '-' "
@@ -381,13 +401,14 @@ class Store:
                 raise StoreError(f"job {job_id!r} already exists")
             conn.execute(
                 "INSERT INTO jobs (job_id, model_type, strategy, config_json, total_rounds, "
-                "state, created) VALUES (?, ?, ?, ?, ?, 'running', ?)",
-                (job_id, model_type, strategy, config_json, total_rounds, created),
+                "state, created, job_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, model_type, strategy, config_json, total_rounds, state, created,
+                 job_sha256),
             )
-            self._insert_event(conn, job_id, "job_created", {"model_type": model_type})
-        return Job(
-            job_id, model_type, strategy, json.loads(config_json), total_rounds, "running", created
-        )
+            self._insert_event(conn, job_id, "job_created",
+                               {"model_type": model_type, "state": state})
+        return Job(job_id, model_type, strategy, json.loads(config_json), total_rounds, state,
+                   created, job_sha256)
 
     def get_job(self, job_id: str) -> Job | None:
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id=?", (job_id,))
@@ -397,6 +418,21 @@ class Store:
         """The most recently created job (the one a restarted server resumes)."""
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created DESC, rowid DESC")
         return _job(rows[0]) if rows else None
+
+    def jobs(self, states: tuple[str, ...] | None = None) -> list[Job]:
+        """Every job (or those in `states`), oldest first: the queue's order."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created, rowid")
+        found = [_job(r) for r in rows]
+        return found if states is None else [j for j in found if j.state in states]
+
+    def running_job(self) -> Job | None:
+        """The job a (re)started server resumes: the newest one left running."""
+        running = self.jobs(("running",))
+        return running[-1] if running else None
+
+    def next_queued(self) -> Job | None:
+        queued = self.jobs(("queued",))
+        return queued[0] if queued else None
 
     def set_job_state(self, job_id: str, state: str) -> None:
         if state not in JOB_STATES:
@@ -799,7 +835,7 @@ class Store:
 
 _JOB_COLUMNS = (
     "job_id, model_type, strategy, config_json, total_rounds, state, created, "
-    "initial_sha256, initial_checkpoint"
+    "initial_sha256, initial_checkpoint, job_sha256"
 )
 
 
@@ -814,4 +850,4 @@ def _round(r: tuple[Any, ...]) -> RoundRecord:
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    return Job(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6])
+    return Job(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], row[9] or "")

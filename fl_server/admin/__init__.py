@@ -1,7 +1,9 @@
-"""The operator's view of a running server:
+"""The operator's view of a running server, and its jobs:
 
     python -m fl_server.admin --server_url HOST:PORT --keys_dir keys --admin operator
     python -m fl_server.admin dashboard --server_url HOST:PORT --keys_dir keys [--port 8080]
+    python -m fl_server.admin submit JOB.toml | list | status JOB | abort JOB [--reason R]
+    python -m fl_server.admin download JOB --out model.safetensors
 
 Calls Status with an admin certificate (from `--issue-admin NAME`) and prints the
 job, the round and its phase, each hospital (connected, last seen, epsilon spent)
@@ -25,6 +27,7 @@ from fl_core.tls import channel_credentials, channel_options, load_pem, parse_se
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 
+JOB_VERBS = ("submit", "list", "status", "abort", "download")
 SHOWN_METRICS = ("train_loss", "eval_accuracy", "eval_auroc", "fed_accuracy", "epsilon_max")
 DEFAULT_ROUNDS_SHOWN = 10
 
@@ -32,7 +35,9 @@ DEFAULT_ROUNDS_SHOWN = 10
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fl-admin", description="Show the state of a running federated learning server"
-                                     " (`fl-admin dashboard --help`: the live web page).")
+                                     " (`fl-admin dashboard --help`: the live web page;"
+                                     " `fl-admin submit|list|status|abort|download --help`:"
+                                     " its jobs).")
     add_connection_flags(p)
     p.add_argument("--json", action="store_true", help="print the Status reply as JSON")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS_SHOWN, metavar="N",
@@ -73,9 +78,12 @@ def fetch_status(args: argparse.Namespace) -> cpb.StatusReply:
 
 def render(reply: cpb.StatusReply, last_rounds: int = DEFAULT_ROUNDS_SHOWN) -> str:
     """Status as a table: the job, each hospital (with why its last task was refused and
-    how much of its declared budget is left), and the last `last_rounds` rounds."""
-    lines = [f"job {reply.job_id}  model {reply.model_type}  strategy {reply.strategy}  "
-             f"state {reply.job_state}",
+    how much of its declared budget is left), the last `last_rounds` rounds (secure ones
+    with their dropped hospitals and threshold), and the jobs queued behind it."""
+    head = (f"job {reply.job_id}  model {reply.model_type}  strategy {reply.strategy}  "
+            f"state {reply.job_state}" if reply.job_id else "no job yet: waiting for"
+            " `fl-admin submit JOB.toml`")
+    lines = [head,
              f"round {reply.round}/{reply.total_rounds}  phase {reply.phase}  "
              f"model sha256 {reply.model_sha256[:16]}",
              "", "hospital             connected  last seen  examples  epsilon  budget left"
@@ -94,13 +102,19 @@ def render(reply: cpb.StatusReply, last_rounds: int = DEFAULT_ROUNDS_SHOWN) -> s
     lines += [""]
     if len(shown) < len(rounds):
         lines.append(f"last {len(shown)} of {len(rounds)} rounds (--rounds 0 shows all)")
-    lines.append("round  state      sel  rep  fail  seconds  waited  "
+    lines.append("round  state      sel  rep  fail  seconds  waited  secure  "
                  + "  ".join(f"{m:>13}" for m in SHOWN_METRICS))
     for r in shown:
         values = "  ".join(f"{r.metrics[m]:>13.4f}" if m in r.metrics else f"{'-':>13}"
                            for m in SHOWN_METRICS)
+        # secure: SecAgg+ (the server saw only the sum), dropped hospitals / threshold t
+        secure = f"{r.secagg_dropped}d/t{r.secagg_threshold}" if r.secure else "no"
         lines.append(f"{r.round:>5}  {r.state:<9} {r.selected:>4} {r.reported:>4} {r.failed:>5}"
-                     f"  {r.seconds:>7.2f}  {r.wait_seconds:>6.1f}  {values}")
+                     f"  {r.seconds:>7.2f}  {r.wait_seconds:>6.1f}  {secure:>6}  {values}")
+    if reply.queue:
+        lines += ["", "queued: " + ", ".join(
+            f"{j.queue_position}. {j.job_id} ({j.model_type}, {j.total_rounds} rounds)"
+            for j in reply.queue)]
     return "\n".join(lines)
 
 
@@ -110,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from fl_server.admin.dashboard import main as dashboard_main
 
         return dashboard_main(argv[1:])
+    if argv[:1] and argv[0] in JOB_VERBS:
+        from fl_server.admin.jobs import main as jobs_main
+
+        return jobs_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         reply = fetch_status(args)

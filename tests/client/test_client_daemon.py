@@ -38,6 +38,7 @@ class FakeConnection:
         default_factory=list)
     reports: list[cpb.ReportRequest] = field(default_factory=list)
     target: str = "127.0.0.1:0"
+    job_model_types: list[str] = field(default_factory=list)
 
     def fetch_model(self, task: cpb.Task, expected: Any, on_progress: Any = None
                     ) -> dict[str, torch.Tensor]:
