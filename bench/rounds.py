@@ -46,6 +46,7 @@ from bench.common import (
     verdict,
     workdir,
 )
+from bench.transfer import load_average
 
 
 @dataclass
@@ -162,10 +163,14 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
         # Server CPU rate while rounds 2.. ran, times the median round time.
         span = [(t, c) for t, c in server_cpu
                 if recorded.get(1, 0) <= t <= recorded.get(last_round, 0)]
-        server_cpu_round = float("nan")
-        if len(span) > 1 and span[-1][0] > span[0][0]:
+        server_cpu_round = server_cpu_hospital = float("nan")
+        if len(span) > 1 and span[-1][0] > span[0][0] and spans > 0:
             rate = (span[-1][1] - span[0][1]) / (span[-1][0] - span[0][0])
             server_cpu_round = rate * median(walls)
+            # Per hospital: the server's CPU over rounds 2.. (mean round, not median:
+            # every round's cost counts) divided by rounds x hospitals.
+            mean_round = (recorded[last_round] - recorded[1]) / spans
+            server_cpu_hospital = rate * mean_round / sc.clients
         return {
             "name": sc.name, "params": sc.params, "model_bytes": sc.model_bytes,
             "clients": sc.clients, "rounds": len(recorded),
@@ -174,6 +179,7 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
             "phases": {k: median(v) for k, v in phases.items()},
             "fetch_s": median(fetch), "upload_s": median(upload),
             "server_cpu_per_round": server_cpu_round,
+            "server_cpu_per_hospital": server_cpu_hospital,
             "client_cpu_per_round": client_cpu / spans if spans > 0 else float("nan"),
             "idle_rss": idle, "peak_rss": peak,
             "peak_anon": sampler.max(2), "peak_file": sampler.max(3),
@@ -198,14 +204,16 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{ph.get('train', float('nan')):.3f}", f"{ph.get('aggregate', float('nan')):.3f}",
             f"{ph.get('checkpoint', float('nan')):.3f}",
             f"{r['fetch_s']:.3f}", f"{r['upload_s']:.3f}",
-            f"{r['server_cpu_per_round']:.2f}", f"{r['client_cpu_per_round']:.2f}",
+            f"{r['server_cpu_per_round']:.3f}",
+            f"{r.get('server_cpu_per_hospital', float('nan')) * 1000:.2f}",
+            f"{r['client_cpu_per_round']:.2f}",
             f"{r['idle_rss'] / MB:.0f}", f"{r['peak_rss'] / MB:.0f}",
             f"{r['peak_anon'] / MB:.0f}/{r['peak_file'] / MB:.0f}",
         ])
     print(table(["scenario", "model MB", "clients", "rounds", "round s (wall, median)",
                  "server s", "train phase s", "aggregate s", "checkpoint s",
                  "client fetch s", "client upload s", "server CPU s/round",
-                 "clients CPU s/round", "server idle RSS MB",
+                 "server CPU ms/hospital/round", "clients CPU s/round", "server idle RSS MB",
                  "server peak RSS MB", "peak anon/file MB (sampled)"], rows))
     print()
     for r in results:
@@ -227,7 +235,9 @@ def report(results: list[dict[str, Any]]) -> None:
     if small:
         print(f"- round overhead (fixed cost of a round, tiny model, no-op clients): "
               f"{small[0]['round_wall_s'] * 1000:.0f} ms per round with {small[0]['clients']} "
-              "clients")
+              f"clients; server CPU {small[0]['server_cpu_per_hospital'] * 1000:.2f} ms per "
+              "hospital per round")
+    print(f"- load average during the run: {load_average()}")
     sys.stdout.flush()
 
 
@@ -237,7 +247,8 @@ def run(quick: bool = False, only: list[str] | None = None, keep: bool = False) 
     with workdir("rounds", keep) as work:
         make_bench_pki(work, client_names(max(s.clients for s in chosen)))
         for sc in chosen:
-            print(f"running scenario {sc.name} ...", file=sys.stderr, flush=True)
+            print(f"running scenario {sc.name} (load {load_average()}) ...", file=sys.stderr,
+                  flush=True)
             results.append(run_scenario(work, sc))
     report(results)
     return results

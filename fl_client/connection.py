@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from fl_core.constants import RPC_TIMEOUT_S
+from fl_core.constants import GCM_TAG_BYTES, RPC_TIMEOUT_S
 from fl_core.sealing import (
     StreamContext,
     StreamOpener,
@@ -29,7 +29,13 @@ from fl_core.sealing import (
     stream_key,
 )
 from fl_core.stream_ids import download_stream_id, upload_stream_id
-from fl_core.tensor_codec import StreamAssembler, build_manifest, check_manifest, iter_chunks
+from fl_core.tensor_codec import (
+    StreamAssembler,
+    TrailingDigests,
+    build_manifest,
+    check_manifest,
+    iter_chunks,
+)
 from fl_core.tls import channel_credentials, channel_options, target
 from fl_proto import aggregator_pb2 as apb
 from fl_proto import aggregator_pb2_grpc as apb_grpc
@@ -197,9 +203,9 @@ class ServerConnection:
                         continue
                     if assembler is None or opener is None:
                         raise TransferError("the model stream did not start with its header")
-                    plain = opener.open(msg.chunk)
-                    assembler.add_chunk(msg.chunk.sequence, plain)
-                    self.bytes_received += len(msg.chunk.ciphertext)
+                    received = assembler.bytes_received
+                    assembler.add_sealed(opener, msg.chunk)  # opened straight into place
+                    self.bytes_received += assembler.bytes_received - received + GCM_TAG_BYTES
                     if on_progress:
                         on_progress(assembler.next_sequence, header.manifest.chunk_count)
                 if assembler is None or opener is None:
@@ -225,8 +231,13 @@ class ServerConnection:
                       on_progress: ProgressFn | None = None,
                       stop: threading.Event | None = None) -> apb.UpdateReceipt:
         """Stream the update sealed; on a cut connection ask the server how far it got
-        and continue from there, not from zero."""
-        manifest = build_manifest(state)
+        and continue from there, not from zero.
+
+        The digests trail the data (issue 16): the first chunk leaves at once while
+        the model is hashed on other threads, and the final chunk carries the digests.
+        """
+        manifest = build_manifest(state, digests=False)
+        digests = TrailingDigests(state)
         count = manifest.chunk_count
         resume_from = 0
         session_id = ""
@@ -246,7 +257,8 @@ class ServerConnection:
                 resume_from=resume_from, metrics=dict(metrics))
             try:
                 receipt: apb.UpdateReceipt = self.aggregator.SubmitUpdate(
-                    self._update_messages(header, state, manifest, sealer, stop, on_progress),
+                    self._update_messages(header, state, manifest, sealer, digests, stop,
+                                          on_progress),
                     metadata=metadata,
                     timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
                 return receipt
@@ -270,19 +282,24 @@ class ServerConnection:
 
     def _update_messages(self, header: apb.UpdateStreamHeader,
                          state: Mapping[str, torch.Tensor], manifest: tpb.TensorManifest,
-                         sealer: StreamSealer, stop: threading.Event | None,
+                         sealer: StreamSealer, digests: TrailingDigests,
+                         stop: threading.Event | None,
                          on_progress: ProgressFn | None) -> Iterator[apb.UpdateStreamMessage]:
         """Header, then the sealed chunks from `header.resume_from` on, sealed lazily so
-        only about one chunk of ciphertext exists at a time."""
+        only about one chunk of ciphertext exists at a time; the final one carries
+        the digests (waited for only then)."""
         yield apb.UpdateStreamMessage(header=header)
         count = manifest.chunk_count
         first = int(header.resume_from)
         for seq, plain in enumerate(iter_chunks(state, manifest, start=first), start=first):
             if stop is not None and stop.is_set():
                 return
-            chunk = sealer.seal(seq, plain, seq == count - 1)
-            self.bytes_sent += len(chunk.ciphertext)
-            yield apb.UpdateStreamMessage(chunk=chunk)
+            final = seq == count - 1
+            msg = apb.UpdateStreamMessage()
+            # sealed in place: a chunk put into a message afterwards is copied whole
+            sealer.seal_into(msg.chunk, seq, plain, final, digests.trailer() if final else b"")
+            self.bytes_sent += len(plain) + GCM_TAG_BYTES
+            yield msg
             if on_progress:
                 on_progress(seq + 1, count)
 

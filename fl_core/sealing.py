@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -195,6 +196,7 @@ class _StreamCipher:
         if len(key) != KEY_BYTES:
             raise SealError(BAD_KEY, f"stream key is {len(key)} bytes, not {KEY_BYTES}")
         self._aead = AESGCM(key)
+        self.key = key
         self.ctx = ctx
         self._aad_prefix = ctx._aad_prefix()
         self._digest_field = _lp(ctx.manifest_digest)
@@ -203,10 +205,15 @@ class _StreamCipher:
     def nonce(sequence: int, final: bool) -> bytes:
         return b"\0\0\0\0" + sequence.to_bytes(7, "big") + (b"\1" if final else b"\0")
 
-    def aad(self, sequence: int, final: bool) -> bytes:
-        return (
-            self._aad_prefix + _lp(_u64(sequence), b"\1" if final else b"\0") + self._digest_field
-        )
+    def aad(self, sequence: int, final: bool, trailer: bytes = b"") -> bytes:
+        """Associated data of one chunk. A trailer (the tensor digests a final chunk may
+        carry) is appended as one more field only when present, so a stream without
+        one seals exactly as fl.v1 always did, and one cannot be added or stripped."""
+        aad = self._aad_prefix + _lp(_u64(sequence), b"\1" if final else b"\0") + \
+            self._digest_field
+        if trailer:
+            aad += _lp(b"tensor digests", trailer)
+        return aad
 
 
 class _StreamEnd:
@@ -234,8 +241,31 @@ class StreamSealer(_StreamEnd):
     """Seals one stream's chunks, refusing anything that could reuse a nonce."""
 
     def seal(
-        self, sequence: int, plaintext: bytes | bytearray | memoryview, final: bool
+        self,
+        sequence: int,
+        plaintext: bytes | bytearray | memoryview,
+        final: bool,
+        trailer: bytes = b"",
     ) -> tensors_pb2.SealedChunk:
+        chunk = tensors_pb2.SealedChunk()
+        self.seal_into(chunk, sequence, plaintext, final, trailer)
+        return chunk
+
+    def seal_into(
+        self,
+        chunk: tensors_pb2.SealedChunk,
+        sequence: int,
+        plaintext: bytes | bytearray | memoryview,
+        final: bool,
+        trailer: bytes = b"",
+    ) -> None:
+        """Seal into `chunk`, typically the `chunk` field of the stream message being
+        built: a SealedChunk built apart and then put in a message is copied whole
+        (a megabyte per chunk) by protobuf.
+
+        `trailer` (final chunk only) travels as `tensor_digests` and is bound into the
+        chunk's associated data.
+        """
         if self._done:
             raise SealError(AFTER_FINAL, f"chunk {sequence} sealed after the final chunk")
         if sequence < self._next:
@@ -244,15 +274,20 @@ class StreamSealer(_StreamEnd):
             )
         if sequence > MAX_SEQUENCE:
             raise SealError(OUT_OF_ORDER, f"sequence {sequence} exceeds {MAX_SEQUENCE}")
+        if trailer and not final:
+            raise SealError(BAD_CONTEXT, f"chunk {sequence}: only the final chunk has a trailer")
         cipher = self._cipher
         ciphertext = cipher._aead.encrypt(
-            cipher.nonce(sequence, final), plaintext, cipher.aad(sequence, final)
+            cipher.nonce(sequence, final), plaintext, cipher.aad(sequence, final, trailer)
         )
         self._next = sequence + 1
         self._done = final
-        return tensors_pb2.SealedChunk(
-            stream_id=cipher.ctx.stream_id, sequence=sequence, final=final, ciphertext=ciphertext
-        )
+        chunk.stream_id = cipher.ctx.stream_id
+        chunk.sequence = sequence
+        chunk.final = final
+        chunk.ciphertext = ciphertext
+        if trailer:
+            chunk.tensor_digests = trailer
 
 
 class StreamOpener(_StreamEnd):
@@ -262,7 +297,10 @@ class StreamOpener(_StreamEnd):
     the stream on SEAL_INVALID: the bytes were not what the sender sealed.
     """
 
-    def open(self, chunk: tensors_pb2.SealedChunk) -> bytes:
+    def check(self, chunk: tensors_pb2.SealedChunk, size: int | None = None) -> None:
+        """Everything `open` refuses before decrypting: stream, order, length (`size`:
+        the ciphertext's, when the caller holds it: each read of a bytes field of a
+        message copies it)."""
         cipher = self._cipher
         if chunk.stream_id != cipher.ctx.stream_id:
             raise SealError(
@@ -275,23 +313,64 @@ class StreamOpener(_StreamEnd):
             raise SealError(
                 OUT_OF_ORDER, f"chunk {chunk.sequence} arrived, expected chunk {self._next}"
             )
-        if len(chunk.ciphertext) < GCM_TAG_BYTES:
+        if (len(chunk.ciphertext) if size is None else size) < GCM_TAG_BYTES:
             raise SealError(SEAL_INVALID, f"chunk {chunk.sequence} is shorter than a GCM tag")
+
+    def _refused(self, chunk: tensors_pb2.SealedChunk) -> SealError:
+        return SealError(
+            SEAL_INVALID,
+            f"chunk {chunk.sequence} of stream {chunk.stream_id!r} failed authentication "
+            "(altered, misplaced, or sealed under another key or context)",
+        )
+
+    def open(self, chunk: tensors_pb2.SealedChunk) -> bytes:
+        ciphertext = chunk.ciphertext
+        self.check(chunk, len(ciphertext))
+        cipher = self._cipher
         try:
             plaintext = cipher._aead.decrypt(
                 cipher.nonce(chunk.sequence, chunk.final),
-                chunk.ciphertext,
-                cipher.aad(chunk.sequence, chunk.final),
+                ciphertext,
+                cipher.aad(chunk.sequence, chunk.final, chunk.tensor_digests),
             )
         except InvalidTag:
-            raise SealError(
-                SEAL_INVALID,
-                f"chunk {chunk.sequence} of stream {chunk.stream_id!r} failed authentication "
-                "(altered, misplaced, or sealed under another key or context)",
-            ) from None
+            raise self._refused(chunk) from None
         self._next += 1
         self._done = chunk.final
         return plaintext
+
+    def open_into(
+        self, chunk: tensors_pb2.SealedChunk, out: memoryview, ciphertext: bytes | None = None
+    ) -> None:
+        """`open`, decrypting straight into `out` (exactly the plaintext's length): the
+        receiver's buffer, so no plaintext copy is made and then copied again.
+        `ciphertext`: the chunk's, if the caller already read it out of the message.
+
+        GCM writes the plaintext before it can check the tag, so when this raises,
+        `out` holds unauthenticated bytes: the caller must treat them as never written
+        (the stream assembler only counts a chunk once it opened).
+        """
+        data = memoryview(chunk.ciphertext if ciphertext is None else ciphertext)
+        self.check(chunk, len(data))
+        body = len(data) - GCM_TAG_BYTES
+        if len(out) != body:
+            raise SealError(BAD_CONTEXT, f"buffer of {len(out)} bytes for {body} of plaintext")
+        cipher = self._cipher
+        decryptor = Cipher(
+            algorithms.AES(cipher.key),
+            modes.GCM(cipher.nonce(chunk.sequence, chunk.final), bytes(data[body:])),
+        ).decryptor()
+        decryptor.authenticate_additional_data(
+            cipher.aad(chunk.sequence, chunk.final, chunk.tensor_digests)
+        )
+        try:
+            if body:
+                decryptor.update_into(data[:body], out)
+            decryptor.finalize()
+        except InvalidTag:
+            raise self._refused(chunk) from None
+        self._next += 1
+        self._done = chunk.final
 
     def finish(self) -> None:
         if not self._done:

@@ -11,26 +11,45 @@ own storage, so streaming a model never holds a second copy of it; the receiver
 writes every chunk straight into one preallocated buffer (in memory or a spool file)
 and hands back tensors that are views over that buffer.
 
-Hashing dominates the cost (two SHA-256 passes: per tensor and whole stream), so
-for large chunks the whole-stream hash runs on a helper thread: hashlib releases
-the GIL on large updates, which roughly doubles throughput on a two-core machine.
+Hashing dominates the cost (one SHA-256 pass per end; the whole-stream digest is
+taken over the per-tensor digests), so it runs off the thread that moves the bytes:
+hashlib releases the GIL, so a receiver's hashing overlaps its network and
+decryption work (a multi-chunk stream's hashing runs, in order, on a small shared
+pool), and a sender hashes tensors in parallel. A sender may also let the digests
+trail the data (`digests_trail`: issue 16): it starts sending at once and hashes
+while it sends, and the digests travel, authenticated, in the final sealed chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import mmap
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fl_core.constants import CHUNK_SIZE, MAX_MESSAGE_BYTES
+from fl_core.constants import (
+    ASYNC_HASH_MIN_CHUNKS,
+    CHUNK_SIZE,
+    GCM_TAG_BYTES,
+    HASH_THREADS,
+    MAX_MESSAGE_BYTES,
+    PARALLEL_HASH_MIN_BYTES,
+    SPOOL_SCRATCH_CHUNKS,
+)
 from fl_proto import tensors_pb2
+
+if TYPE_CHECKING:
+    from fl_core.sealing import StreamOpener
 
 __all__ = [
     "MAX_CHUNK_SIZE",
@@ -41,11 +60,14 @@ __all__ = [
     "ManifestMismatch",
     "StreamAssembler",
     "StreamOrderError",
+    "TrailingDigests",
     "build_manifest",
     "check_manifest",
+    "digests_of_state",
     "dtype_from_proto",
     "dtype_itemsize",
     "dtype_to_proto",
+    "fill_digests",
     "has_non_finite",
     "iter_chunks",
     "manifest_of_state",
@@ -230,35 +252,126 @@ def _chunk_count(total_bytes: int, chunk_size: int) -> int:
     return max(1, math.ceil(total_bytes / chunk_size))
 
 
+_pool_lock = threading.Lock()
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's hashing threads (shared: many streams, few cores). Its tasks
+    never wait for one another, so a small pool cannot deadlock."""
+    global _hash_pool
+    with _pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(max_workers=_hash_threads(),
+                                            thread_name_prefix="fl-hash")
+        return _hash_pool
+
+
+def _hash_threads() -> int:
+    return max(1, min(HASH_THREADS, os.cpu_count() or 1))
+
+
+def _sha256(raw: memoryview) -> bytes:
+    digest = hashlib.sha256()
+    for start in range(0, len(raw), _HASH_PIECE):
+        digest.update(raw[start : start + _HASH_PIECE])
+    return digest.digest()
+
+
+def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
+    return _sha256(_raw_bytes(*item))
+
+
+def digests_of_state(state: Mapping[str, torch.Tensor]) -> list[bytes]:
+    """Per-tensor SHA-256s in the state dict's order; tensors are hashed in parallel
+    when the model is large enough for threads to pay (hashlib drops the GIL).
+
+    Must not be called from a hashing-pool thread (it waits for pool tasks).
+    """
+    items = list(state.items())
+    size = sum(t.numel() * t.element_size() for _, t in items if isinstance(t, torch.Tensor))
+    if len(items) > 1 and size >= PARALLEL_HASH_MIN_BYTES and _hash_threads() > 1:
+        return list(_pool().map(_tensor_digest, items))
+    return [_tensor_digest(item) for item in items]
+
+
 def build_manifest(
-    state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE
+    state: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE, *, digests: bool = True
 ) -> tensors_pb2.TensorManifest:
-    """Describe `state` (in its own order) for the receiver: shapes, dtypes, hashes."""
+    """Describe `state` (in its own order) for the receiver: shapes, dtypes, hashes.
+
+    With `digests=False` nothing is hashed: the manifest has `digests_trail` set and
+    empty digests, for a sender that hashes while it sends (`digests_of_state` on
+    its own thread) and puts the digests in the final chunk.
+    """
     _require_little_endian()
     _check_chunk_size(chunk_size)
-    manifest = tensors_pb2.TensorManifest(chunk_size=chunk_size)
+    manifest = tensors_pb2.TensorManifest(chunk_size=chunk_size, digests_trail=not digests)
     total = 0
     for name, tensor in state.items():
         if not isinstance(name, str) or not name:
             raise CodecError(UNSUPPORTED_TENSOR, f"tensor name {name!r} is not a non-empty str")
-        raw = _raw_bytes(name, tensor)
-        tensor_hash = hashlib.sha256()
-        for start in range(0, len(raw), _HASH_PIECE):
-            tensor_hash.update(raw[start : start + _HASH_PIECE])
+        # checks the tensor (dtype, layout) before any hashing; no copy when contiguous
+        length = len(_raw_bytes(name, tensor))
         manifest.tensors.append(
             tensors_pb2.TensorSpec(
                 name=name,
                 dtype=_DTYPES[tensor.dtype],
                 shape=list(tensor.shape),
-                byte_length=len(raw),
-                sha256=tensor_hash.digest(),
+                byte_length=length,
             )
         )
-        total += len(raw)
-    manifest.sha256 = stream_digest(spec.sha256 for spec in manifest.tensors)
+        total += length
+    if digests:
+        for spec, digest in zip(manifest.tensors, digests_of_state(state), strict=True):
+            spec.sha256 = digest
+        manifest.sha256 = stream_digest(spec.sha256 for spec in manifest.tensors)
     manifest.total_bytes = total
     manifest.chunk_count = _chunk_count(total, chunk_size)
     return manifest
+
+
+class TrailingDigests:
+    """A sender's digests for a `digests_trail` stream, hashed on their own thread
+    while the chunks are sealed and sent; `trailer()` waits for them (the final
+    chunk carries them). Not a pool task: it waits for the pool's per-tensor work."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._digests: list[bytes] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(state,),
+                                         name="fl-digests", daemon=True)
+        self._thread.start()
+
+    def _run(self, state: Mapping[str, torch.Tensor]) -> None:
+        try:
+            self._digests = digests_of_state(state)
+        except BaseException as exc:  # re-raised by trailer()
+            self._error = exc
+
+    def trailer(self, timeout_s: float = 600.0) -> bytes:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise CodecError(INCOMPLETE, f"hashing the model took over {timeout_s:.0f} s")
+        if self._error is not None:
+            raise self._error
+        assert self._digests is not None
+        return b"".join(self._digests)
+
+
+def fill_digests(manifest: tensors_pb2.TensorManifest, digests: bytes) -> None:
+    """Put trailing digests (32 bytes per tensor, manifest order) into `manifest`:
+    what a `digests_trail` manifest would have carried, stream digest included."""
+    count = len(manifest.tensors)
+    if len(digests) != count * 32:
+        raise IntegrityError(
+            HASH_MISMATCH,
+            f"{len(digests)} bytes of trailing digests for {count} tensors (32 bytes each)",
+            "tensor_digests",
+        )
+    for index, spec in enumerate(manifest.tensors):
+        spec.sha256 = digests[index * 32 : index * 32 + 32]
+    manifest.sha256 = stream_digest(spec.sha256 for spec in manifest.tensors)
 
 
 def manifest_of_state(
@@ -346,16 +459,20 @@ def validate_manifest(
                 f"{itemsize} bytes ({_dtype_name(spec.dtype)}, shape {list(spec.shape)})",
                 name,
             )
-        if len(spec.sha256) != 32:
-            raise bad(f"tensor {name!r} sha256 is {len(spec.sha256)} bytes, not 32", name)
+        want_digest = 0 if manifest.digests_trail else 32
+        if len(spec.sha256) != want_digest:
+            raise bad(f"tensor {name!r} sha256 is {len(spec.sha256)} bytes, not {want_digest}"
+                      + (" (its digest trails the data)" if manifest.digests_trail else ""),
+                      name)
         total += spec.byte_length
     if manifest.total_bytes != total:
         raise bad(
             f"total_bytes {manifest.total_bytes} != sum of tensor byte lengths {total}",
             "total_bytes",
         )
-    if len(manifest.sha256) != 32:
-        raise bad(f"stream sha256 is {len(manifest.sha256)} bytes, not 32", "sha256")
+    want_stream = 0 if manifest.digests_trail else 32
+    if len(manifest.sha256) != want_stream:
+        raise bad(f"stream sha256 is {len(manifest.sha256)} bytes, not {want_stream}", "sha256")
     expected_chunks = _chunk_count(total, manifest.chunk_size)
     if manifest.chunk_count != expected_chunks:
         raise bad(
@@ -413,6 +530,61 @@ def check_manifest(
 # --------------------------------------------------------------------------- receiver
 
 
+class _HashQueue:
+    """One stream's hashing, in arrival order, off the receiving thread.
+
+    At most one pool task works on a stream at a time (it takes the stream's pieces
+    until none is left), so the tensors' running hashes see their bytes in order and
+    no thread is held by a stream that waits for its next chunk.
+    """
+
+    def __init__(self, work: Callable[[memoryview, int], None]) -> None:
+        self._work = work
+        self._items: deque[tuple[memoryview, int, Callable[[], None] | None]] = deque()
+        self._cv = threading.Condition()
+        self._running = False
+        self._error: BaseException | None = None
+
+    def submit(self, piece: memoryview, start: int,
+               release: Callable[[], None] | None = None) -> None:
+        with self._cv:
+            self._items.append((piece, start, release))
+            if self._running:
+                return
+            self._running = True
+        try:
+            _pool().submit(self._run)
+        except RuntimeError:  # interpreter shutting down: hash here
+            self._run()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                if not self._items:
+                    self._running = False
+                    self._cv.notify_all()
+                    return
+                piece, start, release = self._items.popleft()
+                failed = self._error is not None
+            try:
+                if not failed:
+                    self._work(piece, start)
+            except BaseException as exc:  # kept for drain(): the stream cannot be trusted
+                with self._cv:
+                    self._error = exc
+            finally:
+                if release is not None:
+                    release()
+
+    def drain(self, timeout_s: float = 600.0) -> None:
+        """Wait until every piece submitted is hashed; re-raise a hashing failure."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: not self._running and not self._items, timeout_s):
+                raise CodecError(INCOMPLETE, f"hashing did not finish within {timeout_s:.0f} s")
+            if self._error is not None:
+                raise self._error
+
+
 class StreamAssembler:
     """Receives a stream's plaintext chunks into one preallocated buffer.
 
@@ -432,6 +604,16 @@ class StreamAssembler:
     Tensors returned by `finish()` are views over the buffer (possibly at unaligned
     addresses, which torch on CPU handles) and keep it alive. Spooled tensors are
     a private (copy-on-write) mapping of the file: changing them never changes it.
+
+    Streams of `ASYNC_HASH_MIN_CHUNKS` chunks or more are hashed off the caller's
+    thread (in order, on the shared hashing pool); `finish()` waits for the hashing
+    and `close()` for any still running. `add_sealed` opens a sealed chunk straight
+    into the buffer (no plaintext copy); a spooled stream decrypts into one of a few
+    scratch chunks, writes it to the file and frees it once hashed.
+
+    A stream whose manifest has `digests_trail` learns its digests from the final
+    sealed chunk (`add_sealed`) or from `finish(digests)`; `manifest` has them once
+    `finish()` verified them.
 
     Not thread-safe: one stream has one writer at a time.
     """
@@ -471,6 +653,10 @@ class StreamAssembler:
         self._received = 0
         self._finished = False
         self._closed = False
+        self._trailer = b""
+        self._hasher: _HashQueue | None = None
+        self._scratch: list[bytearray] = []
+        self._scratch_free: list[threading.Event] = []
         self._spool_path = Path(spool_path) if spool_path is not None else None
         self._fd: int | None = None
         self._memory: mmap.mmap | bytearray | None = None
@@ -486,6 +672,8 @@ class StreamAssembler:
             self._fd = self._open_spool(self._spool_path, resume_at)
             if resume_at:
                 self._rehash(resume_at)
+        if self._chunk_count >= ASYNC_HASH_MIN_CHUNKS:
+            self._hasher = _HashQueue(self._hash_tensors)
 
     # -- buffer
 
@@ -545,7 +733,27 @@ class StreamAssembler:
 
     def _store_and_hash(self, view: memoryview, start: int) -> None:
         self._store(view, start)
-        self._hash_tensors(view, start)
+        if self._hasher is None:
+            self._hash_tensors(view, start)
+        elif self._view is not None:  # hash the stored copy: `view` may be reused
+            self._hasher.submit(self._view[start : start + len(view)], start)
+        else:  # a spooled plain chunk: keep the running hashes in order, hash it here
+            self._hasher.drain()
+            self._hash_tensors(view, start)
+
+    def _scratch_slot(self, sequence: int) -> tuple[bytearray, threading.Event]:
+        """A spooled stream's chunk buffer, free again once its chunk is hashed."""
+        if not self._scratch:
+            self._scratch = [bytearray(self._chunk_size) for _ in range(SPOOL_SCRATCH_CHUNKS)]
+            self._scratch_free = [threading.Event() for _ in self._scratch]
+            for free in self._scratch_free:
+                free.set()
+        index = sequence % len(self._scratch)
+        free = self._scratch_free[index]
+        if not free.wait(600.0):
+            raise CodecError(INCOMPLETE, "hashing fell 10 minutes behind the stream")
+        free.clear()
+        return self._scratch[index], free
 
     # -- state
 
@@ -612,13 +820,55 @@ class StreamAssembler:
         self._next += 1
         self._received += want
 
+    def add_sealed(self, opener: StreamOpener, chunk: tensors_pb2.SealedChunk) -> None:
+        """Open the next sealed chunk with `opener` straight into the stream's buffer.
+
+        Refusals are those of `opener.open` then `add_chunk`, in that order, and
+        leave both unchanged: a chunk that fails to open counts as never received
+        (the bytes it left in the buffer are overwritten by the next one that opens).
+        A final chunk's `tensor_digests` are kept for `finish()`.
+        """
+        ciphertext = chunk.ciphertext
+        opener.check(chunk, len(ciphertext))
+        sequence = chunk.sequence
+        size = len(ciphertext) - GCM_TAG_BYTES
+        if (self._hasher is None or self._finished or self._closed
+                or sequence != self._next or sequence >= self._chunk_count
+                or size != self.expected_length(sequence)):
+            # one-chunk streams and anything out of place: the plain path decides
+            self.add_chunk(sequence, opener.open(chunk))
+        else:
+            start = sequence * self._chunk_size
+            if self._view is not None:
+                place = self._view[start : start + size]
+                opener.open_into(chunk, place, ciphertext)
+                self._hasher.submit(place, start)
+            else:
+                slot, free = self._scratch_slot(sequence)
+                try:
+                    place = memoryview(slot)[:size]
+                    opener.open_into(chunk, place, ciphertext)
+                    self._store(place, start)
+                except BaseException:
+                    free.set()
+                    raise
+                self._hasher.submit(place, start, free.set)
+            self._next += 1
+            self._received += size
+        if chunk.final:
+            self._trailer = bytes(chunk.tensor_digests)
+
     def flush(self) -> None:
         """Make the chunks accepted so far durable in the spool file (no-op in memory)."""
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """Verify every hash and return the tensors as views over the buffer."""
+    def finish(self, digests: bytes | None = None) -> dict[str, torch.Tensor]:
+        """Verify every hash and return the tensors as views over the buffer.
+
+        `digests`: the trailing per-tensor digests of a `digests_trail` stream, when
+        they did not come in through `add_sealed`'s final chunk.
+        """
         if self._finished or self._closed:
             raise StreamOrderError(FINISHED, "finish() after the stream was finished or closed")
         if not self.complete:
@@ -626,6 +876,17 @@ class StreamAssembler:
                 INCOMPLETE,
                 f"stream ended after {self._next} of {self._chunk_count} chunks",
                 "chunk_count",
+            )
+        if self._hasher is not None:
+            self._hasher.drain()
+        trailer = self._trailer if digests is None else digests
+        if self._manifest.digests_trail:
+            fill_digests(self._manifest, trailer)
+            self._specs = list(self._manifest.tensors)
+        elif trailer:
+            raise IntegrityError(
+                HASH_MISMATCH, "trailing digests after a manifest that carried its own",
+                "tensor_digests",
             )
         for spec, tensor_hash in zip(self._specs, self._tensor_hashes, strict=True):
             if tensor_hash.digest() != spec.sha256:
@@ -665,6 +926,10 @@ class StreamAssembler:
         """Abandon the stream (a spool file stays on disk for the caller to remove)."""
         if not self._finished and not self._closed:
             self._closed = True
+            if self._hasher is not None:
+                # nothing may still read the buffer when it goes
+                with contextlib.suppress(CodecError):
+                    self._hasher.drain()
             self._release()
 
     def __enter__(self) -> StreamAssembler:

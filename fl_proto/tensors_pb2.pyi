@@ -47,30 +47,34 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorManifest(_message.Message):
-    __slots__ = ("tensors", "total_bytes", "sha256", "chunk_size", "chunk_count")
+    __slots__ = ("tensors", "total_bytes", "sha256", "chunk_size", "chunk_count", "digests_trail")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_TRAIL_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
     sha256: bytes
     chunk_size: int
     chunk_count: int
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    digests_trail: bool
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., digests_trail: _Optional[bool] = ...) -> None: ...
 
 class SealedChunk(_message.Message):
-    __slots__ = ("stream_id", "sequence", "final", "ciphertext")
+    __slots__ = ("stream_id", "sequence", "final", "ciphertext", "tensor_digests")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
     sequence: int
     final: bool
     ciphertext: bytes
-    def __init__(self, stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., final: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+    tensor_digests: bytes
+    def __init__(self, stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., final: _Optional[bool] = ..., ciphertext: _Optional[bytes] = ..., tensor_digests: _Optional[bytes] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("code", "message", "field")

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
+from fl_core.constants import GCM_TAG_BYTES
 from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
@@ -162,10 +163,12 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         start = int(request.resume_from)
         for seq, plain in enumerate(iter_chunks(model.state, model.manifest, start=start),
                                     start=start):
-            chunk = sealer.seal(seq, plain, seq == count - 1)
-            yield apb.ModelStreamMessage(chunk=chunk)
-            OBSERVED.download(client_id, task.task_id, seq == count - 1, len(chunk.ciphertext),
-                              resumed=0 < start == seq)
+            msg = apb.ModelStreamMessage()
+            # sealed in place: a chunk put into a message afterwards is copied whole
+            sealer.seal_into(msg.chunk, seq, plain, seq == count - 1)
+            yield msg
+            OBSERVED.download(client_id, task.task_id, seq == count - 1,
+                              len(plain) + GCM_TAG_BYTES, resumed=0 < start == seq)
         if final is not None:
             self.engine.final.fetched(client_id)
 
@@ -280,11 +283,13 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                     self._drop(up, stream_id)
                     abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                           "data after the final chunk", "AFTER_FINAL")
-                plain = up.opener.open(msg.chunk)
-                up.assembler.add_chunk(msg.chunk.sequence, plain)
-                OBSERVED.chunk_received(up.client_id, up.task_id, msg.chunk.sequence + 1,
-                                        up.manifest.chunk_count, len(msg.chunk.ciphertext))
-                if msg.chunk.final:
+                chunk = msg.chunk
+                received = up.assembler.bytes_received
+                up.assembler.add_sealed(up.opener, chunk)  # opened straight into its place
+                OBSERVED.chunk_received(up.client_id, up.task_id, chunk.sequence + 1,
+                                        up.manifest.chunk_count,
+                                        up.assembler.bytes_received - received + GCM_TAG_BYTES)
+                if chunk.final:
                     final_seen = True
         except SealError as exc:
             status = grpc.StatusCode.INVALID_ARGUMENT
@@ -346,10 +351,13 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         up.spool_path.unlink(missing_ok=True)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
         audit.update_accepted(up.client_id, header.round, up.manifest.total_bytes, metrics)
-        log_event(log, "update_accepted", client=up.client_id, round=header.round,
-                  bytes=up.manifest.total_bytes, chunks=up.manifest.chunk_count,
-                  examples=header.num_examples)
+        # DEBUG: a line per hospital per round is the hot path's cost; the round summary
+        # (stored with the round) and the recent events (Status) name every accepted update.
+        log_event(log, "update_accepted", logging.DEBUG, client=up.client_id,
+                  round=header.round, bytes=up.manifest.total_bytes,
+                  chunks=up.manifest.chunk_count, examples=header.num_examples)
+        # the assembler's manifest: with trailing digests, the header's had none
         return apb.UpdateReceipt(stream_id=stream_id, chunks_received=up.manifest.chunk_count,
                                  bytes_received=up.manifest.total_bytes,
-                                 sha256=up.manifest.sha256)
+                                 sha256=up.assembler.manifest.sha256)
 

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fl_core.constants import (
     JWT_ISSUER,
     JWT_LEEWAY_S,
     JWT_LIFETIME_S,
+    VERIFIED_TOKEN_CACHE,
 )
 from fl_server.keyfiles import (
     KeysError,
@@ -157,6 +159,12 @@ class TokenService:
         self._active_stamp: tuple[int, int, int] | None = None
         self._active: tuple[str, ed25519.Ed25519PrivateKey] | None = None
         self._public: dict[str, tuple[tuple[int, int, int], ed25519.Ed25519PublicKey]] = {}
+        # (token, certificate) -> (claims, kid, key file stamp): a session presents one
+        # token on every call, so its signature and claims are checked once; a hit
+        # re-checks only what can change (the clock, the signing key file).
+        self._verified: OrderedDict[tuple[str, str],
+                                    tuple[dict[str, Any], str, tuple[int, int, int]]] = \
+            OrderedDict()
         self._signer()  # fail at start-up, not at the first Join
 
     @staticmethod
@@ -245,9 +253,41 @@ class TokenService:
 
         The algorithm is pinned to EdDSA before any key is chosen, so `none` and
         HS256-keyed-with-our-public-key tokens fail on the header alone.
+
+        A token already verified for this certificate is not parsed or verified
+        again (a hospital makes several calls a round with one token; the EdDSA check
+        and JWT parsing were most of the interceptor's cost): the cached claims are
+        returned after the checks whose outcome can change since, the time window
+        (exp, nbf, iat with the same leeway) and the signing key file (deleted or
+        replaced: verified afresh, so a removed key stops verifying at once).
         """
         if not token or len(token) > _MAX_TOKEN_BYTES:
             raise AuthError("token refused: empty or oversized")
+        key = (token, cert_sha256)
+        with self._lock:
+            cached = self._verified.get(key)
+            if cached is not None:
+                self._verified.move_to_end(key)
+        if cached is not None:
+            claims, kid, stamp = cached
+            if self._stamp(self._dir / f"{kid}.key") == stamp:
+                now = time.time()
+                if now >= claims["exp"] + JWT_LEEWAY_S:
+                    raise AuthError("token refused: expired")
+                if max(claims["nbf"], claims["iat"]) > now + JWT_LEEWAY_S:
+                    raise AuthError("token refused: not yet valid (nbf/iat in the future)")
+                return dict(claims)
+        claims, kid = self._verify_fully(token, cert_sha256)
+        stamp_now = self._stamp(self._dir / f"{kid}.key")
+        if stamp_now is not None and all(
+                isinstance(claims.get(k), int | float) for k in ("exp", "nbf", "iat")):
+            with self._lock:
+                self._verified[key] = (dict(claims), kid, stamp_now)
+                while len(self._verified) > VERIFIED_TOKEN_CACHE:
+                    self._verified.popitem(last=False)
+        return claims
+
+    def _verify_fully(self, token: str, cert_sha256: str) -> tuple[dict[str, Any], str]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -289,7 +329,7 @@ class TokenService:
             raise AuthError("token refused: bound to another certificate (cnf x5t#S256)")
         if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("role"), str):
             raise AuthError("token refused: sub and role must be strings")
-        return claims
+        return claims, kid
 
 
 def _valid_kid(kid: str) -> bool:

@@ -119,7 +119,7 @@ def test_connection_cut_mid_upload_resumes_from_the_last_acknowledged_chunk(
         fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
     chunk_size = 8  # tiny chunks: even the 62-parameter breast_cancer model is 31 of them
     monkeypatch.setattr(connection_module, "build_manifest",
-                        lambda state: build_manifest(state, chunk_size=chunk_size))
+                        lambda state, **kw: build_manifest(state, chunk_size=chunk_size, **kw))
     port = fed.start_server([*FLAGS, "--rounds", "1", "--min_clients", "1",
                              "--round_deadline_s", "60", "--exit_when_done",
                              "--final_model_grace_s", "2"])

@@ -1,0 +1,212 @@
+"""Sealed chunks opened straight into the assembler's buffer, and digests that trail
+the data (issue 16): the same refusals as opening then adding, every byte still
+checked against its tensor's digest before the model is handed out, and the
+trailing digests authenticated by the final chunk's seal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fl_core import sealing as sl
+from fl_core import tensor_codec as tc
+from fl_core.constants import ASYNC_HASH_MIN_CHUNKS
+from fl_proto import aggregator_pb2 as apb
+from fl_proto import tensors_pb2
+from tests.core.test_sealing import copy as altered
+
+KEY = os.urandom(32)
+
+
+def model(chunks: int = 8, chunk_size: int = 64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    total = chunks * chunk_size - 24  # a short last chunk
+    return {
+        "w": torch.randn(total // 4 - 5, generator=gen),
+        "b": torch.randn(3, generator=gen),
+        "n": torch.tensor([1, 2], dtype=torch.int32),
+    }
+
+
+def context(manifest: tensors_pb2.TensorManifest) -> sl.StreamContext:
+    return sl.StreamContext("job", 2, "hospital_1", "up", "stream-1", sl.manifest_digest(manifest))
+
+
+def sealed_stream(
+    state: dict[str, torch.Tensor], chunk_size: int = 64, trailing: bool = True,
+    trailer: bytes | None = None,
+) -> tuple[tensors_pb2.TensorManifest, list[tensors_pb2.SealedChunk]]:
+    """The chunks as a sender makes them; `trailer` overrides the true digests."""
+    manifest = tc.build_manifest(state, chunk_size, digests=not trailing)
+    sealer = sl.StreamSealer(KEY, context(manifest))
+    if trailer is None:
+        trailer = tc.TrailingDigests(state).trailer() if trailing else b""
+    chunks = []
+    last = manifest.chunk_count - 1
+    for seq, plain in enumerate(tc.iter_chunks(state, manifest)):
+        msg = apb.UpdateStreamMessage()
+        sealer.seal_into(msg.chunk, seq, plain, seq == last, trailer if seq == last else b"")
+        chunks.append(msg.chunk)
+    return manifest, chunks
+
+
+def receive(
+    manifest: tensors_pb2.TensorManifest, chunks: list[tensors_pb2.SealedChunk],
+    spool: Path | None = None,
+) -> tuple[tc.StreamAssembler, dict[str, torch.Tensor]]:
+    assembler = tc.StreamAssembler(manifest, spool_path=spool)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    for chunk in chunks:
+        assembler.add_sealed(opener, chunk)
+    opener.finish()
+    return assembler, assembler.finish()
+
+
+def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("trailing", [True, False])
+@pytest.mark.parametrize("spooled", [True, False])
+@pytest.mark.parametrize("chunks", [1, ASYNC_HASH_MIN_CHUNKS + 5])
+def test_round_trip(tmp_path: Path, trailing: bool, spooled: bool, chunks: int) -> None:
+    state = model(chunks)
+    manifest, sealed = sealed_stream(state, trailing=trailing)
+    assert manifest.chunk_count == chunks
+    assert manifest.digests_trail == trailing and bool(manifest.sha256) != trailing
+    assembler, got = receive(manifest, sealed, tmp_path / "s.spool" if spooled else None)
+    assert same(got, state)
+    # the receiver's manifest ends up the one a sender hashing first would have sent
+    assert assembler.manifest.sha256 == tc.build_manifest(state, 64).sha256
+    assert [s.sha256 for s in assembler.manifest.tensors] == \
+        [s.sha256 for s in tc.build_manifest(state, 64).tensors]
+
+
+def test_a_fully_hashed_manifest_still_seals_as_before() -> None:
+    """Without a trailer the associated data is fl.v1's: an opener that never heard of
+    trailers (AESGCM over the old layout) opens what the new sealer makes."""
+    state = model(2)
+    manifest, sealed = sealed_stream(state, trailing=False)
+    cipher = sl._StreamCipher(KEY, context(manifest))
+    legacy_aad = cipher._aad_prefix + sl._lp(sl._u64(1), b"\1") + \
+        sl._lp(sl.manifest_digest(manifest))
+    AESGCM(KEY).decrypt(cipher.nonce(1, True), sealed[1].ciphertext, legacy_aad)
+
+
+def open_code(manifest: tensors_pb2.TensorManifest,
+              chunks: list[tensors_pb2.SealedChunk]) -> str:
+    with pytest.raises((sl.SealError, tc.CodecError)) as err:
+        receive(manifest, chunks)
+    return str(getattr(err.value, "code", ""))
+
+
+def test_trailer_altered_stripped_or_moved_is_refused_by_the_seal() -> None:
+    state = model()
+    manifest, chunks = sealed_stream(state)
+    digests = bytes(chunks[-1].tensor_digests)
+    flipped = bytes([digests[0] ^ 1]) + digests[1:]
+    assert open_code(manifest, [*chunks[:-1], altered(chunks[-1], tensor_digests=flipped)]) \
+        == "SEAL_INVALID"
+    assert open_code(manifest, [*chunks[:-1], altered(chunks[-1], tensor_digests=b"")]) \
+        == "SEAL_INVALID"
+    moved = [altered(chunks[0], tensor_digests=digests), *chunks[1:]]
+    assert open_code(manifest, moved) == "SEAL_INVALID"
+    with pytest.raises(sl.SealError, match="only the final chunk"):
+        sl.StreamSealer(KEY, context(manifest)).seal(0, b"x", False, digests)
+
+
+def test_trailing_digests_are_checked_against_the_bytes() -> None:
+    """A sender whose digests are not its bytes' (sealed as such) is caught by the
+    receiver's own hashing, naming the tensor."""
+    state = model()
+    true = tc.TrailingDigests(state).trailer()
+    wrong = true[:32] + bytes(32) + true[64:]  # tensor "b"
+    manifest, chunks = sealed_stream(state, trailer=wrong)
+    with pytest.raises(tc.IntegrityError) as err:
+        receive(manifest, chunks)
+    assert err.value.code == "HASH_MISMATCH" and err.value.field == "b"
+    manifest, chunks = sealed_stream(state, trailer=true[:-32])
+    with pytest.raises(tc.IntegrityError, match="trailing digests"):
+        receive(manifest, chunks)
+
+
+def test_digests_cannot_trail_a_manifest_that_carries_them() -> None:
+    state = model()
+    manifest = tc.build_manifest(state, 64)
+    sealer = sl.StreamSealer(KEY, context(manifest))
+    last = manifest.chunk_count - 1
+    chunks = [sealer.seal(i, p, i == last, tc.TrailingDigests(state).trailer() if i == last
+                          else b"") for i, p in enumerate(tc.iter_chunks(state, manifest))]
+    with pytest.raises(tc.IntegrityError, match="carried its own"):
+        receive(manifest, chunks)
+
+
+def test_trailing_manifest_must_not_carry_digests() -> None:
+    manifest = tc.build_manifest(model(), 64, digests=False)
+    manifest.tensors[0].sha256 = bytes(32)
+    with pytest.raises(tc.ManifestInvalid, match="trails the data"):
+        tc.validate_manifest(manifest)
+    manifest = tc.build_manifest(model(), 64, digests=False)
+    manifest.sha256 = bytes(32)
+    with pytest.raises(tc.ManifestInvalid):
+        tc.validate_manifest(manifest)
+    # and the flag is part of the manifest digest every chunk is bound to
+    full = tc.build_manifest(model(), 64)
+    assert sl.manifest_digest(full) != sl.manifest_digest(tc.build_manifest(model(), 64,
+                                                                            digests=False))
+
+
+@pytest.mark.parametrize("spooled", [True, False])
+def test_a_chunk_that_fails_to_open_changes_nothing(tmp_path: Path, spooled: bool) -> None:
+    """Decrypting in place writes before the tag is checked: a refused chunk must
+    still count as never received, and the stream carries on with the right one."""
+    state = model()
+    manifest, chunks = sealed_stream(state)
+    assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    assembler.add_sealed(opener, chunks[0])
+    ct = bytearray(chunks[1].ciphertext)
+    ct[5] ^= 0x40
+    for bad, code in [(altered(chunks[1], ciphertext=bytes(ct)), "SEAL_INVALID"),
+                      (chunks[2], "OUT_OF_ORDER"),
+                      (altered(chunks[1], stream_id="other"), "WRONG_STREAM"),
+                      (altered(chunks[1], ciphertext=chunks[1].ciphertext[:-1]), "SEAL_INVALID")]:
+        with pytest.raises(sl.SealError) as err:
+            assembler.add_sealed(opener, bad)
+        assert err.value.code == code
+        assert assembler.next_sequence == 1 == opener.next_sequence
+    for chunk in chunks[1:]:
+        assembler.add_sealed(opener, chunk)
+    opener.finish()
+    assert same(assembler.finish(), state)
+
+
+def test_a_sealed_chunk_of_the_wrong_length_is_refused_as_before() -> None:
+    """A chunk the sender sealed with too many bytes opens, then the codec refuses it."""
+    state = model()
+    manifest, chunks = sealed_stream(state)
+    sealer = sl.StreamSealer(KEY, context(manifest))
+    plains = [bytes(p) for p in tc.iter_chunks(state, manifest)]
+    assembler = tc.StreamAssembler(manifest)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    assembler.add_sealed(opener, sealer.seal(0, plains[0], False))
+    with pytest.raises(tc.IntegrityError) as err:
+        assembler.add_sealed(opener, sealer.seal(1, plains[1] + b"x", False))
+    assert err.value.code == "STREAM_OVERSIZE"
+
+
+def test_open_into_writes_exactly_the_plaintext() -> None:
+    manifest = tc.build_manifest(model(), 64)
+    sealer = sl.StreamSealer(KEY, context(manifest))
+    chunk = sealer.seal(0, b"0123456789", True)
+    out = bytearray(b"-" * 14)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    with pytest.raises(sl.SealError, match="buffer of 11 bytes"):
+        opener.open_into(chunk, memoryview(out)[2:13])
+    opener.open_into(chunk, memoryview(out)[2:12])
+    assert bytes(out) == b"--0123456789--"
+    opener.finish()
