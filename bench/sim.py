@@ -16,6 +16,13 @@ breast_cancer has 569 cases (455 after the held-out test set), so past ~100
 hospitals the data is split into 100 parts and hospital k trains on part
 ((k-1) mod 100)+1 (`--partitions`): the per-hospital work stays that of 100
 hospitals, which is what a cost benchmark needs.
+
+`--robust 10 50 100 [--params 1000000]` measures instead what a strategy that needs
+every update at once (median) costs the simulation's driver: N updates of a
+`--params`-float model handed over as the engine hands them now (spooled to a file and
+memory-mapped back, `fl_sim.engine.spool_update`), and as it did before (kept on the
+heap), each in a fresh process: peak anonymous RSS (heap), peak RSS (heap plus the
+mapped spool pages, which are page cache the kernel may drop) and the round's time.
 """
 
 from __future__ import annotations
@@ -116,14 +123,16 @@ class TreeSampler:
         self._thread.join(timeout=10)
 
 
-def run_sim(work: Path, hospitals: int, cpus: int) -> dict[str, Any]:
-    out = work / f"sim_{hospitals}"
+def run_sim(work: Path, hospitals: int, cpus: int, secure: bool = False) -> dict[str, Any]:
+    out = work / f"sim_{hospitals}{'_secure' if secure else ''}"
     parts = min(hospitals, MAX_PARTS)
     cmd = [PYTHON, "-m", "fl_sim", "--model_type", "breast_cancer", "--hospitals",
            str(hospitals), "--partitions", str(parts), "--rounds", str(ROUNDS),
            "--local_epochs", str(LOCAL_EPOCHS), "--epsilon_budget", BUDGET,
            "--noise_multiplier", str(NOISE),
            "--num_cpus", str(cpus), "--no_plot", "--progress_s", "60", "--out", str(out)]
+    if secure:
+        cmd.append("--secure_aggregation")
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=bench_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -141,7 +150,7 @@ def run_sim(work: Path, hospitals: int, cpus: int) -> dict[str, Any]:
     report = json.loads((out / "report.json").read_text())
     sim = report["simulation"]
     phases = sim["phase_seconds"]
-    return {"hospitals": hospitals, "parts": parts, "wall_s": wall,
+    return {"hospitals": hospitals, "secure": secure, "parts": parts, "wall_s": wall,
             "rounds_s": phases["rounds"], "ray_start_s": phases["ray_start"],
             "pool_start_s": phases["pool_start"], "hospital_rounds": sim["hospital_rounds"],
             "workers": sim["workers"], "peak_rss_mb": sampler.peak_rss / MiB,
@@ -193,7 +202,75 @@ def run_real(work: Path, hospitals: int) -> dict[str, Any]:
             "processes": sampler.peak_procs - 1}
 
 
+def robust_child(mode: str, count: int, params: int, spool_dir: Path) -> dict[str, Any]:
+    """One measurement (in its own process): `count` updates into a median round."""
+    import torch
+
+    from fl_proto import coordinator_pb2 as cpb
+    from fl_server.config import ServerConfig
+    from fl_server.strategies import make_strategy
+    from fl_sim.engine import Attempt, Progress, Simulation
+    from fl_sim.worker import OK, HospitalResult
+
+    torch.set_num_threads(1)
+    names = [f"hospital_{i}" for i in range(1, count + 1)]
+    global_state = {"w": torch.zeros(params)}
+    strategy = make_strategy("median")
+    sim = Simulation(None, [], ServerConfig(strategy="median"), strategy, None,
+                     cpb.TrainConfig(), names, "bench", 0.0, None,
+                     Progress(lambda _: None, 1, 60.0), spool_dir=spool_dir)
+    record = Attempt(1, 1, "failed", names)
+    accepted: dict[str, dict[str, Any]] = {}
+    gen = torch.Generator().manual_seed(0)
+    base = proc_status()["RssAnon"]
+    peak_anon = base
+    started = time.perf_counter()
+    strategy.begin_round(global_state)
+    for name in names:
+        delta = {"w": torch.randn(params, generator=gen)}  # as it arrives from Ray
+        if mode == "spooled":
+            sim._take(HospitalResult(name, OK, state=delta, num_examples=1), record, accepted,
+                      global_state, None)
+        else:  # before: the engine gave the strategy the update as it came
+            strategy.accept(name, delta, 1)
+        del delta
+        peak_anon = max(peak_anon, proc_status()["RssAnon"])
+    strategy.finish_round()
+    seconds = time.perf_counter() - started
+    status = proc_status()
+    peak_anon = max(peak_anon, status["RssAnon"])
+    return {"mode": mode, "updates": count, "params": params, "seconds": seconds,
+            "anon_growth_mb": (peak_anon - base) / MiB, "peak_rss_mb": status["VmHWM"] / MiB}
+
+
+def run_robust(work: Path, counts: list[int], params: int) -> None:
+    print_header(f"Median round in the simulation's driver ({params:,} floats per update)")
+    print(f"Machine: {machine_line()}; load average at start {os.getloadavg()[0]:.1f}\n",
+          flush=True)
+    rows = []
+    for count in counts:
+        for mode in ("heap (before)", "spooled"):
+            spool = work / f"spool_{count}_{mode[:4]}"
+            spool.mkdir()
+            text = subprocess.run(
+                [PYTHON, "-m", "bench.sim", "--robust_child", mode.split()[0], str(count),
+                 str(params), str(spool)], cwd=REPO_ROOT, env=bench_env(), check=True,
+                capture_output=True, text=True, timeout=SIM_TIMEOUT_S).stdout
+            r = json.loads(text.strip().splitlines()[-1])
+            rows.append([count, mode, r["updates"] * params * 4 / MiB, r["anon_growth_mb"],
+                         r["peak_rss_mb"], r["seconds"]])
+            print(f"  {mode} N={count}: heap +{r['anon_growth_mb']:.0f} MB, peak RSS"
+                  f" {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s", flush=True)
+    print()
+    print(table(["updates", "kept", "updates' size MB", "peak heap growth MB",
+                 "peak RSS MB", "round s"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--robust_child"]:
+        mode, count, params, spool = sys.argv[2:6]
+        print(json.dumps(robust_child(mode, int(count), int(params), Path(spool))))
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.sim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hospitals", type=int, nargs="+", default=[10, 100, 1000])
@@ -203,7 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
                    help="embedded Ray's CPUs (the pool's size)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--secure", type=int, nargs="*", default=[], metavar="N",
+                   help="also run these sizes with --secure_aggregation")
+    p.add_argument("--robust", type=int, nargs="+", metavar="N",
+                   help="measure a median round's driver memory for N updates instead")
+    p.add_argument("--params", type=int, default=1_000_000,
+                   help="floats per update for --robust")
     args = p.parse_args(argv)
+    if args.robust:
+        with workdir("sim-robust", args.keep) as work:
+            run_robust(work, args.robust, args.params)
+        return 0
     print_header(f"Simulation on Ray (breast_cancer, DP-SGD, {ROUNDS} rounds x"
                  f" {LOCAL_EPOCHS} local epoch)")
     print(f"Machine: {machine_line()}; load average at start"
@@ -211,19 +298,23 @@ def main(argv: list[str] | None = None) -> int:
     sims: list[dict[str, Any]] = []
     real: dict[str, Any] | None = None
     with workdir("sim", args.keep) as work:
-        for n in args.hospitals:
-            runs = [run_sim(work, n, args.cpus) for _ in range(args.reps)]
+        plan = [(n, False) for n in args.hospitals] + [(n, True) for n in args.secure]
+        for n, secure in plan:
+            runs = [run_sim(work, n, args.cpus, secure) for _ in range(args.reps)]
             row = {k: (median([r[k] for r in runs]) if isinstance(runs[0][k], float)
                        else runs[0][k]) for k in runs[0]}
             sims.append(row)
-            print(f"  sim N={n}: wall {row['wall_s']:.1f} s, rounds {row['rounds_s']:.1f} s,"
+            print(f"  sim N={n}{' secure' if secure else ''}: wall {row['wall_s']:.1f} s,"
+                  f" rounds {row['rounds_s']:.1f} s,"
                   f" peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
         print()
-        print(table(["hospitals", "data parts", "pool workers", "wall s", "Ray start s",
+        print(table(["hospitals", "secure agg.", "data parts", "pool workers", "wall s",
+                     "Ray start s",
                      "pool start s", "rounds s", "ms per hospital-round",
                      "peak RSS MB (tree)", "peak anon MB (tree)", "driver peak MB",
                      "processes", "global accuracy"],
-                    [[r["hospitals"], r["parts"], r["workers"], r["wall_s"], r["ray_start_s"],
+                    [[r["hospitals"], "yes" if r["secure"] else "no", r["parts"], r["workers"],
+                      r["wall_s"], r["ray_start_s"],
                       r["pool_start_s"], r["rounds_s"],
                       1000 * r["rounds_s"] / r["hospital_rounds"], r["peak_rss_mb"],
                       r["peak_anon_mb"], r["driver_peak_mb"], r["processes"], r["accuracy"]]
@@ -238,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" {real['rounds_s']:.1f} s, peak RSS {real['peak_rss_mb']:.0f} MB",
                   flush=True)
     if real is not None:
-        same = next((r for r in sims if r["hospitals"] == real["hospitals"]), None)
+        same = next((r for r in sims if r["hospitals"] == real["hospitals"]
+                     and not r["secure"]), None)
         print()
         rows = [["real processes (server + clients, mTLS)", real["hospitals"], real["wall_s"],
                  real["rounds_s"], 1000 * real["rounds_s"] / real["hospital_rounds"],

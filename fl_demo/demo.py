@@ -600,17 +600,24 @@ def _write_failure(state: DemoState, exc: BaseException) -> None:
 
 # --- plumbing ------------------------------------------------------------------------
 def prepare_out_dir(out: Path) -> None:
-    """Delete and recreate the demo folder, but only one the demo made (or an empty one):
-    a mistyped --out must never wipe someone's files."""
+    """Delete and recreate the demo folder, but only one the demo made (or an empty one)."""
+    recreate_marked_dir(out, MARKER, "the demo", "python -m fl_demo", DemoError)
+
+
+def recreate_marked_dir(out: Path, marker: str, owner: str, program: str,
+                        error: type[Exception]) -> None:
+    """Delete and recreate a tool's --out folder, but only one that tool made (it holds
+    `marker`) or an empty one: a mistyped --out must never wipe someone's files. Shared
+    by the demo and the simulator (fl_sim); `error` is the tool's own exception."""
     if out.exists():
         if not out.is_dir():
-            raise DemoError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise DemoError(f"--out {out} is not empty and was not made by the demo (no {MARKER}"
-                            " file in it); refusing to delete it. Pick another folder.")
+            raise error(f"--out {out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / marker).exists():
+            raise error(f"--out {out} is not empty and was not made by {owner} (no {marker}"
+                        " file in it); refusing to delete it. Pick another folder.")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text("made by python -m fl_demo; deleted and recreated on each run\n")
+    (out / marker).write_text(f"made by {program}; deleted and recreated on each run\n")
 
 
 @contextmanager

@@ -2,13 +2,16 @@
 
     python -m fl_sim --model_type breast_cancer --hospitals 100 --rounds 3 \
         [--strategy fedavg] [--alpha 0.5] [--epsilon_per_hospital 3] \
-        [--dropout_rate 0.1] [--ray_address HOST:6379]
+        [--dropout_rate 0.1] [--secure_aggregation] [--ray_address HOST:6379]
 
 Steps: partition the data with the task's own `prepare` (one folder per hospital
 and a held-out test set, as `python -m fl_models.prepare` writes them), start or
 join Ray, run the rounds (see `fl_sim.engine`) and write report.json, report.png
 and the final global model (global_model.safetensors) into --out. Each hospital's
 privacy ledger is kept in --out/state, as its client daemon would keep it.
+With --secure_aggregation every round is SecAgg+ with the daemons' own code (see
+`fl_sim.secure`; key adverts are signed but not checked against a CA: a simulation
+has no network adversary).
 
 Exit codes: 0 done, 1 the simulated job failed (a round never reached its quorum),
 2 bad arguments or data, 3 Ray missing or could not be started or joined. Every
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--seed", type=int, default=d.seed,
                         help="data split, model init, selection and task seeds")
     rounds.add_argument("--fraction", type=float, default=d.fraction)
-    rounds.add_argument("--min_clients", type=int, default=1)
+    rounds.add_argument("--min_clients", type=int,
+                        help="default: 1, or 2 with --secure_aggregation (as the server needs)")
     rounds.add_argument("--quorum", type=float, default=d.quorum)
     rounds.add_argument("--max_round_attempts", type=int, default=d.max_round_attempts)
     rounds.add_argument("--dropout_rate", type=float, default=0.0,
@@ -97,8 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--epsilon_budget", type=float,
                          help="each hospital's lifetime epsilon budget: its ledger refuses"
                               " rounds beyond it (default: the demo's for the model)")
-    privacy.add_argument("--secure_aggregation", action="store_true",
-                         help="secure aggregation (not simulated yet: refused)")
+    secure = p.add_argument_group(
+        "secure aggregation",
+        "SecAgg+ with the daemons' own code (fl_core.secagg, the client's masking, the"
+        " server's fold and unmasking): each hospital's delta is clipped, weighted,"
+        " quantized and masked (pairwise masks over the SecAgg+ neighbour graph plus a"
+        " self-mask, their seeds Shamir-shared t-of-(k+1)); the masked inputs are summed"
+        " mod 2^32 and unmasked with the survivors' shares, so the strategy sees only the"
+        " sum. Key adverts are signed but not checked against a CA (a simulation has no"
+        " network and no server in the middle to substitute keys). FedAvg-family"
+        " strategies only, as on the server.")
+    secure.add_argument("--secure_aggregation", action="store_true",
+                        help="securely aggregate every round (see above)")
+    secure.add_argument("--secagg_threshold", type=float, default=d.secagg_threshold,
+                        help="shares needed to rebuild a hospital's secrets: floor(this x"
+                             " holders) + 1, holders = its neighbours + itself (>= 0.5)")
+    secure.add_argument("--secagg_bits", type=int, default=d.secagg_bits,
+                        help="fixed-point bits of a quantized update (scale 2^(bits-1) / clip)")
+    secure.add_argument("--secagg_clip", type=float, default=d.secagg_clip,
+                        help="each coordinate of an update is clipped to [-clip, clip];"
+                             " the sum's error per coordinate is below"
+                             " hospitals x clip / 2^(bits-1) (in weighted units)")
     ray = p.add_argument_group("Ray")
     ray.add_argument("--ray_address",
                      help="join this Ray cluster (HOST:PORT of `ray start --head`, or auto);"
@@ -135,29 +157,43 @@ def parse_args(argv: Sequence[str] | None = None) -> SimSettings:
         raise ValueError(str(exc)) from None
     server = ServerConfig(
         model_type=a.model_type, rounds=a.rounds, strategy=a.strategy, strategy_params=params,
-        fraction=a.fraction, min_clients=a.min_clients, quorum=a.quorum,
+        fraction=a.fraction, min_clients=_given(a.min_clients,
+                                                2 if a.secure_aggregation else 1),
+        quorum=a.quorum,
         max_round_attempts=a.max_round_attempts,
         local_epochs=_given(a.local_epochs, profile.local_epochs or 0),  # 0: the task's
         batch_size=a.batch_size,
         learning_rate=_given(a.learning_rate, profile.learning_rate or 0.0),
         no_dp=a.no_dp, noise_multiplier=a.noise_multiplier, epsilon_per_hospital=per_job,
         target_epsilon=a.target_epsilon, delta=a.delta,
-        max_grad_norm=a.max_grad_norm, seed=a.seed, fed_eval=False)
+        max_grad_norm=a.max_grad_norm, seed=a.seed, fed_eval=False,
+        secure_aggregation=a.secure_aggregation, secagg_threshold=a.secagg_threshold,
+        secagg_bits=a.secagg_bits, secagg_clip=a.secagg_clip)
     settings = SimSettings(
         server=server, hospitals=a.hospitals, out=a.out, data_dir=a.data_dir, alpha=a.alpha,
         partitions=a.partitions, samples=_given(a.samples, profile.samples),
         epsilon_budget=_given(a.epsilon_budget, profile.epsilon_budget),
         dropout_rate=a.dropout_rate,
-        secure_aggregation=a.secure_aggregation, ray_address=a.ray_address,
+        ray_address=a.ray_address,
         num_cpus=a.num_cpus, cpus_per_hospital=a.cpus_per_hospital,
         gpus_per_hospital=a.gpus_per_hospital, workers=a.workers,
         ray_connect_timeout_s=a.ray_connect_timeout_s, progress_s=a.progress_s,
         plot=not a.no_plot, ray_logs=a.ray_logs)
-    settings.validate()
+    settings.validate()  # the server's checks: a strategy it refuses under SecAgg+ too
     if settings.secure_aggregation:
-        raise ValueError("--secure_aggregation is not simulated yet: the simulation has no"
-                         " SecAgg+ round; run without it")
+        _check_secure(settings)
     return settings
+
+
+def _check_secure(settings: SimSettings) -> None:
+    """The server's own secure-aggregation refusals (e.g. dp_fedavg's adaptive clip),
+    before Ray starts."""
+    from fl_server.strategies import make_strategy
+    from fl_sim.secure import SimIdentity, secure_policy
+
+    cfg = settings.server
+    secure_policy(cfg, make_strategy(cfg.strategy, **cfg.strategy_params), SimIdentity.make(),
+                  settings.out)
 
 
 def _given(value: Any, default: Any) -> Any:
@@ -165,16 +201,11 @@ def _given(value: Any, default: Any) -> Any:
 
 
 def prepare_out_dir(out: Path) -> None:
-    """Delete and recreate --out, but only a folder the simulation made (or an empty one)."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise ValueError(f"--out {out} is not empty and was not made by fl_sim (no {MARKER}"
-                             " file in it); refusing to delete it. Pick another folder.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("made by python -m fl_sim; deleted and recreated on each run\n")
+    """Delete and recreate --out, but only a folder the simulation made (or an empty one):
+    the demo's rule, with the demo's helper."""
+    from fl_demo.demo import recreate_marked_dir
+
+    recreate_marked_dir(out, MARKER, "fl_sim", "python -m fl_sim", ValueError)
 
 
 def _task(settings: SimSettings) -> Any:
@@ -241,7 +272,8 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     from fl_server.strategies import make_strategy
     from fl_sim import report as sim_report
     from fl_sim.cluster import pool_size, start_pool
-    from fl_sim.engine import Progress, Simulation
+    from fl_sim.engine import Progress, SecureSetup, Simulation
+    from fl_sim.secure import SimIdentity, secure_policy
     from fl_sim.worker import WorkerSpec
 
     cfg = settings.server
@@ -283,10 +315,21 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
     say(f"job {job_id}: {cfg.rounds} rounds x {config.local_epochs} local epochs,"
         f" {cfg.strategy}, {sim_report.privacy_text(config)}, fraction {cfg.fraction:g},"
         f" quorum {cfg.quorum:g},"
-        f" dropouts {settings.dropout_rate:g}")
+        f" dropouts {settings.dropout_rate:g}"
+        + (f", secure aggregation ({cfg.secagg_bits} bits, clip {cfg.secagg_clip:g})"
+           if cfg.secure_aggregation else ""))
+    secure = None
+    if cfg.secure_aggregation:
+        identity = SimIdentity.make()
+        examples = {name: int(data["hospitals"][name]["train"])
+                    for name in settings.hospital_names}
+        secure = SecureSetup(secure_policy(cfg, strategy, identity, out / "state"), identity,
+                             examples)
+    spool_dir = out / "state" / "spool"
+    spool_dir.mkdir(parents=True, exist_ok=True)
     simulation = Simulation(ray, actors, cfg, strategy, task, config, settings.hospital_names,
                             job_id, settings.dropout_rate, eval_set,
-                            Progress(say, cfg.rounds, settings.progress_s))
+                            Progress(say, cfg.rounds, settings.progress_s), spool_dir, secure)
     mark = time.monotonic()
     outcome = simulation.run(initial)
     phases["rounds"] = time.monotonic() - mark

@@ -14,24 +14,40 @@ of them (again drawn) happen before training (the hospital is unreachable: no
 privacy spent, no update), the other half after training (privacy spent and in the
 ledger, the update lost on the way): both are recorded as the round's failures,
 and both count against the quorum exactly as a silent client does on the server.
+
+With --secure_aggregation each attempt is a `fl_sim.secure.SecureSimRound`: the key
+stages before training (an unreachable hospital never advertises), each update
+masked and folded as it lands, and the server's unmasking into the strategy's
+`accept_sum` once the quorum is in; an unmasking that fails (fewer than t shares)
+fails the attempt, which is retried with fresh keys, as on the server.
+
+Strategies that need every update at once (median, trimmed mean, Krum) get each
+update as the server's aggregator gives it to them: written to a spool file in the
+simulation's state folder by the receiving `StreamAssembler` and memory-mapped back
+(`spool_update`), so the driver's heap does not grow with the round's size.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
 
+from fl_core.secagg import SecAggError
+from fl_core.tensor_codec import StreamAssembler, build_manifest, iter_chunks
 from fl_proto import coordinator_pb2 as cpb
 from fl_server.config import ServerConfig
 from fl_server.rounds import quorum_required, select_clients, task_seed
+from fl_server.secagg_round import SecureAggregation
 from fl_server.strategies import Strategy, StrategyError
 from fl_sim.cluster import SimError
+from fl_sim.secure import SECURE_ERRORS, SecureSimRound, SimIdentity
 from fl_sim.worker import DROPPED, OK, HospitalResult
 
 BEFORE = "before"  # injected dropout: unreachable, never trained
@@ -50,6 +66,34 @@ def injected_dropouts(selected: list[str], rate: float, seed: int, job_id: str,
         if rng.random() < rate:
             out[name] = BEFORE if rng.random() < 0.5 else AFTER
     return out
+
+
+def spool_update(path: Path, delta: Mapping[str, torch.Tensor],
+                 expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`delta` as the server's aggregator hands it to a buffered strategy: written into
+    a spool file by the receiving `StreamAssembler` (checked against the model's layout
+    and hashes) and memory-mapped back. The file is unlinked at once, as the server's
+    is: the mapping keeps its pages (page cache, not heap) until the strategy lets go."""
+    manifest = build_manifest(delta)
+    assembler = StreamAssembler(manifest, expected=expected, spool_path=path)
+    try:
+        for sequence, chunk in enumerate(iter_chunks(delta, manifest)):
+            assembler.add_chunk(sequence, chunk)
+        return assembler.finish()
+    finally:
+        assembler.close()
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class SecureSetup:
+    """What secure aggregation needs beyond the round rules: the server's policy, the
+    throwaway advert key, and each hospital's training examples (the count a client
+    joins with, which sets its weight's divisor)."""
+
+    policy: SecureAggregation
+    identity: SimIdentity
+    examples: dict[str, int]
 
 
 @dataclass
@@ -126,7 +170,8 @@ class Simulation:
     def __init__(self, ray: Any, actors: list[Any], cfg: ServerConfig, strategy: Strategy,
                  task: Any, train_config: cpb.TrainConfig, hospitals: list[str], job_id: str,
                  dropout_rate: float, eval_set: TensorDataset | None,
-                 progress: Progress) -> None:
+                 progress: Progress, spool_dir: Path | None = None,
+                 secure: SecureSetup | None = None) -> None:
         self.ray = ray
         self.actors = list(actors)
         self.cfg = cfg
@@ -138,6 +183,10 @@ class Simulation:
         self.dropout_rate = dropout_rate
         self.eval_set = eval_set
         self.progress = progress
+        self.spool_dir = spool_dir
+        if not strategy.streaming and spool_dir is None:
+            raise ValueError(f"{strategy.name} keeps every update: it needs a spool folder")
+        self.secure = secure
         self.epsilon: dict[str, float] = dict.fromkeys(hospitals, 0.0)
 
     def run(self, initial: dict[str, torch.Tensor]) -> Outcome:
@@ -175,11 +224,31 @@ class Simulation:
             if when == BEFORE:
                 record.failures[name] = "injected dropout: unreachable, never trained"
         self.strategy.begin_round(global_state)
-        accepted = self._train(global_state, record, started)
+        secure: SecureSimRound | None = None
+        if self.secure is not None:
+            secure = SecureSimRound(self.secure.policy, self.secure.identity, self.job_id,
+                                    round_no, selected, global_state, self.secure.examples,
+                                    absent=[h for h, w in dropouts.items() if w == BEFORE])
+            if secure.failed:
+                record.reason = f"secure aggregation failed: {secure.failed}"
+                self._close(record, started, {})
+                return record, None
+            for name, why in secure.failures.items():
+                record.failures.setdefault(name, why)
+        accepted = self._train(global_state, record, started, secure)
         required = quorum_required(self.cfg.quorum, len(selected))
         if len(accepted) < required:
             record.reason = (f"quorum not reached: {len(accepted)} of {len(selected)} updates,"
                              f" need {required}")
+            if secure is not None:
+                secure.abort(record.reason)
+            self._close(record, started, accepted)
+            return record, None
+        try:
+            if secure is not None:  # the server's _unmask: the sum into accept_sum
+                secure.unmask_into(self.strategy)
+        except (SecAggError, StrategyError) as exc:
+            record.reason = f"secure aggregation failed: {exc}"
             self._close(record, started, accepted)
             return record, None
         try:
@@ -191,6 +260,8 @@ class Simulation:
         metrics = self.strategy.train_metrics(
             [(a["num_examples"], a["metrics"]) for a in accepted.values()])
         metrics.update(self.strategy.round_metrics())
+        if secure is not None:
+            metrics.update(secure.summary())
         metrics.update(self._evaluate(new_state))
         record.state = "completed"
         record.metrics = metrics
@@ -212,11 +283,12 @@ class Simulation:
             + (f"; {shown}" if shown else "") + (f"; {record.reason}" if record.reason else ""))
 
     def _train(self, global_state: dict[str, torch.Tensor], record: Attempt,
-               started: float) -> dict[str, dict[str, Any]]:
+               started: float, secure: SecureSimRound | None) -> dict[str, dict[str, Any]]:
         """Hand every task to the pool, fold each update as it lands; accepted updates'
         num_examples and metrics by hospital (the round engine's `accepted`)."""
         ray = self.ray
-        queue = [h for h in record.selected if record.dropouts.get(h) != BEFORE]
+        queue = [h for h in record.selected if record.dropouts.get(h) != BEFORE
+                 and h not in record.failures]
         total, done = len(record.selected), len(record.selected) - len(queue)
         global_ref = ray.put(global_state)
         in_flight: dict[Any, tuple[Any, str]] = {}
@@ -229,7 +301,8 @@ class Simulation:
             config.seed = task_seed(self.cfg.seed, record.round, record.attempt, hospital)
             ref = actor.train.remote(hospital, self.job_id, record.round, global_ref,
                                      config.SerializeToString(),
-                                     record.dropouts.get(hospital) == AFTER)
+                                     record.dropouts.get(hospital) == AFTER,
+                                     secure=secure is not None)
             in_flight[ref] = (actor, hospital)
 
         for _ in range(IN_FLIGHT_PER_WORKER):
@@ -243,7 +316,7 @@ class Simulation:
                 actor, hospital = in_flight.pop(ref)
                 result = self._result(ref, actor, hospital)
                 done += 1
-                self._take(result, record, accepted)
+                self._take(result, record, accepted, global_state, secure)
                 if queue and actor in self.actors:
                     submit(actor)
             if queue and not in_flight:
@@ -273,7 +346,8 @@ class Simulation:
             raise SimError(f"{hospital}: {type(cause).__name__}: {cause}") from None
 
     def _take(self, result: HospitalResult, record: Attempt,
-              accepted: dict[str, dict[str, Any]]) -> None:
+              accepted: dict[str, dict[str, Any]], global_state: dict[str, torch.Tensor],
+              secure: SecureSimRound | None) -> None:
         name = result.hospital
         if result.status in (OK, DROPPED) or result.epsilon_total:
             self.epsilon[name] = result.epsilon_total
@@ -282,10 +356,21 @@ class Simulation:
             record.failures[name] = f"{label}: {result.reason}"
             return
         try:
-            self.strategy.accept(name, result.state, result.num_examples)
-        except StrategyError as exc:
+            if secure is not None:  # masked by the hospital, folded mod 2^32 by the server
+                secure.fold(name, result.state, global_state, result.num_examples)
+            elif self.strategy.streaming:
+                self.strategy.accept(name, result.state, result.num_examples)
+            else:
+                assert self.spool_dir is not None
+                spool = self.spool_dir / (f"{self.job_id}-{record.round}-{record.attempt}"
+                                          f"-{name}.spool")
+                self.strategy.accept(name, spool_update(spool, result.state, global_state),
+                                     result.num_examples)
+        except (StrategyError, *SECURE_ERRORS) as exc:
             record.failures[name] = f"update refused: {exc}"
             return
+        finally:
+            result.state = {}  # the driver keeps no update: folded, masked or spooled
         accepted[name] = {"num_examples": result.num_examples, "metrics": result.metrics}
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -63,7 +63,8 @@ def build(settings: SimSettings, task: Any, config: cpb.TrainConfig, data: dict[
                         if config.privacy.enabled else math.inf,
                         alpha=settings.alpha, samples=settings.samples,
                         learning_rate=config.learning_rate, seed=cfg.seed,
-                        strategy=cfg.strategy, baseline=False, fed_eval=False)
+                        strategy=cfg.strategy, baseline=False, fed_eval=False,
+                        secure_aggregation=cfg.secure_aggregation)
     state = DemoState(demo, started=started, rows=rows(outcome), job_id=simulation["job_id"])
     report = build_report(demo, task, data, state, [])
     report["status"] = "ok" if outcome.completed else "failed"

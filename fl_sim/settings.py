@@ -30,7 +30,6 @@ class SimSettings:
     samples: int | None = None  # synthetic tasks: examples to generate
     epsilon_budget: float = DEFAULT_EPSILON_BUDGET  # each hospital's lifetime ledger budget
     dropout_rate: float = 0.0  # chance a selected hospital drops out of a round
-    secure_aggregation: bool = False
     ray_address: str | None = None  # None: embedded Ray on this machine
     num_cpus: int = 0  # embedded Ray's CPUs (0: the machine's)
     cpus_per_hospital: float = 1.0
@@ -44,6 +43,11 @@ class SimSettings:
     @property
     def hospital_names(self) -> list[str]:
         return [f"hospital_{i}" for i in range(1, self.hospitals + 1)]
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """SecAgg+ rounds (a round rule, so the server config's)."""
+        return self.server.secure_aggregation
 
     @property
     def parts(self) -> int:

@@ -94,8 +94,10 @@ class HospitalWorker:
 
     def train(self, hospital: str, job_id: str, round_no: int,
               global_state: Mapping[str, torch.Tensor], config_bytes: bytes,
-              drop_after_training: bool) -> HospitalResult:
-        """Train `hospital` for one round, exactly as its client daemon would."""
+              drop_after_training: bool, secure: bool = False) -> HospitalResult:
+        """Train `hospital` for one round, exactly as its client daemon would (with
+        `secure`, its ledger entry says the update leaves securely aggregated; the
+        masking itself happens where the round's keys are, see `fl_sim.secure`)."""
         from fl_client.client import update_metrics
         from fl_client.local_training import PrivacyRequired, train_round
         from fl_client.privacy_ledger import BudgetExceeded, PrivacyLedger
@@ -129,6 +131,8 @@ class HospitalWorker:
                                   seconds=time.perf_counter() - started)
         epsilon_total = ledger.spent()
         metrics = update_metrics(result, epsilon_total)
+        if secure:
+            ledger.mark_secure(job_id, round_no)
         if drop_after_training:
             return HospitalResult(hospital, DROPPED, "injected dropout: trained (privacy"
                                   " spent), but the update never reached the server",

@@ -59,7 +59,7 @@ def test_pool_size(tmp_path: Path) -> None:
     (["--partitions", "20", "--hospitals", "10"], "--partitions"),
     (["--fraction", "0"], "fraction"),
     (["--min_clients", "11", "--hospitals", "10"], "--min_clients"),
-    (["--secure_aggregation"], "secure_aggregation"),
+    (["--secure_aggregation", "--min_clients", "1"], "min_clients >= 2"),
     (["--strategy_param", "mu"], "NAME=NUMBER"),
 ])
 def test_bad_arguments_are_named(argv: list[str], message: str) -> None:
