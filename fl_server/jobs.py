@@ -410,9 +410,19 @@ def initial_state(task: Any, seed: int) -> dict[str, torch.Tensor]:
 
 
 def model_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    """The model as a safetensors file (what `fl-admin download` writes)."""
+    """The model as a safetensors file (what `fl-admin download` writes); the tensors'
+    order, which the recorded hash covers, travels in its metadata."""
     from safetensors.torch import save
 
     return save({k: v.contiguous() for k, v in state.items()},
-                metadata={"format": "pt"})
+                metadata={"format": "pt", "tensor_order": json.dumps(list(state))})
 
+
+def read_model_file(path: str) -> dict[str, torch.Tensor]:
+    """A downloaded model in its recorded tensor order (see `model_file_bytes`)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        names = json.loads(meta.get("tensor_order", "null")) or list(fh.keys())
+        return {name: fh.get_tensor(name) for name in names}

@@ -289,7 +289,9 @@ class ServerApp:
         running = self.store.running_job()
         try:
             if running is not None and not new_job:
-                restore_job(cfg, running.config, self.given, running.job_id)
+                # with --no_job the job flags are unused: they cannot conflict with the job
+                restore_job(cfg, running.config, set() if self.no_job else self.given,
+                            running.job_id)
                 self.jobs.start_with(running, resuming=True)
             elif not self.no_job:
                 if running is not None:

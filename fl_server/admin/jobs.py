@@ -68,8 +68,7 @@ def _as_json(message: object) -> str:
 
 def _download(stub: cpb_grpc.CoordinatorStub, args: argparse.Namespace) -> str:
     """Stream the model into a temporary file beside --out; rename it once it matches."""
-    from safetensors.torch import load_file
-
+    from fl_server.jobs import read_model_file
     from fl_server.store import state_sha256
 
     out: Path = args.out
@@ -91,7 +90,7 @@ def _download(stub: cpb_grpc.CoordinatorStub, args: argparse.Namespace) -> str:
         if size != total or digest.hexdigest() != file_sha:
             raise ValueError(f"the file is damaged ({size} of {total} bytes, or its SHA-256"
                              " differs from the server's)")
-        if state_sha256(load_file(str(tmp))) != sha:
+        if state_sha256(read_model_file(str(tmp))) != sha:
             raise ValueError("the model's SHA-256 is not the one recorded for the job")
         os.replace(tmp, out)
     finally:
