@@ -539,7 +539,9 @@ class ClientDaemon:
             metrics = evaluate_state(study.task, state, study.test_set, self.device)
             path = save_final_model(self.state_dir, task.job_id, task.round,
                                     study.model_type, state, self.ledger,
-                                    {k: float(v) for k, v in metrics.items() if _is_number(v)})
+                                    {k: float(v) for k, v in metrics.items() if _is_number(v)},
+                                    strategy=task.strategy,
+                                    server_metrics=dict(task.final_metrics))
         except (TransferError, TaskRefused, ValueError, OSError) as exc:
             log_event(log, "final_model_failed", logging.WARNING, job=task.job_id,
                       reason=str(exc)[:300])

@@ -68,7 +68,8 @@ def has_model(state_dir: Path, job_id: str, sha256: str) -> bool:
 
 def save_final_model(state_dir: Path, job_id: str, rounds: int, model_type: str,
                      state: Mapping[str, torch.Tensor], ledger: PrivacyLedger,
-                     local_metrics: Mapping[str, float]) -> Path:
+                     local_metrics: Mapping[str, float], strategy: str = "",
+                     server_metrics: Mapping[str, float] | None = None) -> Path:
     """Write the model and its card; returns the model file's path."""
     folder = model_dir(state_dir, job_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,9 @@ def save_final_model(state_dir: Path, job_id: str, rounds: int, model_type: str,
         "file_sha256": hashlib.sha256(data).hexdigest(),
         "client_id": ledger.client_id,
         "received_unix": time.time(),
+        "strategy": strategy,
+        # the server's record of the last round (its evaluation, train loss, epsilon)
+        "server_final_metrics": {k: float(v) for k, v in (server_metrics or {}).items()},
         "local_test_metrics": {k: float(v) for k, v in local_metrics.items()},
         "privacy": privacy_of(ledger, job_id),
     }

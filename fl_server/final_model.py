@@ -17,6 +17,7 @@ for a hospital that left (or a client that does not fetch).
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Iterable
@@ -36,6 +37,17 @@ def participants(store: Store, job_id: str) -> set[str]:
     return found
 
 
+def final_metrics(store: Store, job_id: str) -> dict[str, float]:
+    """The numeric figures of the job's last completed round (its evaluation, loss,
+    epsilon): what the model card reports as the server's."""
+    for row in reversed(store.rounds(job_id)):
+        if row.state == "completed":
+            return {k: float(v) for k, v in row.metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v)}
+    return {}
+
+
 class FinalDelivery:
     """The final-model tasks of one completed job: who may fetch what."""
 
@@ -44,22 +56,30 @@ class FinalDelivery:
         self._tasks: dict[str, cpb.Task] = {}
         self._pending: set[str] = set()
         self._model_type = ""
+        self._strategy = ""
+        self._store: Store | None = None
 
-    def begin_job(self, job_id: str, model_type: str) -> None:
+    def begin_job(self, job_id: str, model_type: str, strategy: str = "",
+                  store: Store | None = None) -> None:
         """A new job runs: its STOP tasks name its model type, so a hospital serving
-        other studies knows the STOP is not about its work. The previous job's model
-        stays offered until this one completes."""
+        other studies knows the STOP is not about its work; the completed job's STOP
+        carries its strategy and final figures (from `store`) for the model card. The
+        previous job's model stays offered until this one completes."""
         with self._lock:
             self._model_type = model_type
+            self._strategy = strategy
+            self._store = store
 
     def open(self, job_id: str, round_no: int, manifest: tpb.TensorManifest,
              clients: set[str]) -> None:
         """Offer the model of ``round_no`` (the job's last) to ``clients``."""
+        figures = final_metrics(self._store, job_id) if self._store is not None else {}
         with self._lock:
             self._tasks = {
                 cid: cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id,
                               round=round_no, model_manifest=manifest,
-                              model_type=self._model_type, job_state="completed")
+                              model_type=self._model_type, job_state="completed",
+                              strategy=self._strategy, final_metrics=figures)
                 for cid in clients}
             self._pending = set(clients)
 

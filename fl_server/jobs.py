@@ -222,7 +222,7 @@ class JobManager:
         engine = self.build_engine(cfg, job, resuming)
         engine.final = self.final  # one delivery desk: the last job's model stays fetchable
         engine.on_round_closed = self.on_round_closed
-        self.final.begin_job(job.job_id, job.model_type)
+        self.final.begin_job(job.job_id, job.model_type, job.strategy, self.store)
         with self._cv:
             self.engine = engine
             self._running = _Running(job, engine)

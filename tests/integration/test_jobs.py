@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from fl_client.model_store import MODEL_FILE, load_model, model_sha256
+from fl_client.model_store import CARD_FILE, MODEL_FILE, load_model, model_sha256
 from fl_demo.launcher import Federation, make_pki, site_keys
 from fl_models.registry import get_task
 from fl_server.jobs import read_model_file
@@ -149,6 +149,10 @@ def test_two_jobs_of_two_studies_run_in_turn_and_reach_every_hospital(fed: Feder
             wait_for(model.exists, 60, f"{name}'s final model of {job_id}")
             state, meta = load_model(model)
             assert model_sha256(state) == expected, fed.tail(f"{name}.log")
+            card = json.loads((model.parent / CARD_FILE).read_text())
+            assert (card["job_id"], card["model_type"], card["strategy"]) == \
+                (job_id, meta["model_type"], "fedavg")
+            assert "train_loss" in card["server_final_metrics"]
     assert done["model_sha256"] == read_rounds(state_dir, second)[-1].model_sha256
     # status of a job that is no longer the one served, and the final model's download
     status = json.loads(admin(fed, "status", first, "--json").stdout)
