@@ -32,7 +32,13 @@ from fl_client.connection import ServerConnection, TransferError, backoff_delays
 from fl_client.identity import load_client_tls
 from fl_client.metrics import add_metrics_flags, watch_client
 from fl_client.model_store import has_model, model_sha256, save_final_model
-from fl_client.privacy_ledger import BudgetExceeded, LedgerError, PrivacyLedger
+from fl_client.privacy_ledger import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    BudgetExceeded,
+    LedgerError,
+    PrivacyLedger,
+)
 from fl_client.progress import Progress
 from fl_client.secagg_client import SecureRound
 from fl_client.site_data import class_counts, describe
@@ -104,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon_budget", type=float, default=DEFAULT_EPSILON_BUDGET,
                    help="total epsilon this hospital will ever spend; tasks that would"
                         " exceed it are refused")
+    p.add_argument("--accountant", default=DEFAULT_ACCOUNTANT, choices=sorted(ACCOUNTANTS),
+                   help="how the privacy ledger composes epsilon: prv (Opacus's PRV"
+                        " accountant, the tightest) or rdp (Renyi DP, looser, the classic"
+                        " figure); each entry records which, and a change re-reads the whole"
+                        " history with the new one")
     p.add_argument("--eval_noise_multiplier", type=float, default=0.0,
                    help="answer evaluations with accuracy only, plus Gaussian noise of this"
                         " multiplier (charged to the privacy ledger); 0: exact metrics,"
@@ -194,7 +205,8 @@ class ClientDaemon:
         # one ledger for every study: the budget is the hospital's, whatever the study
         self.ledger = PrivacyLedger(state_dir, self.client_id, args.epsilon_budget,
                                     args.delta or min(st.task.hyperparams.delta
-                                                      for st in self.studies.values()))
+                                                      for st in self.studies.values()),
+                                    accountant=args.accountant)
         self.policy = LocalPolicy(delta=self.ledger.delta, target_epsilon=args.target_epsilon,
                                   noise_multiplier=args.noise_multiplier,
                                   max_grad_norm=args.max_grad_norm,

@@ -248,6 +248,12 @@ class _LiveCollector(Collector):
         g = GaugeMetricFamily("fl_server_rounds_planned", "Rounds in the job")
         g.add_metric([], self.engine.cfg.rounds)
         yield g
+        g = GaugeMetricFamily("fl_server_job_info", "1 for the job being served (or the last)",
+                              labels=["job", "model_type", "strategy", "state"])
+        if self.engine.job_id:
+            g.add_metric([self.engine.job_id, self.engine.cfg.model_type,
+                          self.engine.cfg.strategy, fields["job_state"]], 1.0)
+        yield g
         g = GaugeMetricFamily("fl_server_phase", "1 for the round phase the server is in",
                               labels=["phase"])
         from fl_server.rounds import PHASES

@@ -197,3 +197,28 @@ def test_a_kept_running_client_waits_for_the_next_job_instead_of_rejoining(
         runner.join(10)
         d.state_lock.release()
     assert not runner.is_alive()
+
+
+def test_the_ledger_composes_with_the_accountant_the_hospital_chose(
+        site: Path, tmp_path: Path) -> None:
+    figures = {}
+    for accountant in ("prv", "rdp"):
+        d, fake = make_daemon(site, tmp_path / accountant, "--accountant", accountant)
+        try:
+            d._handle(train_task(1, noise=1.0))
+            assert d.ledger.accountant == accountant and len(fake.updates) == 1
+            figures[accountant] = d.ledger.spent()
+        finally:
+            d.state_lock.release()
+    assert 0 < figures["prv"] < figures["rdp"]  # the same run, PRV's tighter figure
+
+
+def test_a_task_of_a_study_the_hospital_does_not_serve_is_refused_untouched(
+        daemon: tuple[ClientDaemon, FakeConnection]) -> None:
+    d, fake = daemon
+    task = train_task(1)
+    task.model_type = "ecg"
+    d._handle(task)
+    assert not fake.updates and d.ledger.entries() == []
+    (report,) = fake.reports
+    assert report.status == cpb.REFUSED and "has no ecg data" in report.reason
