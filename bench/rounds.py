@@ -1,6 +1,6 @@
 """Whole rounds with no-op clients: round time, round overhead and server memory.
 
-    python -m bench.rounds [--quick] [--only NAME ...]
+    python -m bench.rounds [--quick] [--only NAME ...] [--rounds N]
 
 The real server daemon (bench.sized_server: fl_server.server with a synthetic float32
 model of a chosen size, --no_fed_eval, no --eval_data, FedAvg, checkpoint every
@@ -241,8 +241,12 @@ def report(results: list[dict[str, Any]]) -> None:
     sys.stdout.flush()
 
 
-def run(quick: bool = False, only: list[str] | None = None, keep: bool = False) -> list[dict]:
+def run(quick: bool = False, only: list[str] | None = None, keep: bool = False,
+        rounds: int | None = None) -> list[dict]:
     chosen = [s for s in scenarios(quick) if not only or any(o in s.name for o in only)]
+    for sc in chosen:
+        if rounds is not None:  # more rounds: steadier medians on a noisy machine
+            sc.rounds = max(2, rounds)
     results = []
     with workdir("rounds", keep) as work:
         make_bench_pki(work, client_names(max(s.clients for s in chosen)))
@@ -258,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.rounds", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--rounds", type=int, help="rounds per scenario (overrides the default)")
     p.add_argument("--only", nargs="*", help="scenario names containing these strings")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    results = run(args.quick, args.only, args.keep)
+    results = run(args.quick, args.only, args.keep, args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
