@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -30,7 +31,8 @@ from fl_core.constants import RPC_TIMEOUT_S
 from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.secagg.adverts import Advert, RoundId, Verifier, sign_advert
 from fl_core.secagg.graph import neighbour_count, neighbours, positions, threshold
-from fl_core.secagg.masks import mask_in_place
+from fl_core.secagg.masks import own_masks
+from fl_core.secagg.prg import MaskStream
 from fl_core.secagg.quantize import QuantParams, quantize_into
 from fl_core.secagg.shamir import split
 from fl_core.secagg.share_box import open_box, seal
@@ -43,6 +45,8 @@ KEY_SUBSTITUTED = "KEY_SUBSTITUTED"
 TOO_FEW_PEERS = "TOO_FEW_PEERS"
 BAD_SHARES = "BAD_SHARES"
 BAD_UNMASK = "BAD_UNMASK"
+
+T = TypeVar("T")
 
 
 def _to_advert(msg: spb.KeyAdvert) -> Advert:
@@ -185,7 +189,8 @@ class SecAggClientSession:
 
     def masked_input(self, delta: Sequence[torch.Tensor], num_examples: int,
                      noise_key: bytes | None = None) -> np.ndarray:
-        """The quantized, weighted, clipped delta plus every mask, as uint32 words."""
+        """The quantized, weighted, clipped delta plus every mask, as uint32 words
+        (then, when the round counts them, this hospital's unclipped bit, masked too)."""
         if not self.sharers:
             raise SecAggError(BAD_SHARES, "masked input asked for before the share stage")
         length = sum(t.numel() for t in delta)
@@ -193,15 +198,32 @@ class SecAggClientSession:
             raise SecAggError(BAD_CONFIG, f"the model has {length} coordinates, the round"
                               f" declares {self.cfg.vector_length}")
         tensors = list(delta)
+        unclipped = 1
         if self.cfg.l2_clip > 0:
             norm = _flat_norm(tensors)
             if norm > self.cfg.l2_clip:
                 tensors = [t * (self.cfg.l2_clip / norm) for t in tensors]
-        vector = np.zeros(length, dtype=np.uint32)
-        quantize_into(vector, tensors, self.weight(num_examples), self.params, noise_key)
-        peers = {p: a.mask_public_key for p, a in self.adverts.items() if p in self.sharers}
-        mask_in_place(vector, self.rid, self.client_id, self.seed, self.mask_key, peers)
+                unclipped = 0
+        extra = 1 if self.cfg.count_unclipped else 0
+        if extra and not self.cfg.l2_clip > 0:
+            raise SecAggError(BAD_CONFIG, "the round counts unclipped updates but sets no clip")
+        vector = np.zeros(length + extra, dtype=np.uint32)
+        masks = MaskStream(self.mask_seeds())
+        # each quantized slice is masked while still in cache
+        quantize_into(vector[:length], tensors, self.weight(num_examples), self.params,
+                      noise_key, then=masks.apply)
+        if extra:
+            # Andrew et al.'s bit b = [norm <= clip], an integer word: the server reads
+            # only the sum of these (the count), never one hospital's
+            vector[length] = unclipped
+            masks.apply(vector[length:])
         return vector
+
+    def mask_seeds(self) -> list[tuple[bytes, int]]:
+        """This hospital's self-mask and its pairwise masks with the neighbours that
+        shared keys (the masks that cancel, or that the server can remove)."""
+        peers = {p: a.mask_public_key for p, a in self.adverts.items() if p in self.sharers}
+        return own_masks(self.rid, self.client_id, self.seed, self.mask_key, peers)
 
     # stage 4 ------------------------------------------------------------------------
     def on_unmask(self, request: spb.UnmaskRequest) -> list[spb.RevealedShare]:
@@ -267,6 +289,29 @@ class SecureRound:
         reply = self._call("ShareKeys", spb.ShareKeysRequest(
             task_id=self.task.task_id, shares=shares), wait)
         self.session.on_shares(reply)
+
+    def setup_while(self, work: Callable[[], T]) -> T:
+        """The key stages on a thread while `work` (the model download) runs on this
+        one: both wait on the network, and the stages wait for the slowest hospital
+        anyway. Keys are still checked before anything is trained. Raises what either
+        raised (the key stages' SecAggError first)."""
+        failed: list[BaseException] = []
+
+        def keys() -> None:
+            try:
+                self.setup()
+            except BaseException as exc:  # re-raised on the caller's thread
+                failed.append(exc)
+
+        thread = threading.Thread(target=keys, name="secagg-keys", daemon=True)
+        thread.start()
+        try:
+            result = work()
+        finally:
+            thread.join()  # bounded: every rpc of setup() has a timeout
+        if failed:
+            raise failed[0]
+        return result
 
     def masked_state(self, state: Mapping[str, torch.Tensor],
                      global_state: Mapping[str, torch.Tensor], is_delta: bool,

@@ -180,3 +180,8 @@ SPOOL_SCRATCH_CHUNKS: Final = 4
 # --- jobs at runtime (issue 15) ---
 # `fl-admin download` receives the final model in messages of this size (mTLS).
 DOWNLOAD_CHUNK_BYTES: Final = 1 << 20
+
+# --- secure aggregation performance (issue 12) ---
+# Once the revealed shares hold t of every secret the unmasking needs, the server waits
+# at most this long for survivors that have not revealed yet (not the stage timeout).
+SECAGG_UNMASK_GRACE_S: Final = 2.0

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66l_proto/secagg.proto\x12\x05\x66l.v1\"\xeb\x01\n\x0cSecAggConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x01\x12\x16\n\x0eweight_divisor\x18\x07 \x01(\x01\x12\x15\n\requal_weights\x18\x08 \x01(\x08\x12\x15\n\rvector_length\x18\t \x01(\x04\x12\x0f\n\x07l2_clip\x18\n \x01(\x01\x12\x17\n\x0fstage_timeout_s\x18\x0b \x01(\x01\"}\n\tKeyAdvert\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\x12\x18\n\x10share_public_key\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"I\n\x14\x41\x64vertiseKeysRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12 \n\x06\x61\x64vert\x18\x02 \x01(\x0b\x32\x10.fl.v1.KeyAdvert\"H\n\x12\x41\x64vertiseKeysReply\x12!\n\x07\x61\x64verts\x18\x01 \x03(\x0b\x32\x10.fl.v1.KeyAdvert\x12\x0f\n\x07\x63rl_pem\x18\x02 \x01(\x0c\"R\n\nSharePlain\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x12\n\nseed_share\x18\x03 \x01(\x0c\x12\x11\n\tkey_share\x18\x04 \x01(\x0c\"?\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0b\n\x03\x62ox\x18\x03 \x01(\x0c\"J\n\x10ShareKeysRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x06shares\x18\x02 \x03(\x0b\x32\x15.fl.v1.EncryptedShare\"H\n\x0eShareKeysReply\x12%\n\x06shares\x18\x01 \x03(\x0b\x32\x15.fl.v1.EncryptedShare\x12\x0f\n\x07sharers\x18\x02 \x03(\t\"\x1d\n\nUnmaskPoll\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"M\n\rRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.fl.v1.ShareKind\x12\r\n\x05share\x18\x03 \x01(\x0c\"L\n\x13RevealSharesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x06shares\x18\x02 \x03(\x0b\x32\x14.fl.v1.RevealedShare\"%\n\x11RevealSharesReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*?\n\tShareKind\x12\x1a\n\x16SHARE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04SEED\x10\x01\x12\x0c\n\x08MASK_KEY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66l_proto/secagg.proto\x12\x05\x66l.v1\"\x84\x02\n\x0cSecAggConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x01\x12\x16\n\x0eweight_divisor\x18\x07 \x01(\x01\x12\x15\n\requal_weights\x18\x08 \x01(\x08\x12\x15\n\rvector_length\x18\t \x01(\x04\x12\x0f\n\x07l2_clip\x18\n \x01(\x01\x12\x17\n\x0fstage_timeout_s\x18\x0b \x01(\x01\x12\x17\n\x0f\x63ount_unclipped\x18\x0c \x01(\x08\"}\n\tKeyAdvert\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\x12\x18\n\x10share_public_key\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"I\n\x14\x41\x64vertiseKeysRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12 \n\x06\x61\x64vert\x18\x02 \x01(\x0b\x32\x10.fl.v1.KeyAdvert\"H\n\x12\x41\x64vertiseKeysReply\x12!\n\x07\x61\x64verts\x18\x01 \x03(\x0b\x32\x10.fl.v1.KeyAdvert\x12\x0f\n\x07\x63rl_pem\x18\x02 \x01(\x0c\"R\n\nSharePlain\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x12\n\nseed_share\x18\x03 \x01(\x0c\x12\x11\n\tkey_share\x18\x04 \x01(\x0c\"?\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0b\n\x03\x62ox\x18\x03 \x01(\x0c\"J\n\x10ShareKeysRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x06shares\x18\x02 \x03(\x0b\x32\x15.fl.v1.EncryptedShare\"H\n\x0eShareKeysReply\x12%\n\x06shares\x18\x01 \x03(\x0b\x32\x15.fl.v1.EncryptedShare\x12\x0f\n\x07sharers\x18\x02 \x03(\t\"\x1d\n\nUnmaskPoll\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\t\"M\n\rRevealedShare\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.fl.v1.ShareKind\x12\r\n\x05share\x18\x03 \x01(\x0c\"L\n\x13RevealSharesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x06shares\x18\x02 \x03(\x0b\x32\x14.fl.v1.RevealedShare\"%\n\x11RevealSharesReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08*?\n\tShareKind\x12\x1a\n\x16SHARE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04SEED\x10\x01\x12\x0c\n\x08MASK_KEY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fl_proto.secagg_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHAREKIND']._serialized_start=1125
-  _globals['_SHAREKIND']._serialized_end=1188
+  _globals['_SHAREKIND']._serialized_start=1150
+  _globals['_SHAREKIND']._serialized_end=1213
   _globals['_SECAGGCONFIG']._serialized_start=33
-  _globals['_SECAGGCONFIG']._serialized_end=268
-  _globals['_KEYADVERT']._serialized_start=270
-  _globals['_KEYADVERT']._serialized_end=395
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=397
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=470
-  _globals['_ADVERTISEKEYSREPLY']._serialized_start=472
-  _globals['_ADVERTISEKEYSREPLY']._serialized_end=544
-  _globals['_SHAREPLAIN']._serialized_start=546
-  _globals['_SHAREPLAIN']._serialized_end=628
-  _globals['_ENCRYPTEDSHARE']._serialized_start=630
-  _globals['_ENCRYPTEDSHARE']._serialized_end=693
-  _globals['_SHAREKEYSREQUEST']._serialized_start=695
-  _globals['_SHAREKEYSREQUEST']._serialized_end=769
-  _globals['_SHAREKEYSREPLY']._serialized_start=771
-  _globals['_SHAREKEYSREPLY']._serialized_end=843
-  _globals['_UNMASKPOLL']._serialized_start=845
-  _globals['_UNMASKPOLL']._serialized_end=874
-  _globals['_UNMASKREQUEST']._serialized_start=876
-  _globals['_UNMASKREQUEST']._serialized_end=927
-  _globals['_REVEALEDSHARE']._serialized_start=929
-  _globals['_REVEALEDSHARE']._serialized_end=1006
-  _globals['_REVEALSHARESREQUEST']._serialized_start=1008
-  _globals['_REVEALSHARESREQUEST']._serialized_end=1084
-  _globals['_REVEALSHARESREPLY']._serialized_start=1086
-  _globals['_REVEALSHARESREPLY']._serialized_end=1123
+  _globals['_SECAGGCONFIG']._serialized_end=293
+  _globals['_KEYADVERT']._serialized_start=295
+  _globals['_KEYADVERT']._serialized_end=420
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=422
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=495
+  _globals['_ADVERTISEKEYSREPLY']._serialized_start=497
+  _globals['_ADVERTISEKEYSREPLY']._serialized_end=569
+  _globals['_SHAREPLAIN']._serialized_start=571
+  _globals['_SHAREPLAIN']._serialized_end=653
+  _globals['_ENCRYPTEDSHARE']._serialized_start=655
+  _globals['_ENCRYPTEDSHARE']._serialized_end=718
+  _globals['_SHAREKEYSREQUEST']._serialized_start=720
+  _globals['_SHAREKEYSREQUEST']._serialized_end=794
+  _globals['_SHAREKEYSREPLY']._serialized_start=796
+  _globals['_SHAREKEYSREPLY']._serialized_end=868
+  _globals['_UNMASKPOLL']._serialized_start=870
+  _globals['_UNMASKPOLL']._serialized_end=899
+  _globals['_UNMASKREQUEST']._serialized_start=901
+  _globals['_UNMASKREQUEST']._serialized_end=952
+  _globals['_REVEALEDSHARE']._serialized_start=954
+  _globals['_REVEALEDSHARE']._serialized_end=1031
+  _globals['_REVEALSHARESREQUEST']._serialized_start=1033
+  _globals['_REVEALSHARESREQUEST']._serialized_end=1109
+  _globals['_REVEALSHARESREPLY']._serialized_start=1111
+  _globals['_REVEALSHARESREPLY']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

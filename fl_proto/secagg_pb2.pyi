@@ -17,7 +17,7 @@ SEED: ShareKind
 MASK_KEY: ShareKind
 
 class SecAggConfig(_message.Message):
-    __slots__ = ("session_id", "participants", "threshold", "neighbours", "bits", "clip", "weight_divisor", "equal_weights", "vector_length", "l2_clip", "stage_timeout_s")
+    __slots__ = ("session_id", "participants", "threshold", "neighbours", "bits", "clip", "weight_divisor", "equal_weights", "vector_length", "l2_clip", "stage_timeout_s", "count_unclipped")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class SecAggConfig(_message.Message):
     VECTOR_LENGTH_FIELD_NUMBER: _ClassVar[int]
     L2_CLIP_FIELD_NUMBER: _ClassVar[int]
     STAGE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    COUNT_UNCLIPPED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     participants: _containers.RepeatedScalarFieldContainer[str]
     threshold: int
@@ -40,7 +41,8 @@ class SecAggConfig(_message.Message):
     vector_length: int
     l2_clip: float
     stage_timeout_s: float
-    def __init__(self, session_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_divisor: _Optional[float] = ..., equal_weights: _Optional[bool] = ..., vector_length: _Optional[int] = ..., l2_clip: _Optional[float] = ..., stage_timeout_s: _Optional[float] = ...) -> None: ...
+    count_unclipped: bool
+    def __init__(self, session_id: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_divisor: _Optional[float] = ..., equal_weights: _Optional[bool] = ..., vector_length: _Optional[int] = ..., l2_clip: _Optional[float] = ..., stage_timeout_s: _Optional[float] = ..., count_unclipped: _Optional[bool] = ...) -> None: ...
 
 class KeyAdvert(_message.Message):
     __slots__ = ("client_id", "mask_public_key", "share_public_key", "certificate_pem", "signature")

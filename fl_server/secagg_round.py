@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fl_core.constants import SECAGG_UNMASK_GRACE_S
 from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.secagg.adverts import Advert, RoundId, Verifier
 from fl_core.secagg.graph import neighbour_count, neighbours, positions, threshold
 from fl_core.secagg.masks import dropped_mask_removals, remove_masks, self_mask_removals
-from fl_core.secagg.quantize import QuantParams, dequantize
+from fl_core.secagg.quantize import QuantParams, dequantize, signed
 from fl_core.secagg.shamir import combine
 from fl_proto import secagg_pb2 as spb
 from fl_server.auth import identity_of
@@ -89,6 +90,7 @@ class UnmaskedSum:
     weight_total: float
     survivors: list[str]
     dropped: list[str]
+    unclipped: float | None = None  # adaptive clipping: how many updates fitted the clip
 
 
 class SecAggRound:
@@ -96,7 +98,8 @@ class SecAggRound:
                  settings: SecAggSettings, layout: Sequence[tuple[str, torch.Size, torch.dtype]],
                  examples: Mapping[str, int], equal_weights: bool, l2_clip: float,
                  verifier: Verifier, crl_pem: bytes,
-                 on_dropped: Callable[[str, str], None] | None = None) -> None:
+                 on_dropped: Callable[[str, str], None] | None = None,
+                 count_unclipped: bool = False) -> None:
         self.rid = RoundId(job_id, round_no, uuid.uuid4().hex)
         self.participants = sorted(participants)
         self.settings = settings
@@ -106,7 +109,10 @@ class SecAggRound:
         self.graph = neighbours(self.participants, self.rid.session_id)
         self.pos = positions(self.participants)
         self.layout = list(layout)
-        self.length = sum(int(math.prod(shape)) for _, shape, _ in self.layout)
+        self.model_length = sum(int(math.prod(shape)) for _, shape, _ in self.layout)
+        # adaptive clipping: one more word, each hospital's unclipped bit (summed)
+        self.count_unclipped = count_unclipped and l2_clip > 0
+        self.length = self.model_length + (1 if self.count_unclipped else 0)
         self.equal_weights = equal_weights
         self.divisor = (float(len(self.participants)) if equal_weights
                         else float(sum(examples[c] for c in self.participants)))
@@ -123,11 +129,13 @@ class SecAggRound:
         self.total: np.ndarray | None = None
         self.examples: dict[str, int] = {}
         self.reveals: dict[str, list[spb.RevealedShare]] = {}
+        self._share_counts: dict[tuple[str, int], int] = {}  # (owner, kind) -> usable shares
         self.failure = ""
         log_event(log, "secagg_open", job=job_id, round=round_no,
                   session=self.rid.session_id[:8], n=len(self.participants), k=self.k,
                   t=self.t, graph="complete" if self.k == len(self.participants) - 1
-                  else "k-regular", bits=settings.bits, clip=settings.clip)
+                  else "k-regular", bits=settings.bits, clip=settings.clip,
+                  l2_clip=f"{l2_clip:.6g}", count_unclipped=self.count_unclipped)
 
     # ----------------------------------------------------------------- task config
     def config(self) -> spb.SecAggConfig:
@@ -135,8 +143,9 @@ class SecAggRound:
             session_id=self.rid.session_id, participants=self.participants, threshold=self.t,
             neighbours=self.k, bits=self.settings.bits, clip=self.settings.clip,
             weight_divisor=self.divisor, equal_weights=self.equal_weights,
-            vector_length=self.length, l2_clip=self.l2_clip,
-            stage_timeout_s=self.settings.stage_timeout_s)
+            vector_length=self.model_length, l2_clip=self.l2_clip,
+            stage_timeout_s=self.settings.stage_timeout_s,
+            count_unclipped=self.count_unclipped)
 
     def upload_layout(self) -> dict[str, torch.Tensor]:
         """The one tensor a masked upload carries (int32 words: uint32 on the wire)."""
@@ -335,7 +344,10 @@ class SecAggRound:
                 raise SecAggRefusal("PERMISSION_DENIED", f"{cid} is not in this secure round")
             while self.stage in (ADVERTISE, SHARE, COLLECT) and time.monotonic() < end:
                 self._cv.wait(timeout=0.5)
-            self._need(UNMASK, cid)
+            if not (self.stage == DONE and cid in self.examples):
+                # DONE: t shares of every secret came before this survivor asked; it gets
+                # the same request, and its reveal is taken and dropped
+                self._need(UNMASK, cid)
             if cid not in self.examples:
                 raise SecAggRefusal("FAILED_PRECONDITION", f"{cid} sent no masked input")
             survivors = sorted(self.examples)
@@ -344,27 +356,69 @@ class SecAggRound:
 
     def reveal(self, cid: str, shares: Sequence[spb.RevealedShare]) -> None:
         with self._cv:
+            if self.stage == DONE and cid in self.examples:
+                return  # t shares of every secret came first: the sum is unmasked already
             self._need(UNMASK, cid)
             if cid not in self.examples:
                 raise SecAggRefusal("FAILED_PRECONDITION", f"{cid} sent no masked input")
             if cid in self.reveals:
                 raise SecAggRefusal("ALREADY_EXISTS", f"{cid} already revealed its shares")
             self.reveals[cid] = list(shares)
+            for owner, kind in self._usable(cid, shares):
+                self._share_counts[(owner, kind)] = self._share_counts.get((owner, kind), 0) + 1
             self._cv.notify_all()
 
+    def _usable(self, holder: str, shares: Sequence[spb.RevealedShare]
+                ) -> list[tuple[str, int]]:
+        """The (owner, kind) of each share the unmasking can use: a seed share of a
+        survivor or a mask-key share of a dropped hospital, held by one of the owner's
+        neighbours or the owner itself (the same rule unmask() applies)."""
+        dropped = self.sharers - set(self.examples)
+        out = []
+        for s in shares:
+            if not (s.owner in self.graph[holder] or s.owner == holder):
+                continue
+            if (s.kind == spb.SEED and s.owner in self.examples) or \
+                    (s.kind == spb.MASK_KEY and s.owner in dropped):
+                out.append((s.owner, int(s.kind)))
+        return out
+
+    def _reconstructible(self) -> bool:
+        """Whether the reveals so far hold t shares of every secret the unmasking needs
+        (each survivor's seed, each dropped hospital's mask key): then the stage waits
+        SECAGG_UNMASK_GRACE_S more at most, not the stage timeout, for survivors that
+        have not revealed (t-of-(k+1) sharing is there so that a silent survivor costs
+        nothing). The shares used are the same either way (the first t of each)."""
+        counts = self._share_counts
+        dropped = self.sharers - set(self.examples)
+        return all(counts.get((c, spb.SEED), 0) >= self.t for c in self.examples) and \
+            all(counts.get((d, spb.MASK_KEY), 0) >= self.t for d in dropped)
+
     def unmask_into(self, strategy: Any, stop: threading.Event | None = None) -> UnmaskedSum:
-        """Unmasks and hands the sum to a linear strategy (FedAvg.accept_sum)."""
+        """Unmasks and hands the sum to a linear strategy (FedAvg.accept_sum); with
+        adaptive clipping also the securely summed count of unclipped updates."""
         total = self.unmask(stop)
-        strategy.accept_sum(total.survivors, total.sums, total.weight_total)
+        if total.unclipped is None:
+            strategy.accept_sum(total.survivors, total.sums, total.weight_total)
+        else:
+            strategy.accept_sum(total.survivors, total.sums, total.weight_total,
+                                unclipped_count=total.unclipped)
         return total
 
     def unmask(self, stop: threading.Event | None = None) -> UnmaskedSum:
-        """Waits for the reveals, removes the masks and dequantizes. Once per attempt."""
+        """Waits for the reveals (all of them; or t shares of every secret needed and a
+        short grace), removes the masks and dequantizes. Once per attempt."""
+        ready_since: float | None = None  # when t shares of every secret were first in
         with self._cv:
             while self.stage == UNMASK and set(self.examples) - set(self.reveals) \
                     and time.monotonic() < self._deadline \
                     and not (stop is not None and stop.is_set()):
-                self._cv.wait(timeout=0.2)
+                if ready_since is None and self._reconstructible():
+                    ready_since = time.monotonic()
+                if ready_since is not None and \
+                        time.monotonic() - ready_since >= SECAGG_UNMASK_GRACE_S:
+                    break  # a survivor that has not revealed by now is not waited for
+                self._cv.wait(timeout=0.05 if ready_since is not None else 0.2)
             if self.stage != UNMASK:
                 raise SecAggError("UNMASK_REFUSED", f"round attempt is {self.stage}: a round"
                                   " is unmasked at most once")
@@ -401,18 +455,20 @@ class SecAggRound:
             raise
         sums: dict[str, torch.Tensor] = {}
         pos = 0
-        for name, shape, dtype in self.layout:  # one tensor's float64 at a time
+        for name, shape, dtype in self.layout:  # one pass per tensor, straight into its dtype
             n = int(math.prod(shape))
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            part = dequantize(total[pos:pos + n], self.params, self.divisor)
-            sums[name] = torch.from_numpy(part).to(acc).reshape(shape)
+            acc = np.float64 if dtype == torch.float64 else np.float32
+            part = dequantize(total[pos:pos + n], self.params, self.divisor, acc)
+            sums[name] = torch.from_numpy(part).reshape(shape)
             pos += n
+        unclipped = float(signed(total[pos:])[0]) if self.count_unclipped else None
         self.total = None
         weight_total = float(len(survivors)) if self.equal_weights \
             else float(sum(self.examples[c] for c in survivors))
         log_event(log, "secagg_unmasked", round=self.rid.round, survivors=len(survivors),
-                  dropped=len(dropped), t=self.t, k=self.k)
-        return UnmaskedSum(sums, weight_total, survivors, dropped)
+                  dropped=len(dropped), t=self.t, k=self.k, revealed=len(reveals),
+                  unclipped="-" if unclipped is None else f"{unclipped:g}")
+        return UnmaskedSum(sums, weight_total, survivors, dropped, unclipped)
 
 
 class SecureAggregation:
@@ -423,16 +479,25 @@ class SecureAggregation:
         refusal = strategy_refusal(strategy.name)
         if refusal:
             raise ValueError(refusal)
-        if getattr(strategy, "adaptive", False):
-            raise ValueError(f"{strategy.name}'s adaptive clipping (target_quantile > 0) needs"
-                             " each hospital's clipped bit, which secure aggregation hides:"
-                             " use a fixed clip with --secure_aggregation")
         self.settings = settings
+        self.strategy = strategy
         self.equal_weights = strategy.name in EQUAL_WEIGHT_STRATEGIES
-        self.l2_clip = float(getattr(strategy, "bound", 0.0)) \
-            if strategy.name in CLIENT_CLIP_PARAM else 0.0
         self.ca_pem = ca_pem
         self.crl_path = crl_path
+
+    @property
+    def l2_clip(self) -> float:
+        """The L2 clip each hospital applies this round: the strategy's current one, so
+        dp_fedavg's adaptive clip (which moves every round) reaches the hospitals."""
+        if self.strategy.name not in CLIENT_CLIP_PARAM:
+            return 0.0
+        return float(getattr(self.strategy, "bound", 0.0))
+
+    @property
+    def count_unclipped(self) -> bool:
+        """Adaptive clipping needs how many updates fitted the clip: each hospital adds
+        its bit to the masked vector, and the server reads only their sum."""
+        return bool(getattr(self.strategy, "adaptive", False))
 
     def open_round(self, job_id: str, round_no: int, participants: Sequence[str],
                    global_state: Mapping[str, torch.Tensor], examples: Mapping[str, int],
@@ -443,7 +508,7 @@ class SecureAggregation:
         return SecAggRound(job_id, round_no, participants, self.settings, layout,
                            {c: max(1, int(examples.get(c, 1))) for c in participants},
                            self.equal_weights, self.l2_clip, Verifier(self.ca_pem, crl or None),
-                           crl, on_dropped)
+                           crl, on_dropped, self.count_unclipped)
 
 
 def _abort(context: grpc.ServicerContext, refusal: SecAggRefusal | RoundRefusal) -> NoReturn:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -79,17 +80,40 @@ def _one(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
     return str(attrs[0].value) if len(attrs) == 1 else ""
 
 
+# Certificates already found to be issued by a CA, by (CA, certificate PEM): each
+# hospital checks the same peers' certificates every round, and the issuer's
+# signature over a certificate never changes. Everything that can change (validity
+# window, revocation, name, role) and the advert's own signature is checked on every
+# use; only the chain signature is remembered. Bounded; cleared when full.
+_ISSUED: dict[tuple[bytes, bytes], x509.Certificate] = {}
+_ISSUED_MAX = 4096
+# CRLs already found to be signed by a CA, by (CA, CRL PEM): their revoked serials.
+_CRLS: dict[tuple[bytes, bytes], frozenset[int]] = {}
+_CRLS_MAX = 64
+
+
+def _remember(cache: dict[Any, Any], limit: int, key: Any, value: Any) -> None:
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 class Verifier:
     """Checks peers' adverts against the federation's CA and its CRL."""
 
     def __init__(self, ca_pem: bytes, crl_pem: bytes | None = None) -> None:
         self.ca = x509.load_pem_x509_certificate(ca_pem)
+        self._ca_der = self.ca.public_bytes(serialization.Encoding.DER)
         self.revoked: frozenset[int] = frozenset()
         if crl_pem:
             self.set_crl(crl_pem)
 
     def set_crl(self, crl_pem: bytes) -> None:
         """Takes a CRL only if the CA signed it (the server relays it, cannot forge it)."""
+        known = _CRLS.get((self._ca_der, crl_pem))
+        if known is not None:
+            self.revoked = known
+            return
         try:
             crl = x509.load_pem_x509_crl(crl_pem)
         except ValueError:
@@ -99,6 +123,25 @@ class Verifier:
                 or not crl.is_signature_valid(public_key):
             raise SecAggError(BAD_CERTIFICATE, "the relayed CRL was not signed by the CA")
         self.revoked = frozenset(entry.serial_number for entry in crl)
+        _remember(_CRLS, _CRLS_MAX, (self._ca_der, bytes(crl_pem)), self.revoked)
+
+    def _issued(self, who: str, certificate_pem: bytes) -> x509.Certificate:
+        """The certificate, once its issuer's signature is found to be the CA's."""
+        key = (self._ca_der, certificate_pem)
+        cert = _ISSUED.get(key)
+        if cert is not None:
+            return cert
+        try:
+            cert = x509.load_pem_x509_certificate(certificate_pem)
+        except ValueError:
+            raise SecAggError(BAD_CERTIFICATE, f"{who}: certificate is not PEM") from None
+        try:
+            cert.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise SecAggError(BAD_CERTIFICATE,
+                              f"{who}: certificate was not issued by the federation's CA") from None
+        _remember(_ISSUED, _ISSUED_MAX, key, cert)
+        return cert
 
     def verify(self, rid: RoundId, advert: Advert, expected_id: str) -> None:
         """Raises SecAggError naming the peer unless the advert is genuinely theirs."""
@@ -111,15 +154,7 @@ class Verifier:
             raise SecAggError(BAD_ADVERT, f"{who}: public keys must be {PUBLIC_KEY_BYTES} bytes")
         if advert.mask_public_key == advert.share_public_key:
             raise SecAggError(BAD_ADVERT, f"{who}: the two public keys must differ")
-        try:
-            cert = x509.load_pem_x509_certificate(advert.certificate_pem)
-        except ValueError:
-            raise SecAggError(BAD_CERTIFICATE, f"{who}: certificate is not PEM") from None
-        try:
-            cert.verify_directly_issued_by(self.ca)
-        except (ValueError, TypeError, InvalidSignature):
-            raise SecAggError(BAD_CERTIFICATE,
-                              f"{who}: certificate was not issued by the federation's CA") from None
+        cert = self._issued(who, bytes(advert.certificate_pem))
         now = datetime.now(UTC)
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise SecAggError(BAD_CERTIFICATE, f"{who}: certificate is not valid now")

@@ -52,13 +52,19 @@ def sign(a: str, b: str) -> int:
     return 1 if a < b else -1
 
 
-def mask_in_place(vector: np.ndarray, rid: RoundId, client_id: str, self_seed: bytes,
-                  mask_key: X25519PrivateKey, peer_mask_keys: Mapping[str, bytes]) -> None:
-    """Turns a hospital's quantized vector into its masked input, in place."""
+def own_masks(rid: RoundId, client_id: str, self_seed: bytes, mask_key: X25519PrivateKey,
+              peer_mask_keys: Mapping[str, bytes]) -> list[tuple[bytes, int]]:
+    """The (seed, sign) masks a hospital adds: its self-mask and one per neighbour."""
     masks = [(self_seed_key(self_seed, rid, client_id), 1)]
     masks += [(pair_seed(mask_key, public, rid, client_id, peer), sign(client_id, peer))
               for peer, public in sorted(peer_mask_keys.items())]
-    apply_masks(vector, masks)
+    return masks
+
+
+def mask_in_place(vector: np.ndarray, rid: RoundId, client_id: str, self_seed: bytes,
+                  mask_key: X25519PrivateKey, peer_mask_keys: Mapping[str, bytes]) -> None:
+    """Turns a hospital's quantized vector into its masked input, in place."""
+    apply_masks(vector, own_masks(rid, client_id, self_seed, mask_key, peer_mask_keys))
 
 
 def self_mask_removals(rid: RoundId, seeds: Mapping[str, bytes]) -> list[tuple[bytes, int]]:

@@ -37,6 +37,15 @@ def bc_data(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="session")
+def glaucoma_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic glaucoma split for 3 hospitals (400 photographs in all, about
+    85 to train on per hospital): the image model's parity run stays cheap."""
+    folder = tmp_path_factory.mktemp("glaucoma3") / "glaucoma"
+    get_task("glaucoma", samples=400).prepare(folder, clients=3, alpha=None, seed=7)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def symptom_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """symptom split for 3 hospitals: its MLP has ~5k parameters, enough coordinates
     for the statistics on what the server holds (breast_cancer's model has 62)."""

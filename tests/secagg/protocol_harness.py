@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from fl_client.secagg_client import SecAggClientSession
 from fl_core.secagg import SecAggError
 from fl_core.secagg.adverts import Verifier
+from fl_core.secagg.prg import apply_masks
+from fl_core.secagg.quantize import quantize_into
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import secagg_pb2 as spb
 from fl_server.secagg_round import SecAggRefusal, SecAggRound, SecAggSettings
@@ -46,7 +48,8 @@ class Outcome:
 
 
 def make_round(hospitals: list[Hospital], ca: TestCA, *, timeout: float = 0.6,
-               bits: int = 24, clip: float = 4.0, equal: bool = False
+               bits: int = 24, clip: float = 4.0, equal: bool = False, l2_clip: float = 0.0,
+               count_unclipped: bool = False
                ) -> tuple[SecAggRound, dict[str, tuple[bytes, bytes]], Outcome]:
     length = hospitals[0].delta.numel()
     creds: dict[str, tuple[bytes, bytes]] = {}
@@ -59,9 +62,10 @@ def make_round(hospitals: list[Hospital], ca: TestCA, *, timeout: float = 0.6,
     server = SecAggRound("job", 1, [h.cid for h in hospitals],
                          SecAggSettings(0.5, bits, clip, timeout),
                          [("w", torch.Size([length]), torch.float32)],
-                         {h.cid: h.examples for h in hospitals}, equal, 0.0,
+                         {h.cid: h.examples for h in hospitals}, equal, l2_clip,
                          Verifier(ca.pem), ca.crl_pem(),
-                         on_dropped=lambda c, r: out.drops.append((c, r)))
+                         on_dropped=lambda c, r: out.drops.append((c, r)),
+                         count_unclipped=count_unclipped)
     out.server = server
     return server, creds, out
 
@@ -90,10 +94,14 @@ def run(hospitals: list[Hospital], ca: TestCA | None = None, *,
             if h.drop_before == "upload":
                 return
             noise_key = h.seed.to_bytes(32, "big")
-            h.quantized = np.zeros(h.delta.numel(), dtype=np.uint32)
-            from fl_core.secagg.quantize import quantize_into
-            quantize_into(h.quantized, [h.delta], s.weight(h.examples), s.params, noise_key)
             vec = s.masked_input([h.delta], h.examples, noise_key)
+            # what the hospital meant: its masks taken off again
+            h.quantized = vec.copy()
+            apply_masks(h.quantized, [(seed, -sign) for seed, sign in s.mask_seeds()])
+            if not s.cfg.l2_clip:  # the quantization masked_input fused with its masks
+                alone = np.zeros(h.delta.numel(), dtype=np.uint32)
+                quantize_into(alone, [h.delta], s.weight(h.examples), s.params, noise_key)
+                assert np.array_equal(alone, h.quantized)
             server.fold(h.cid, torch.from_numpy(vec.view(np.int32)), h.examples)
             h.uploaded = True
         except (SecAggError, SecAggRefusal) as exc:

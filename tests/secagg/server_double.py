@@ -8,6 +8,9 @@ with one behaviour changed, chosen by FL_SECAGG_DOUBLE:
   place of <client>'s to every other hospital (a man in the middle).
 - ``both_shares:<client>``: a malicious server that asks every survivor for both
   the self-mask seed share and the mask-key share of <client>.
+- ``swap_then_both:<client1>,<client2>``: both attacks in one job, one per attempt:
+  the first secure round attempt swaps <client1>'s key, the second asks for both
+  shares of <client2> (one server and one set of hospitals for the two cases).
 
     python -m tests.secagg.server_double <fl_server.server flags>
 """
@@ -84,6 +87,40 @@ def _both_shares(victim: str) -> None:
     SecAggRound.await_unmask = greedy  # type: ignore[method-assign]
 
 
+def _swap_then_both(first: str, second: str) -> None:
+    """The attacks of _swap_key and _both_shares, each on one attempt only."""
+    init, advertise, await_unmask = (SecAggRound.__init__, SecAggRound.advertise,
+                                     SecAggRound.await_unmask)
+    opened: list[SecAggRound] = []
+    mine = X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+    def numbered(self: SecAggRound, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    def attempt(self: SecAggRound) -> int:
+        return opened.index(self) + 1
+
+    def swapping(self: SecAggRound, cid: str, advert: spb.KeyAdvert,
+                 timeout: float) -> spb.AdvertiseKeysReply:
+        reply = advertise(self, cid, advert, timeout)
+        if attempt(self) == 1 and cid != first:
+            for a in reply.adverts:
+                if a.client_id == first:
+                    a.mask_public_key = mine
+        return reply
+
+    def greedy(self: SecAggRound, cid: str, timeout: float) -> spb.UnmaskRequest:
+        request = await_unmask(self, cid, timeout)
+        if attempt(self) == 2 and second in request.survivors:
+            request.dropped.append(second)
+        return request
+
+    SecAggRound.__init__ = numbered  # type: ignore[method-assign]
+    SecAggRound.advertise = swapping  # type: ignore[method-assign]
+    SecAggRound.await_unmask = greedy  # type: ignore[method-assign]
+
+
 def main() -> int:
     kind, _, arg = os.environ.get("FL_SECAGG_DOUBLE", "").partition(":")
     if kind == "tap":
@@ -92,6 +129,9 @@ def main() -> int:
         _swap_key(arg)
     elif kind == "both_shares":
         _both_shares(arg)
+    elif kind == "swap_then_both":
+        first, _, second = arg.partition(",")
+        _swap_then_both(first, second)
     else:
         print(f"server_double: unknown FL_SECAGG_DOUBLE {kind!r}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ shares of one hospital."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,59 @@ def test_equal_weights_sum_the_clipped_updates() -> None:
     exact = sum(np.clip(h.delta.numpy(), -4, 4) for h in hospitals)
     assert np.allclose(got, exact, atol=3 * 3 * 4 / 2**23)
     assert out.result.weight_total == 3.0  # type: ignore[attr-defined]
+
+
+def test_adaptive_clipping_gets_the_securely_summed_unclipped_count() -> None:
+    """dp_fedavg's adaptive clip under secure aggregation: each hospital clips to the
+    round's L2 clip and appends its bit [norm <= clip] to the masked vector; the
+    server reads only the count from the unmasked sum, and the strategy moves its clip
+    with it (issue 13 item 4)."""
+    from fl_server.strategies.dp_fedavg import DPFedAvg
+
+    gen = torch.Generator().manual_seed(11)
+    norms = [0.3, 0.9, 2.5, 7.0, 0.5]  # three fit under the clip of 1
+    hospitals = []
+    for i, norm in enumerate(norms):
+        d = torch.randn(300, generator=gen, dtype=torch.float64)
+        hospitals.append(Hospital(f"h{i}", (d * (norm / d.norm())).float(), 10, seed=40 + i))
+    hospitals[4].drop_before = "upload"  # shared its keys, then vanished: not counted
+    out = run(hospitals, equal=True, l2_clip=1.0, count_unclipped=True)
+    assert out.error is None, out.error
+    assert out.server.config().count_unclipped
+    result = out.result
+    assert result.unclipped == 2.0  # type: ignore[attr-defined]  # h0, h1 of the 4 survivors
+    clipped = torch.stack([h.delta.double() * min(1.0, 1.0 / float(h.delta.double().norm()))
+                           for h in hospitals[:4]]).sum(0)
+    got = result.sums["w"].double()  # type: ignore[attr-defined]
+    assert torch.allclose(got, clipped, atol=4 * 4 * 4 / 2**23)
+    # the same unmasking into the strategy moves its clip by the released fraction
+    strategy = DPFedAvg(clip=1.0, noise_multiplier=1e-9, target_quantile=0.9,
+                        count_noise=1e-9)
+    strategy.begin_round({"w": torch.zeros(300)})
+    strategy.accept_sum(result.survivors, result.sums, result.weight_total,  # type: ignore[attr-defined]
+                        unclipped_count=result.unclipped)  # type: ignore[attr-defined]
+    strategy.finish_round()
+    assert strategy.last_fraction == pytest.approx(0.5)
+    assert strategy.bound == pytest.approx(math.exp(-0.2 * (0.5 - 0.9)))  # it grows
+
+
+def test_a_round_without_adaptive_clipping_sends_no_count_word() -> None:
+    hospitals = _hospitals(3, seed=12)
+    out = run(hospitals, equal=True, l2_clip=1.0)
+    assert out.error is None
+    assert out.result.unclipped is None  # type: ignore[attr-defined]
+    assert all(h.quantized is not None and h.quantized.size == 257 for h in hospitals)
+
+
+def test_unmasking_closes_once_t_shares_of_every_secret_are_in() -> None:
+    """A survivor that never reveals does not hold the round up to the stage timeout:
+    t of each secret's k + 1 shares suffice, and the sum is still exact."""
+    import time
+
+    hospitals = _hospitals(5, seed=13)
+    hospitals[2].drop_before = "reveal"
+    started = time.monotonic()
+    out = run(hospitals, timeout=30.0)
+    assert out.error is None, out.error
+    assert time.monotonic() - started < 15  # not the 30 s stage timeout
+    assert sorted(out.result.survivors) == [h.cid for h in hospitals]  # type: ignore[attr-defined]
