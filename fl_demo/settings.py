@@ -41,11 +41,13 @@ PROFILES: dict[str, Profile] = {
     "symptom": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
     "ecg": Profile(rounds=4, noise_multiplier=0.8, epsilon_budget=25.0, samples=1800),
     # DP-SGD on small images needs data (the tasks' full synthetic sets) and the
-    # issue's image budget is epsilon 8.
+    # issue's image budget is epsilon 8. pneumonia: 15 rounds of 1 local epoch (its DP
+    # tuning: few steps per round keep label-skewed hospitals near the global model; it
+    # was still improving at 10 rounds, 0.83 in-process on seed 0 against 0.85 at 15).
     "glaucoma": Profile(rounds=3, noise_multiplier=0.8, epsilon_budget=20.0,
                         epsilon_per_hospital=8.0, local_epochs=2, learning_rate=0.005),
-    "pneumonia": Profile(rounds=3, noise_multiplier=0.8, epsilon_budget=20.0,
-                         epsilon_per_hospital=8.0, local_epochs=2, learning_rate=0.005),
+    "pneumonia": Profile(rounds=15, noise_multiplier=0.8, epsilon_budget=20.0,
+                         epsilon_per_hospital=8.0),
 }
 FALLBACK_PROFILE = Profile(rounds=3, noise_multiplier=1.0, epsilon_budget=20.0)
 
