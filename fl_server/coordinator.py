@@ -21,6 +21,7 @@ from fl_core.constants import DOWNLOAD_CHUNK_BYTES, HEARTBEAT_INTERVAL_S, ROLE_C
 from fl_core.errors import Refusal, abort
 from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
+from fl_models.registry import TASK_NAMES
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from fl_server import audit
@@ -42,9 +43,14 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
     def __init__(self, engine: RoundEngine, registry: ClientRegistry, store: Store,
                  tokens: TokenService, heartbeat_s: float = HEARTBEAT_INTERVAL_S,
                  revocations: RevocationList | None = None,
-                 jobs: JobManager | None = None) -> None:
+                 jobs: JobManager | None = None, any_study: bool = False) -> None:
         self.engine = engine
         self.jobs = jobs
+        # a server started without a job of its own (--no_job) takes hospitals of any
+        # study, for the jobs still to be submitted; one started with its job refuses a
+        # hospital none of whose studies a running or queued job trains (a typo'd
+        # --model_type must fail at once, not wait forever)
+        self.any_study = any_study
         self.registry = registry
         self.store = store
         self.tokens = tokens
@@ -59,11 +65,15 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         job_types = self._job_model_types()
         studies = {s.model_type: int(s.num_examples) for s in request.studies} or {
             request.model_type: int(request.num_examples)}
-        if self.jobs is None and not set(studies) & set(job_types):
-            # a server without a job queue trains one model type, for good
+        unknown = sorted(set(studies) - set(TASK_NAMES))
+        if unknown:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"unknown model type(s) {', '.join(repr(t[:64]) for t in unknown)}; this"
+                  f" server knows {', '.join(TASK_NAMES)}", "BAD_VALUE", "model_type")
+        if not self.any_study and job_types and not set(studies) & set(job_types):
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                  f"this server trains {job_types[0]!r}; the client has"
-                  f" {', '.join(repr(t) for t in sorted(studies))} data")
+                  f"this server trains {', '.join(repr(t) for t in job_types)}; the client"
+                  f" has {', '.join(repr(t) for t in sorted(studies))} data")
         problem = check_join(request)
         if problem:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem, "BAD_VALUE")

@@ -409,7 +409,8 @@ class ServerApp:
         server = self.server
         cpb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
-                               revocations=self.revocations, jobs=self.jobs), server)
+                               revocations=self.revocations, jobs=self.jobs,
+                               any_study=self.no_job), server)
         apb_grpc.add_AggregatorServicer_to_server(
             AggregatorService(self.engine, self.registry, cfg.state_dir / "spool"), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

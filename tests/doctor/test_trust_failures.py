@@ -21,7 +21,7 @@ from tests.doctor.conftest import HOSPITALS, client_args, finish, spawn
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 CLIENT_TIMEOUT_S = 360  # each client exits seconds after starting; starting is the slow part
-EXPIRES_IN = timedelta(seconds=90)  # long enough for the server to start with it
+EXPIRES_IN = timedelta(seconds=45)  # long enough for the server to start with it
 
 
 @pytest.fixture(scope="module")

@@ -271,3 +271,31 @@ def test_a_restart_resumes_the_running_job_then_runs_the_queued_one(fed: Federat
     assert [r.round for r in read_rounds(state_dir, queued)] == [1]
     assert max(r.recorded for r in _recorded(state_dir, running)) < \
         min(r.recorded for r in _recorded(state_dir, queued))
+
+
+def test_a_hospitals_certificate_cannot_use_the_job_verbs(fed: Federation) -> None:
+    import grpc
+
+    from fl_core.tls import channel_credentials, channel_options
+    from fl_proto import coordinator_pb2 as cpb
+    from fl_proto import coordinator_pb2_grpc as cpb_grpc
+
+    keys = site_keys(fed.workdir, "hospital_1")
+    creds = channel_credentials((keys / "ca.crt").read_bytes(),
+                                (keys / "hospital_1.crt").read_bytes(),
+                                (keys / "hospital_1.key").read_bytes())
+    before = jobs(fed)
+    with grpc.secure_channel(f"127.0.0.1:{fed.port}", creds,
+                             options=channel_options()) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        for call in (lambda: stub.SubmitJob(cpb.SubmitJobRequest(
+                        job_toml='model_type = "ecg"\n'), timeout=10),
+                     lambda: stub.ListJobs(cpb.ListJobsRequest(), timeout=10),
+                     lambda: stub.AbortJob(cpb.JobRequest(job_id="job-bc"), timeout=10),
+                     lambda: list(stub.DownloadModel(cpb.JobRequest(job_id="job-bc"),
+                                                     timeout=10))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "needs an admin certificate" in (refused.value.details() or "")
+    assert jobs(fed) == before

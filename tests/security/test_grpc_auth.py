@@ -333,8 +333,8 @@ def test_status_needs_an_admin_certificate(fed: Federation) -> None:
 
 def test_server_method_sets_name_real_methods() -> None:
     """A typo in the server's sets would silently leave a method token-protected (or
-    unprotected): every name is a method a service really has, and only Status is
-    admin-only."""
+    unprotected): every name is a method a service really has, and only the operator's
+    calls (Status and the job verbs) are admin-only."""
     from grpc_reflection.v1alpha import reflection_pb2
 
     from fl_proto import aggregator_pb2
@@ -345,9 +345,11 @@ def test_server_method_sets_name_real_methods() -> None:
             for method in service.methods}
     real.add("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")  # same service, v1
     assert set(PUBLIC_METHODS) <= real, set(PUBLIC_METHODS) - real
-    assert set(ADMIN_METHODS) == {"/fl.v1.Coordinator/Status"}
+    admin = {f"/fl.v1.Coordinator/{m}" for m in
+             ("Status", "SubmitJob", "ListJobs", "AbortJob", "DownloadModel")}
+    assert set(ADMIN_METHODS) == admin
     token_free = {m for m in PUBLIC_METHODS if m.startswith("/fl.v1.")}
-    assert token_free == {"/fl.v1.Coordinator/Join", "/fl.v1.Coordinator/Status"}
+    assert token_free == {"/fl.v1.Coordinator/Join", *admin}
 
 
 def test_unknown_method_is_unimplemented(fed: Federation) -> None:
