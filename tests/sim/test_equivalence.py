@@ -47,6 +47,7 @@ def _federation_model(work: Path, data: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.timeout(800)  # the federation (bounded at 300 s) then the CLI (400 s)
 def test_simulation_equals_the_grpc_federation(tmp_path: Path) -> None:
     task = get_task("breast_cancer")
     data = tmp_path / "data"
