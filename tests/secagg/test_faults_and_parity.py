@@ -149,14 +149,14 @@ def test_server_killed_while_unmasking_restarts_the_round_with_fresh_keys(
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), got - want
 
 
-def _start(fed: Federation, data: Path, n: int, rounds: int, secure: bool) -> None:
+def _start_server(fed: Federation, data: Path, n: int, rounds: int, secure: bool) -> None:
+    # a loaded machine starts 2 servers and 2n clients slowly: waiting for the clients
+    # longer costs nothing when they come sooner
     args = ["--min_clients", str(n), "--rounds", str(rounds), "--no_dp", "--seed", "3",
-            "--eval_data", str(data / "test"), *BASE]
+            "--eval_data", str(data / "test"), *BASE, "--wait_for_clients_s", "240"]
     if secure:
         args.append("--secure_aggregation")
-    fed.start_server(args)
-    for name in HOSPITALS[:n]:
-        fed.start_client(name, data / name, ["--allow_no_dp"])
+    fed.start_server(args, timeout_s=180)
 
 
 def _final_accuracy(fed: Federation, rounds: int, secure: bool) -> float:
@@ -184,7 +184,10 @@ def test_secure_aggregation_reaches_the_same_accuracy(
             work = tmp_path / f"fed-{secure}"
             shutil.copytree(secagg_pki, work)
             feds[secure] = Federation(work, [], task)
-            _start(feds[secure], data, n, rounds, secure)
+            _start_server(feds[secure], data, n, rounds, secure)
+        for fed in feds.values():  # both servers up before any hospital starts
+            for name in HOSPITALS[:n]:
+                fed.start_client(name, data / name, ["--allow_no_dp"])
         accuracy = {secure: _final_accuracy(fed, rounds, secure)
                     for secure, fed in feds.items()}
     finally:
