@@ -440,31 +440,33 @@ class ClientDaemon:
     def _train(self, task: cpb.Task, study: Study) -> None:
         from fl_client.local_training import PrivacyRequired, TrainingStopped, train_round
 
+        secure: SecureRound | None = None
         try:
             config = training_config(task.config, self.policy,
                                      study.task.hyperparams.max_grad_norm)
-            global_state = self._fetch(task, study)
+            if task.HasField("secagg"):
+                # the key stages run while the model downloads (both wait on the network);
+                # keys and shares are checked before training, so a substituted key costs
+                # no privacy budget
+                secure = SecureRound(self.conn, self.client_id, task, *self.tls)
+                global_state = secure.setup_while(lambda: self._fetch(task, study))
+            else:
+                global_state = self._fetch(task, study)
             check_global_model(global_state)
         except TaskRefused as exc:
             log_event(log, "task_refused", round=task.round, reason=str(exc))
             self._report(task, cpb.REFUSED, reason=str(exc))
+            return
+        except SecAggError as exc:
+            log_event(log, "secagg_refused", logging.WARNING, round=task.round,
+                      reason=str(exc))
+            self._report(task, cpb.FAILED, reason=f"secure aggregation: {exc}"[:1000])
             return
         warning = self.evaluations.trained(task.job_id, task.round,
                                            task.model_manifest.sha256.hex())
         if warning:
             log_event(log, "evaluations_stopped", logging.WARNING, job=task.job_id,
                       reason=warning)
-        secure: SecureRound | None = None
-        if task.HasField("secagg"):
-            # keys and shares before training: a substituted key costs no privacy budget
-            try:
-                secure = SecureRound(self.conn, self.client_id, task, *self.tls)
-                secure.setup()
-            except SecAggError as exc:
-                log_event(log, "secagg_refused", logging.WARNING, round=task.round,
-                          reason=str(exc))
-                self._report(task, cpb.FAILED, reason=f"secure aggregation: {exc}"[:1000])
-                return
         epochs = max(1, config.local_epochs)
         self.watch.phase("train")
         bar = Progress("train", epochs, " epochs")
