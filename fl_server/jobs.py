@@ -201,13 +201,6 @@ class JobManager:
         self._first = (job, resuming)
         return engine
 
-    def resume_running(self) -> RoundEngine | None:
-        """A server started without a job of its own still resumes a running one."""
-        job = self.store.running_job()
-        if job is None:
-            return None
-        return self.start_with(job, resuming=True)
-
     def create_from_flags(self, cfg: ServerConfig) -> Job:
         job_id = cfg.job_id or new_job_id()
         job = self.store.create_job(job_id, cfg.model_type, cfg.strategy, cfg.job_dict(),
