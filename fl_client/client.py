@@ -339,7 +339,7 @@ class ClientDaemon:
                     self.task_stop.set()
                 inbox.put(task)
             inbox.put(None)
-        except grpc.RpcError as exc:
+        except Exception as exc:  # noqa: BLE001 - the daemon's loop raises it (RpcError: reconnect)
             inbox.put(exc)
 
     def _serve_tasks(self) -> bool:
