@@ -181,9 +181,8 @@ class ClientDaemon:
         self.studies = {mt: load_study(mt, path, policy) for mt, (path, policy)
                         in settings.items()}
         first = next(iter(self.studies.values()))
-        # the first study's, for callers that know one study (tests, the doctor)
-        self.task, self.train_set, self.test_set = first.task, first.train_set, first.test_set
-        self.reference = first.reference
+        # the first study's, for callers that know one study (tests)
+        self.train_set, self.reference = first.train_set, first.reference
         host, port = parse_server_url(args.server_url)
         ca, cert, key = load_client_tls(args.keys_dir, self.client_id)
         self.tls = (ca, cert, key)  # secure aggregation signs key adverts with this key

@@ -47,18 +47,25 @@ def small_cnn(
     in_channels: int, num_classes: int, channels: Sequence[int] = (16, 32, 64, 64)
 ) -> nn.Module:
     layers: list[nn.Module] = [PerImageStandardise()]
-    c_in = in_channels
+    c_in = _conv_stack(layers, in_channels, channels, GROUPS, nn.ReLU)
+    layers += [AvgMaxPool2d(), nn.Linear(2 * c_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _conv_stack(layers: list[nn.Module], c_in: int, channels: Sequence[int], groups: int,
+                activation: type[nn.Module]) -> int:
+    """Appends conv -> GroupNorm -> activation blocks (a 2x2 max pool between them) to
+    `layers`; returns the last block's channel count."""
     for i, c_out in enumerate(channels):
         if i > 0:
             layers.append(nn.MaxPool2d(2))
         layers += [
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.GroupNorm(min(GROUPS, c_out), c_out),
-            nn.ReLU(),
+            nn.GroupNorm(min(groups, c_out), c_out),
+            activation(),
         ]
         c_in = c_out
-    layers += [AvgMaxPool2d(), nn.Linear(2 * c_in, num_classes)]
-    return nn.Sequential(*layers)
+    return c_in
 
 
 DP_CHANNELS = (8, 16, 16)
@@ -90,16 +97,7 @@ def dp_cnn(
       0.8). It still happens on the most skewed splits (see the READMEs).
     """
     layers: list[nn.Module] = [PerImageStandardise(), nn.AvgPool2d(2)]
-    c_in = in_channels
-    for i, c_out in enumerate(channels):
-        if i > 0:
-            layers.append(nn.MaxPool2d(2))
-        layers += [
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.GroupNorm(min(DP_GROUPS, c_out), c_out),
-            nn.Tanh(),
-        ]
-        c_in = c_out
+    c_in = _conv_stack(layers, in_channels, channels, DP_GROUPS, nn.Tanh)
     layers += [AvgMaxPool2d(), nn.GroupNorm(2, 2 * c_in, affine=False),
                nn.Linear(2 * c_in, num_classes)]
     return nn.Sequential(*layers)

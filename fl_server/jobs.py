@@ -188,7 +188,7 @@ class JobManager:
         self.active = ActiveEngine(self)
         self._cv = threading.Condition()
         self._running: _Running | None = None
-        self._first: tuple[Job, bool] | None = None
+        self._start_adopted = False  # the job the process started with runs first
         self._stopping = False
         self.jobs_run = 0
         self.done_event = threading.Event()  # set when idle after at least one job
@@ -198,7 +198,7 @@ class JobManager:
         """Prepare the job the process starts with (from its flags, or the one a
         restart resumes), so start-up errors come out before the server serves."""
         engine = self._adopt(job, resuming)
-        self._first = (job, resuming)
+        self._start_adopted = True
         return engine
 
     def create_from_flags(self, cfg: ServerConfig) -> Job:
@@ -235,8 +235,8 @@ class JobManager:
             while True:
                 if self._stopping:
                     return None
-                if self._first is not None:
-                    self._first = None
+                if self._start_adopted:
+                    self._start_adopted = False
                     assert self._running is not None
                     return self._running
                 job = self.store.next_queued()

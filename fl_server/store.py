@@ -297,28 +297,15 @@ class Store:
                     f"state database {self.db_path} has tables but no schema_version; "
                     "it was not created by this server"
                 )
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            statements = [s for s in _SCHEMA.split(";") if s.strip()]
+            _run_atomically(conn, [*statements, "INSERT INTO schema_version (version)"
+                                   f" VALUES ({SCHEMA_VERSION})"])
             return
         row = conn.execute("SELECT version FROM schema_version").fetchone()
         version = None if row is None else row[0]
         if version == 1:  # before the job queue: one column more, nothing else changes
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute("ALTER TABLE jobs ADD COLUMN job_sha256 TEXT")
-                conn.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            _run_atomically(conn, ["ALTER TABLE jobs ADD COLUMN job_sha256 TEXT",
+                                   f"UPDATE schema_version SET version={SCHEMA_VERSION}"])
             return
         if version != SCHEMA_VERSION:
             raise StoreError(
@@ -843,6 +830,19 @@ _ROUND_COLUMNS = (
     "job_id, round, state, selected, reported, failed, metrics_json, seconds, model_sha256, "
     "checkpoint"
 )
+
+
+def _run_atomically(conn: sqlite3.Connection, statements: list[str]) -> None:
+    """Schema statements in one transaction: all of them, or none (a migration cut
+    short must not leave a half-built schema)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _round(r: tuple[Any, ...]) -> RoundRecord:

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,14 @@ def main() -> int:
     task = client.next_task(cpb.TRAIN, timeout=120)
     client.fetch_model(task, task.model_manifest)
     poison = {s.name: torch.full(tuple(s.shape), 1000.0) for s in task.model_manifest.tensors}
-    up = client.sealed(task, poison, chunk_size=32, num_examples=64)
+    stall_mid_upload(client, client.sealed(task, poison, chunk_size=32, num_examples=64),
+                     marker)
+    return 1  # never reached: the upload never ends by itself
+
+
+def stall_mid_upload(client: HostileClient, up: Any, marker: Path) -> None:
+    """Send the header and half the sealed chunks, write "sent total" to `marker`, then
+    hold the stream open until the test SIGKILLs this process."""
     half = len(up.chunks) // 2
     forever = threading.Event()
 
@@ -42,7 +50,6 @@ def main() -> int:
         forever.wait()  # mid-upload, until SIGKILL
 
     client.submit(stream(), timeout=600)
-    return 1  # never reached: the upload never ends by itself
 
 
 if __name__ == "__main__":

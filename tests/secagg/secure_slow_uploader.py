@@ -13,15 +13,13 @@ waits to be killed.
 from __future__ import annotations
 
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from fl_client.secagg_client import SecureRound
-from fl_proto import aggregator_pb2 as apb
 from fl_proto import coordinator_pb2 as cpb
+from tests.faults.slow_uploader import stall_mid_upload
 from tests.hostile.kit import HostileClient, Identity, site_identity
 
 NUM_EXAMPLES = 64
@@ -39,17 +37,8 @@ def main() -> int:
     delta = {name: torch.full_like(t, 0.5) for name, t in global_state.items()
              if t.is_floating_point()}
     state = secure.masked_state(delta, global_state, True, NUM_EXAMPLES)
-    up = client.sealed(task, state, chunk_size=32, num_examples=NUM_EXAMPLES)
-    half = len(up.chunks) // 2
-    forever = threading.Event()
-
-    def stream() -> Iterator[apb.UpdateStreamMessage]:
-        yield apb.UpdateStreamMessage(header=up.header)
-        yield from up.chunks[:half]
-        marker.write_text(f"{half} {len(up.chunks)}")
-        forever.wait()  # mid-upload, until SIGKILL
-
-    client.submit(stream(), timeout=600)
+    stall_mid_upload(client, client.sealed(task, state, chunk_size=32,
+                                            num_examples=NUM_EXAMPLES), marker)
     return 1  # never reached: the upload never ends by itself
 
 
