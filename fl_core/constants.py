@@ -185,3 +185,7 @@ DOWNLOAD_CHUNK_BYTES: Final = 1 << 20
 # Once the revealed shares hold t of every secret the unmasking needs, the server waits
 # at most this long for survivors that have not revealed yet (not the stage timeout).
 SECAGG_UNMASK_GRACE_S: Final = 2.0
+
+# STOP tasks a hospital's registry entry keeps until a task stream has sent them (one
+# per job, newest kept): a STOP is never replaced unseen by the next job's first task.
+MAX_UNSENT_STOPS: Final = 4

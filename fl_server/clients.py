@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from fl_core.constants import SESSION_TAKEOVER_GRACE_S
+from fl_core.constants import MAX_UNSENT_STOPS, SESSION_TAKEOVER_GRACE_S
 from fl_proto import coordinator_pb2 as cpb
 
 
@@ -56,6 +56,9 @@ class ClientEntry:
     # empty for a client that declared only one (its num_examples above)
     studies: dict[str, int] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
+    # A job's STOP not yet sent on any stream: the next job's first task replaces
+    # `pending` at once, and must not swallow the STOP that carries the final model.
+    unsent_stops: list[cpb.Task] = field(default_factory=list, repr=False)
     # Wakes only this client's task stream (on the registry's lock); see ClientRegistry.
     wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
 
@@ -165,10 +168,18 @@ class ClientRegistry:
                 entry.last_seen = time.time()
 
     # task feed ----------------------------------------------------------------
+    @staticmethod
+    def _set_pending(entry: ClientEntry, task: cpb.Task | None) -> None:
+        """Call with the lock held. A STOP is also kept until a stream has sent it."""
+        entry.pending = task
+        if task is not None and task.kind == cpb.STOP:
+            kept = [t for t in entry.unsent_stops if t.job_id != task.job_id]
+            entry.unsent_stops = [*kept, task][-MAX_UNSENT_STOPS:]
+
     def assign(self, client_id: str, task: cpb.Task | None) -> None:
         with self._lock:
             entry = self._entry(client_id)
-            entry.pending = task
+            self._set_pending(entry, task)
             assert entry.wakeup is not None
             entry.wakeup.notify_all()
 
@@ -186,7 +197,7 @@ class ClientRegistry:
     def broadcast(self, task_factory: Callable[[str], cpb.Task | None]) -> None:
         with self._lock:
             for entry in self._clients.values():
-                entry.pending = task_factory(entry.client_id)
+                self._set_pending(entry, task_factory(entry.client_id))
             self._wake_all()
 
     def task_stream(self, client_id: str, heartbeat_s: float,
@@ -205,12 +216,16 @@ class ClientRegistry:
             wakeup.notify_all()  # an older stream of this client ends
         sent_id = ""
         last_yield = time.monotonic()
+        pending: cpb.Task | None
         try:
             while True:
                 with self._lock:
                     while True:
                         if self._closed or entry.stream_generation != generation:
                             return
+                        if entry.unsent_stops:
+                            pending = entry.unsent_stops.pop(0)
+                            break
                         pending = entry.pending
                         if pending is not None and pending.task_id != sent_id:
                             break

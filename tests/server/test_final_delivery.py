@@ -28,3 +28,24 @@ def test_only_participants_get_the_model_and_only_connected_ones_are_awaited() -
     assert not final.awaited(["h3"])  # the ones left are gone: not waited for
     final.fetched("h1")
     assert not final.awaited(["h1", "h3"]) and final.awaited(["h2"])
+
+
+def test_a_stop_is_not_swallowed_by_the_next_jobs_first_task() -> None:
+    """The next job's first task replaces a hospital's pending task at once; the STOP
+    that carries the last job's final model must still reach its task stream first."""
+    from fl_server.clients import ClientRegistry
+
+    registry = ClientRegistry()
+    registry.assign("h1", cpb.Task(task_id="t1", kind=cpb.TRAIN, job_id="a", round=2))
+    registry.broadcast(lambda cid: cpb.Task(task_id="stop-a", kind=cpb.STOP, job_id="a"))
+    registry.assign("h1", cpb.Task(task_id="t2", kind=cpb.TRAIN, job_id="b", round=1))
+    stream = registry.task_stream("h1", heartbeat_s=0.3, is_active=lambda: True)
+    try:
+        assert [next(stream).task_id for _ in range(2)] == ["stop-a", "t2"]
+        # a STOP still pending after it was sent is not sent again on the same stream
+        registry.broadcast(lambda cid: cpb.Task(task_id="stop-b", kind=cpb.STOP, job_id="b"))
+        assert next(stream).task_id == "stop-b"
+        assert next(stream).kind == cpb.HEARTBEAT
+    finally:
+        registry.close()
+        stream.close()
