@@ -274,6 +274,11 @@ def settle_job(cfg: ServerConfig, hyperparams: Any) -> None:
         cfg.epsilon_per_hospital = cfg.epsilon_per_hospital or DEFAULT_EPSILON_PER_HOSPITAL
     if cfg.epsilon_per_hospital:
         cfg.noise_multiplier = cfg.target_epsilon = 0.0
+    # dp_fedavg's central epsilon is that of a Gaussian mechanism on a sample of the
+    # hospitals: unless the operator states the rate, it is the rate the server samples
+    # them at (--fraction), stored with the job like every other setting.
+    if cfg.strategy == "dp_fedavg" and "sample_rate" not in cfg.strategy_params:
+        cfg.strategy_params = {**cfg.strategy_params, "sample_rate": cfg.fraction}
     cfg.validate()
 
 

@@ -150,3 +150,23 @@ def test_a_stored_job_with_a_bad_value_is_an_error_not_a_coercion() -> None:
     stored["quorum"] = math.inf
     with pytest.raises(ConfigError, match="quorum must be a finite number"):
         restore_job(ServerConfig(), stored, set(), "job-9")
+
+
+def test_dp_fedavg_accounts_at_the_rate_hospitals_are_sampled() -> None:
+    """The central epsilon composes a mechanism on a sample of hospitals: without an
+    explicit sample_rate, the job's --fraction is that rate (and the strategy uses it)."""
+    from fl_server.strategies import make_strategy
+
+    hp = get_task("breast_cancer").hyperparams
+    sampled = ServerConfig(strategy="dp_fedavg", fraction=0.25)
+    settle_job(sampled, hp)
+    assert sampled.strategy_params["sample_rate"] == 0.25
+    strategy = make_strategy(sampled.strategy, **sampled.strategy_params)
+    assert strategy.sample_rate == 0.25  # type: ignore[attr-defined]
+    stated = ServerConfig(strategy="dp_fedavg", fraction=0.25,
+                          strategy_params={"sample_rate": 0.5})
+    settle_job(stated, hp)
+    assert stated.strategy_params["sample_rate"] == 0.5
+    other = ServerConfig(strategy="fedavg", fraction=0.25)
+    settle_job(other, hp)
+    assert "sample_rate" not in other.strategy_params
