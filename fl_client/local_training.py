@@ -39,7 +39,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_client.budget_planner import plan_round
+from fl_client.linear_dp import clipped_grad_sum, single_linear
 from fl_client.privacy_ledger import DEFAULT_ACCOUNTANT, PrivacyLedger, compose_epsilon
 from fl_models.base import HyperParams, Task
 from fl_proto import coordinator_pb2
@@ -63,7 +64,10 @@ MAX_PHYSICAL_BATCH_SIZE = 128  # per-sample gradients cost memory x batch; bigge
 # "hooks" materialises per-sample gradients (Opacus's default, the best tested);
 # "ghost" computes only their norms for Linear layers and backpropagates twice: the
 # same clipped, noised gradient, 2-6x cheaper for MLPs (see bench/dp_step.py).
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+# "linear": the clipped sum in closed form for a model that is one Linear layer
+# (fl_client.linear_dp), Opacus's noise and accountant; "auto" (the default) picks it
+# when the model qualifies, else "hooks".
+GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "linear")
 
 ProgressFn = Callable[[int, int, int, int, float], None]
 """on_progress(epoch, epochs, step, steps, loss): 1-based; loss is the epoch's running mean."""
@@ -232,7 +236,7 @@ def train_round(
     on_progress: ProgressFn | None = None,
     max_physical_batch_size: int = MAX_PHYSICAL_BATCH_SIZE,
     private_seed: int | None = None,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "auto",
     stop: StopFlag | None = None,
 ) -> TrainResult:
     """Train the global model on local data for one round; see the module docstring.
@@ -266,6 +270,8 @@ def train_round(
     if settings.dp_enabled:
         model = _make_opacus_compatible(model, global_state, notes)
     model.to(device).train()
+    if settings.dp_enabled and grad_sample_mode in ("auto", "linear"):
+        grad_sample_mode = _linear_or_hooks(model, task, grad_sample_mode)
     global_params = {
         name: global_state[name].to(device).detach().clone()
         for name, _ in model.named_parameters()
@@ -402,6 +408,16 @@ def _add_proximal_grad(
                 p.grad.add_(p - global_params[name], alpha=mu)
 
 
+def _linear_or_hooks(model: nn.Module, task: Task, mode: str) -> str:
+    """"linear" when the model is one Linear layer; "auto" falls back to "hooks"."""
+    if single_linear(model, task.input_shape) is not None:
+        return "linear"
+    if mode == "linear":
+        raise ValueError(f"grad_sample_mode 'linear' needs a model that is one Linear "
+                         f"layer; {task.name}'s network is not")
+    return "hooks"
+
+
 def _train_private(
     model: nn.Module,
     global_params: Mapping[str, Tensor],
@@ -426,6 +442,9 @@ def _train_private(
         settings = _planned(settings, ledger, job_id, round, len(loader))
     optimizer = hp.make_optimizer(model.parameters())
     criterion: Callable[[Tensor, Tensor], Any] = nn.CrossEntropyLoss()
+    # train_round chose "linear" only for a model that is one Linear layer
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None) \
+        if grad_sample_mode == "linear" else None
     with _quiet_opacus():
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         common = {
@@ -436,7 +455,8 @@ def _train_private(
             "max_grad_norm": settings.max_grad_norm,
             "poisson_sampling": True,
             "noise_generator": noise_gen,
-            "grad_sample_mode": grad_sample_mode,
+            # the closed form still needs ghost mode's optimizer (noise, scale, account)
+            "grad_sample_mode": "ghost" if grad_sample_mode == "linear" else grad_sample_mode,
         }
         if settings.target_epsilon > 0:
             wrapped = engine.make_private_with_epsilon(
@@ -447,7 +467,12 @@ def _train_private(
             )
         else:
             wrapped = engine.make_private(noise_multiplier=settings.noise_multiplier, **common)
-    if grad_sample_mode == "ghost":
+    if linear is not None:
+        # clipped_grad_sum fills p.grad with the clipped sum; ghost mode's optimizer
+        # noises, scales and accounts it. Opacus's hooks would only cost time.
+        dp_model, dp_opt, _, dp_loader = wrapped
+        dp_model.remove_hooks()
+    elif grad_sample_mode == "ghost":
         # The wrapped criterion's loss.backward() runs both passes (norms, then the
         # reweighted loss); everything after it is the same as with hooks.
         dp_model, dp_opt, criterion, dp_loader = wrapped
@@ -468,19 +493,24 @@ def _train_private(
             for epoch in range(1, hp.local_epochs + 1):
                 stats = _EpochStats()
                 step = 0
-                with BatchMemoryManager(
+                # The closed form holds no per-sample gradients: no physical split.
+                with (nullcontext(dp_loader) if linear is not None else BatchMemoryManager(
                     data_loader=dp_loader,
                     max_physical_batch_size=max_physical_batch_size,
                     optimizer=dp_opt,
-                ) as physical:
+                )) as physical:
                     for inputs, targets in physical:
                         if stop is not None and stop.is_set():
                             stopped = True
                             raise TrainingStopped(_steps_of(engine))
                         inputs, targets = inputs.to(device), targets.to(device)
-                        logits = dp_model(inputs)
-                        loss = criterion(logits, targets)
-                        loss.backward()
+                        if linear is not None:
+                            logits, loss = clipped_grad_sum(linear, inputs, targets, criterion,
+                                                            settings.max_grad_norm)
+                        else:
+                            logits = dp_model(inputs)
+                            loss = criterion(logits, targets)
+                            loss.backward()
                         stats.add(logits, targets, loss)
                         # pre_step clips, noises and accounts; False = logical batch
                         # not finished (BatchMemoryManager split it).
