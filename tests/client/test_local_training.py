@@ -230,9 +230,10 @@ def test_delta_equals_trained_minus_global(
 def test_physical_batch_split_keeps_logical_steps(
     bc: Task, bc_train: TensorDataset, global_state: dict[str, torch.Tensor]
 ) -> None:
-    whole = train_round(bc, global_state, bc_train, config(), CPU, None, False, private_seed=12)
+    whole = train_round(bc, global_state, bc_train, config(), CPU, None, False, private_seed=12,
+                        grad_sample_mode="hooks")
     split = train_round(bc, global_state, bc_train, config(), CPU, None, False, private_seed=12,
-                        max_physical_batch_size=5)
+                        max_physical_batch_size=5, grad_sample_mode="hooks")
     assert split.steps == whole.steps
     assert split.epsilon_round == whole.epsilon_round
     for key in whole.state:  # same samples, same noise: same model up to float sums
@@ -322,7 +323,8 @@ def test_ghost_clipping_gives_the_same_update_as_hooks(
     bc: Task, bc_train: TensorDataset, global_state: dict[str, torch.Tensor]
 ) -> None:
     cfg = config(mu=0.5)
-    hooks = train_round(bc, global_state, bc_train, cfg, CPU, None, False, private_seed=31)
+    hooks = train_round(bc, global_state, bc_train, cfg, CPU, None, False, private_seed=31,
+                        grad_sample_mode="hooks")
     ghost = train_round(bc, global_state, bc_train, cfg, CPU, None, False, private_seed=31,
                         grad_sample_mode="ghost", max_physical_batch_size=7)
     assert (ghost.steps, ghost.epsilon_round) == (hooks.steps, hooks.epsilon_round)
