@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float,
                    help="local learning rate (default: per model, else the task's)")
     p.add_argument("--seed", type=int, default=0, help="data split and model init seed")
-    p.add_argument("--strategy", default="fedavg", help="server aggregation strategy")
+    p.add_argument("--strategy", help="server aggregation strategy (default: per model,"
+                                      " else fedavg)")
     p.add_argument("--no_secure_aggregation", action="store_true",
                    help="let the server see each hospital's update (by default it sees only"
                         " their sum: SecAgg+)")
@@ -187,10 +188,12 @@ def parse_all(argv: Sequence[str] | None = None
         alpha=None if args.iid else args.alpha,
         samples=args.samples or profile.samples,
         learning_rate=args.learning_rate or profile.learning_rate, seed=args.seed,
-        strategy=args.strategy, secure_aggregation=not args.no_secure_aggregation,
+        strategy=args.strategy or profile.strategy,
+        secure_aggregation=not args.no_secure_aggregation,
         baseline=not args.no_baseline, fed_eval=args.fed_eval,
         timeout_s=args.timeout_s,
-        extra_server_args=tuple(args.server_arg))
+        extra_server_args=(() if args.strategy else profile.strategy_args)
+        + tuple(args.server_arg))
     settings.validate()
     return settings, args.sweep_epsilon, args.seeds
 

@@ -33,12 +33,25 @@ class Profile:
     local_epochs: int | None = None  # None: the task's hyperparams.py
     samples: int | None = None  # synthetic tasks: examples to generate (None: the task's)
     learning_rate: float | None = None  # None: the task's default
+    # The server's strategy, and its --strategy_param NAME=VALUE pairs; a --strategy
+    # on the command line replaces both.
+    strategy: str = "fedavg"
+    strategy_params: tuple[str, ...] = ()
+
+    @property
+    def strategy_args(self) -> tuple[str, ...]:
+        """The server flags that carry `strategy_params`."""
+        return tuple(arg for param in self.strategy_params
+                     for arg in ("--strategy_param", param))
 
 
 PROFILES: dict[str, Profile] = {
     # Real Wisconsin data (569 cases): cheap.
     "breast_cancer": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
-    "symptom": Profile(rounds=4, noise_multiplier=1.0, epsilon_budget=20.0),
+    # symptom: one full-batch DP step per round and server momentum, so the 12 rounds
+    # are 12 momentum steps of centralised DP-SGD (fl_models/symptom/hyperparams.py).
+    "symptom": Profile(rounds=12, noise_multiplier=1.0, epsilon_budget=20.0,
+                       strategy="fedavgm", strategy_params=("server_lr=1", "beta=0.7")),
     "ecg": Profile(rounds=4, noise_multiplier=0.8, epsilon_budget=25.0, samples=1800),
     # DP-SGD on small images needs data (the tasks' full synthetic sets) and the
     # issue's image budget is epsilon 8. pneumonia: 15 rounds of 1 local epoch (its DP
