@@ -30,7 +30,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_client.linear_dp import clipped_grad_sum, single_linear
+from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
 from fl_models.base import Task
 from fl_models.registry import TASK_NAMES, get_task
 
@@ -121,7 +121,8 @@ def _dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
             assert linear is not None
             dp_opt.zero_grad(set_to_none=True)
             clipped_grad_sum(linear, x, y, loss_fn, clip)
-            dp_opt.step()
+            noise_and_account(dp_opt)
+            dp_opt.original_optimizer.step()
 
         return linear_step
     if mode == "ghost":

@@ -15,11 +15,11 @@ batch x (inputs + outputs) memory and two small matrix products.
 
 Only the clipping moves here. The model, optimizer and data loader are still wrapped
 by ``PrivacyEngine.make_private`` in ghost mode, whose optimizer
-(``DPOptimizerFastGradientClipping``) expects ``p.grad`` to already hold the clipped
-sum and then adds Opacus's noise, scales by the expected batch size and steps the
-accountant exactly as in hooks mode (same noise multiplier, sample rate and steps;
-noise drawn from the same generator in the same parameter order). Opacus's own
-hooks on the wrapped module are removed (``remove_hooks``): nothing here needs them.
+(``DPOptimizerFastGradientClipping``) takes the clipped sum as it is and adds Opacus's
+noise, scales by the expected batch size and steps the accountant exactly as in hooks
+mode (same noise multiplier, sample rate and steps; noise drawn from the same
+generator in the same parameter order): ``noise_and_account``. Opacus's own hooks on
+the wrapped module are removed (``remove_hooks``): nothing here needs them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.loss import _Loss
@@ -127,3 +128,28 @@ def _logit_grads(
         criterion.reduction = reduction
     (dz,) = torch.autograd.grad(per_example.sum(), z)
     return dz, per_example.detach().mean()
+
+
+def noise_and_account(dp_opt: DPOptimizer) -> bool:
+    """Opacus's ``pre_step`` for the clipped sum ``clipped_grad_sum`` left in ``p.grad``.
+
+    The same sequence as ``DPOptimizerFastGradientClipping.pre_step`` (add_noise,
+    scale_grad, the accountant's step hook) with the clipped sum handed over as
+    ``summed_grad`` instead of deep-copied by ``accumulate``: two deep copies cost
+    ~0.2 ms here, as much as the whole non-private step of a small Linear model.
+    ``add_noise`` replaces ``p.grad``, so nothing aliases afterwards. There is no
+    gradient accumulation on this path (no BatchMemoryManager: the closed form holds
+    no per-sample gradients), so no step is ever skipped. Returns True, as pre_step
+    does for a finished logical batch.
+    """
+    # scale_grad's accumulated_iterations is 1 only in this class (hooks mode's reads
+    # per-sample gradients there are none of)
+    if not isinstance(dp_opt, DPOptimizerFastGradientClipping):
+        raise TypeError("noise_and_account needs ghost mode's optimizer")
+    for p in dp_opt.params:
+        p.summed_grad = p.grad
+    dp_opt.add_noise()
+    dp_opt.scale_grad()
+    if dp_opt.step_hook:
+        dp_opt.step_hook(dp_opt)
+    return True

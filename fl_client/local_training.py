@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_client.budget_planner import plan_round
-from fl_client.linear_dp import clipped_grad_sum, single_linear
+from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
 from fl_client.privacy_ledger import DEFAULT_ACCOUNTANT, PrivacyLedger, compose_epsilon
 from fl_models.base import HyperParams, Task
 from fl_proto import coordinator_pb2
@@ -514,7 +514,8 @@ def _train_private(
                         stats.add(logits, targets, loss)
                         # pre_step clips, noises and accounts; False = logical batch
                         # not finished (BatchMemoryManager split it).
-                        if dp_opt.pre_step():
+                        if (noise_and_account(dp_opt) if linear is not None
+                                else dp_opt.pre_step()):
                             if settings.proximal_mu > 0:
                                 _add_proximal_grad(model, global_params, settings.proximal_mu)
                             dp_opt.original_optimizer.step()

@@ -17,7 +17,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_client.linear_dp import clipped_grad_sum, single_linear
+from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
 from fl_client.local_training import train_round
 from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.base import Task
@@ -102,6 +102,38 @@ def test_an_empty_batch_gives_zero_gradients() -> None:
     assert linear.bias is not None and linear.weight.grad is not None
     assert not linear.weight.grad.any() and linear.bias.grad is not None
     assert not linear.bias.grad.any()
+
+
+def test_noise_and_account_is_opacus_pre_step() -> None:
+    """The same noise, scaling and accountant step as the optimizer's own pre_step."""
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    runs = []
+    for finish in ("pre_step", "noise_and_account"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine(accountant="rdp")
+            dp_model, dp_opt, _, _ = engine.make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+                criterion=nn.CrossEntropyLoss(), noise_multiplier=1.3, max_grad_norm=0.5,
+                poisson_sampling=True, grad_sample_mode="ghost",
+                noise_generator=torch.Generator().manual_seed(5))
+        dp_model.remove_hooks()
+        linear = single_linear(model, (6,))
+        assert linear is not None
+        for _ in range(3):
+            dp_opt.zero_grad(set_to_none=True)
+            clipped_grad_sum(linear, x[:8], y[:8], nn.CrossEntropyLoss(), 0.5)
+            assert (dp_opt.pre_step() if finish == "pre_step" else noise_and_account(dp_opt))
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            dp_opt.original_optimizer.step()
+        runs.append((grads, engine.accountant.history))
+    (grads_a, history_a), (grads_b, history_b) = runs
+    assert history_a == history_b == [(1.3, 0.2, 3)]
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class _Probe(nn.Linear):
