@@ -28,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     SizedTask.tensor_elems = ours.tensor_elems
 
     from fl_models import registry
-    from fl_server import server
+    from fl_server import coordinator, server
 
     registry._TASKS["sized"] = "bench.sized_model:SizedTask"
+    # Join refuses model types outside the registry's names, bound at import time
+    registry.TASK_NAMES = tuple(registry._TASKS)
+    vars(coordinator)["TASK_NAMES"] = registry.TASK_NAMES
     return server.main(rest)
 
 
