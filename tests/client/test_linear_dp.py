@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +22,10 @@ from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.base import Task
 from fl_models.registry import get_task
 from fl_proto import coordinator_pb2 as pb
+from tests.client.test_local_training import one_thread  # noqa: F401  (autouse: 1 thread)
 
 CPU = torch.device("cpu")
 DELTA = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def opacus_clipped_sums(
@@ -169,10 +161,12 @@ def bc() -> Task:
 
 
 @pytest.fixture(scope="module")
-def bc_train(bc: Task, tmp_path_factory: pytest.TempPathFactory) -> TensorDataset:
-    root = tmp_path_factory.mktemp("bc")
-    bc.prepare(root, 2, None, 0)
-    return bc.load_split(root / "hospital_1", "train")
+def bc_train(bc: Task) -> TensorDataset:
+    """A hospital's worth of breast_cancer-shaped records (standardised features, a
+    linear rule for the label): enough for several Poisson batches at batch 32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(160, *bc.input_shape, generator=g)
+    return TensorDataset(x, (x[:, :4].sum(dim=1) > 0).long())
 
 
 def config(*, batch: int = 32, epochs: int = 2, noise: float = 1.0, target: float = 0.0,
