@@ -6,16 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import wfdb
 
 from fl_models.base import DataFormatError
-from fl_models.ecg import EcgTask
+from fl_models.ecg import EcgTask, scale_constants
 from fl_models.ecg.dataset import (
     ADC_GAIN,
     read_csv_file,
     read_wfdb_record,
     standardise,
 )
+from fl_models.ecg.model import FEATURES, public_feature_scale
 from fl_models.ecg.synthetic import AF, LENGTH, NORMAL, PVC, generate
 
 MITDB = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ecg" / "mitdb"
@@ -193,3 +195,20 @@ def test_prepared_records_round_trip_exactly(tmp_path: Path) -> None:
     assert sorted(match.tolist()) == list(range(60))
     np.testing.assert_allclose(inputs, expected[match], atol=1e-5)
     assert np.array_equal(labels, batch.labels[match])
+
+
+def test_fixed_feature_scale_is_the_public_windows_and_is_not_sent() -> None:
+    """The shipped constants are what the seeded public windows give (so nobody's
+    records went into them), they standardise fresh windows of the same kind, and
+    they stay out of the state dict: never noised, averaged or sent."""
+    mean, scale = public_feature_scale()
+    np.testing.assert_allclose(scale_constants.MEAN, mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scale_constants.SCALE, scale, rtol=1e-4, atol=1e-6)
+    model = EcgTask().build_model()
+    assert set(model.state_dict()) == {"2.weight", "2.bias"}
+    fresh = torch.from_numpy(standardise(generate(600, 31).signals))[:, None]
+    with torch.no_grad():
+        scaled = model[1](model[0](fresh))
+    assert scaled.shape == (600, FEATURES)
+    assert scaled.mean(dim=0).abs().max() < 0.3
+    assert ((scaled.std(dim=0) - 1).abs() < 0.3).all()
