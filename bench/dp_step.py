@@ -10,7 +10,8 @@ reported. Two DP modes are timed:
   computes per-sample gradient *norms* without materialising per-sample gradients
   (for Linear/Embedding layers), a second backward of the reweighted loss gives the
   clipped sum. Other layers (conv, norms) still fall back to per-sample gradients.
-- linear: for a model that is one Linear layer (``fl_client.linear_dp``), the clipped
+- linear: for a model whose only trainable layer is one final Linear layer
+  (``fl_client.linear_dp``; breast_cancer, symptom, ecg's fixed front end), the clipped
   sum in closed form from one forward (per-example norm ||dL/dz_i|| sqrt(||x_i||^2 + 1)),
   then ghost mode's optimizer for Opacus's noise, scaling and accounting; what
   ``train_round`` uses by default for such a model. "n/a" for other models.
@@ -30,7 +31,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
+from fl_client.linear_dp import clipped_grad_sum, linear_head, noise_and_account
 from fl_models.base import Task
 from fl_models.registry import TASK_NAMES, get_task
 
@@ -92,9 +93,9 @@ def _plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 def _dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
     model = task.build_model().train()
-    linear = single_linear(model, task.input_shape) if mode == "linear" else None
-    if mode == "linear" and linear is None:
-        raise ValueError(f"{task.name} is not one Linear layer")
+    head = linear_head(model, task.input_shape) if mode == "linear" else None
+    if mode == "linear" and head is None:
+        raise ValueError(f"{task.name} is not parameter-free features then one Linear layer")
     opt = task.hyperparams.make_optimizer(model.parameters())
     # The loader only tells Opacus the expected batch size; every step reuses (x, y).
     loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
@@ -109,18 +110,18 @@ def _dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
             noise_multiplier=task.hyperparams.noise_multiplier or 1.0,
             max_grad_norm=task.hyperparams.max_grad_norm,
             poisson_sampling=False,
-            grad_sample_mode="ghost" if linear is not None else mode,
+            grad_sample_mode="ghost" if head is not None else mode,
         )
-    if linear is not None:  # as fl_client.local_training runs it
+    if head is not None:  # as fl_client.local_training runs it
         dp_model, dp_opt, _, _ = wrapped
         dp_model.remove_hooks()
         loss_fn = nn.CrossEntropyLoss()
         clip = task.hyperparams.max_grad_norm
 
         def linear_step() -> None:
-            assert linear is not None
+            assert head is not None
             dp_opt.zero_grad(set_to_none=True)
-            clipped_grad_sum(linear, x, y, loss_fn, clip)
+            clipped_grad_sum(head, x, y, loss_fn, clip)
             noise_and_account(dp_opt)
             dp_opt.original_optimizer.step()
 
@@ -160,7 +161,7 @@ def measure(name: str, reps: int, warmup: int, batch: int | None) -> Row:
     except Exception as exc:  # a model ghost clipping cannot handle: report, keep going
         ghost_error = f"{type(exc).__name__}: {exc}"[:80]
         steps.pop("ghost", None)
-    if single_linear(task.build_model(), task.input_shape) is not None:
+    if linear_head(task.build_model(), task.input_shape) is not None:
         steps["linear"] = _dp_step(task, x, y, "linear")
     for _ in range(warmup):
         for step in steps.values():

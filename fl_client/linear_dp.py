@@ -1,9 +1,12 @@
-"""DP-SGD's clipped gradient sum in closed form, for a model that is one Linear layer.
+"""DP-SGD's clipped gradient sum in closed form, for a model whose only trainable layer
+is one final Linear layer.
 
 Why: for a single ``nn.Linear`` (logistic or softmax regression: breast_cancer,
-symptom) Opacus's per-step machinery costs many times the step itself: hooks mode
+symptom), or one after a parameter-free front end (ecg's fixed spectral features),
+Opacus's per-step machinery costs many times the step itself: hooks mode
 materialises batch x weights per-sample gradients only to take their norms and sum
-them again, and ghost clipping backpropagates twice. For ``z_i = W x_i + b`` the
+them again, and ghost clipping backpropagates twice. For ``z_i = W x_i + b`` (``x_i``
+the Linear layer's input: the example, or the front end's output for it) the
 per-example gradient is the outer product ``g_i = dL_i/dz_i (x) [x_i, 1]``, so
 
     ||g_i|| = ||dL_i/dz_i|| * sqrt(||x_i||^2 + 1)        (the 1 is the bias)
@@ -25,6 +28,7 @@ the wrapped module are removed (``remove_hooks``): nothing here needs them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,46 +42,70 @@ from torch.nn.modules.loss import _Loss
 OPACUS_NORM_EPS = 1e-6
 
 
-def single_linear(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Linear | None:
-    """The model's only layer when the model is exactly ``x -> Linear(x)``; else None.
+@dataclass(frozen=True)
+class LinearHead:
+    """A model split as ``features`` (no trainable parameter) then ``linear``."""
 
-    Qualifies: a plain ``nn.Linear`` on 1-D examples, or a plain ``nn.Sequential`` of
-    one ``nn.Linear``, optionally after an ``nn.Flatten()`` (flattening every example).
-    Subclasses are refused: their forward may do something else, and then the closed
-    form would not be the gradient of the model that is trained.
+    features: nn.Module
+    linear: nn.Linear
+
+
+def split_head(model: nn.Module) -> LinearHead | None:
+    """The model as parameter-free modules then one plain ``nn.Linear``; else None.
+
+    Structure only: a plain ``nn.Linear``, or a plain ``nn.Sequential`` whose last
+    module is a plain ``nn.Linear`` and whose other modules hold no trainable
+    parameter. Subclasses are refused: their forward may do something else, and then
+    the closed form would not be the gradient of the model that is trained.
     """
     modules = list(model.children()) if type(model) is nn.Sequential else [model]
-    flatten = bool(modules) and type(modules[0]) is nn.Flatten
-    if flatten:
-        first = modules.pop(0)
-        assert isinstance(first, nn.Flatten)
-        if (first.start_dim, first.end_dim) != (1, -1):
-            return None
-    if len(modules) != 1 or type(modules[0]) is not nn.Linear:
+    if not modules or type(modules[-1]) is not nn.Linear:
         return None
-    linear = modules[0]
+    *front, linear = modules
     assert isinstance(linear, nn.Linear)
-    examples_are_vectors = flatten or len(input_shape) == 1
-    hooked = any((linear._forward_hooks, linear._forward_pre_hooks, linear._backward_hooks))
-    return linear if examples_are_vectors and not hooked else None
+    if any(p.requires_grad for m in front for p in m.parameters()):
+        return None
+    if any((linear._forward_hooks, linear._forward_pre_hooks, linear._backward_hooks)):
+        return None
+    return LinearHead(nn.Sequential(*front), linear)
+
+
+def linear_head(model: nn.Module, input_shape: tuple[int, ...]) -> LinearHead | None:
+    """``split_head``, when the Linear layer also sees one vector per example.
+
+    A Linear layer applied to every position of a sequence or image sums per-position
+    gradients, which the closed form does not: the front end's output for a batch of
+    two zero examples of ``input_shape`` must be [2, in_features].
+    """
+    head = split_head(model)
+    if head is None:
+        return None
+    weight = head.linear.weight
+    with torch.no_grad():
+        probe = head.features(torch.zeros((2, *input_shape), dtype=weight.dtype,
+                                          device=weight.device))
+    return head if tuple(probe.shape) == (2, head.linear.in_features) else None
 
 
 def clipped_grad_sum(
-    linear: nn.Linear,
+    head: LinearHead,
     inputs: Tensor,
     targets: Tensor,
     criterion: Callable[[Tensor, Tensor], Any],
     max_grad_norm: float,
 ) -> tuple[Tensor, Tensor]:
-    """Set ``p.grad`` of the layer's trainable parameters to the clipped per-example sum.
+    """Set ``p.grad`` of the Linear layer's trainable parameters to the clipped
+    per-example sum (``linear_head`` must have accepted the model).
 
     Returns the logits and the batch's mean loss (detached) for the caller's
     statistics. An empty batch (Poisson sampling) gives zero gradients, as in Opacus.
     """
-    x = inputs.flatten(1)
+    linear = head.linear
     weight, bias = linear.weight, linear.bias
     train_bias = bias is not None and bias.requires_grad
     with torch.no_grad():
+        x = head.features(inputs) if len(inputs) else \
+            weight.new_zeros((0, linear.in_features))
         logits = F.linear(x, weight, bias)
     dz, loss = _logit_grads(logits, targets, criterion)
     with torch.no_grad():

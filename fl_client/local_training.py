@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_client.budget_planner import plan_round
-from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
+from fl_client.linear_dp import clipped_grad_sum, linear_head, noise_and_account, split_head
 from fl_client.privacy_ledger import DEFAULT_ACCOUNTANT, PrivacyLedger, compose_epsilon
 from fl_models.base import HyperParams, Task
 from fl_proto import coordinator_pb2
@@ -64,9 +64,9 @@ MAX_PHYSICAL_BATCH_SIZE = 128  # per-sample gradients cost memory x batch; bigge
 # "hooks" materialises per-sample gradients (Opacus's default, the best tested);
 # "ghost" computes only their norms for Linear layers and backpropagates twice: the
 # same clipped, noised gradient, 2-6x cheaper for MLPs (see bench/dp_step.py).
-# "linear": the clipped sum in closed form for a model that is one Linear layer
-# (fl_client.linear_dp), Opacus's noise and accountant; "auto" (the default) picks it
-# when the model qualifies, else "hooks".
+# "linear": the clipped sum in closed form for a model whose only trainable layer is
+# one final Linear layer (fl_client.linear_dp), Opacus's noise and accountant; "auto"
+# (the default) picks it when the model qualifies, else "hooks".
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "linear")
 
 ProgressFn = Callable[[int, int, int, int, float], None]
@@ -409,12 +409,13 @@ def _add_proximal_grad(
 
 
 def _linear_or_hooks(model: nn.Module, task: Task, mode: str) -> str:
-    """"linear" when the model is one Linear layer; "auto" falls back to "hooks"."""
-    if single_linear(model, task.input_shape) is not None:
+    """"linear" when the model's only trainable layer is one final Linear layer;
+    "auto" falls back to "hooks"."""
+    if linear_head(model, task.input_shape) is not None:
         return "linear"
     if mode == "linear":
-        raise ValueError(f"grad_sample_mode 'linear' needs a model that is one Linear "
-                         f"layer; {task.name}'s network is not")
+        raise ValueError(f"grad_sample_mode 'linear' needs a model whose only trainable "
+                         f"layer is one final Linear layer; {task.name}'s network is not")
     return "hooks"
 
 
@@ -442,9 +443,8 @@ def _train_private(
         settings = _planned(settings, ledger, job_id, round, len(loader))
     optimizer = hp.make_optimizer(model.parameters())
     criterion: Callable[[Tensor, Tensor], Any] = nn.CrossEntropyLoss()
-    # train_round chose "linear" only for a model that is one Linear layer
-    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None) \
-        if grad_sample_mode == "linear" else None
+    # train_round chose "linear" only for a model linear_head accepted
+    head = split_head(model) if grad_sample_mode == "linear" else None
     with _quiet_opacus():
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         common = {
@@ -467,7 +467,7 @@ def _train_private(
             )
         else:
             wrapped = engine.make_private(noise_multiplier=settings.noise_multiplier, **common)
-    if linear is not None:
+    if head is not None:
         # clipped_grad_sum fills p.grad with the clipped sum; ghost mode's optimizer
         # noises, scales and accounts it. Opacus's hooks would only cost time.
         dp_model, dp_opt, _, dp_loader = wrapped
@@ -494,7 +494,7 @@ def _train_private(
                 stats = _EpochStats()
                 step = 0
                 # The closed form holds no per-sample gradients: no physical split.
-                with (nullcontext(dp_loader) if linear is not None else BatchMemoryManager(
+                with (nullcontext(dp_loader) if head is not None else BatchMemoryManager(
                     data_loader=dp_loader,
                     max_physical_batch_size=max_physical_batch_size,
                     optimizer=dp_opt,
@@ -504,8 +504,8 @@ def _train_private(
                             stopped = True
                             raise TrainingStopped(_steps_of(engine))
                         inputs, targets = inputs.to(device), targets.to(device)
-                        if linear is not None:
-                            logits, loss = clipped_grad_sum(linear, inputs, targets, criterion,
+                        if head is not None:
+                            logits, loss = clipped_grad_sum(head, inputs, targets, criterion,
                                                             settings.max_grad_norm)
                         else:
                             logits = dp_model(inputs)
@@ -514,7 +514,7 @@ def _train_private(
                         stats.add(logits, targets, loss)
                         # pre_step clips, noises and accounts; False = logical batch
                         # not finished (BatchMemoryManager split it).
-                        if (noise_and_account(dp_opt) if linear is not None
+                        if (noise_and_account(dp_opt) if head is not None
                                 else dp_opt.pre_step()):
                             if settings.proximal_mu > 0:
                                 _add_proximal_grad(model, global_params, settings.proximal_mu)

@@ -1,4 +1,5 @@
-"""The closed-form clipped gradient of a one-Linear model is Opacus's DP-SGD step.
+"""The closed-form clipped gradient of a model whose only trainable layer is one final
+Linear layer is Opacus's DP-SGD step.
 
 Checked against Opacus's hooks mode (per-sample gradients materialised, then clipped
 and summed) on the same batch, and end to end through train_round with real noise:
@@ -16,7 +17,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_client.linear_dp import clipped_grad_sum, noise_and_account, single_linear
+from fl_client.linear_dp import clipped_grad_sum, linear_head, noise_and_account
 from fl_client.local_training import train_round
 from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.base import Task
@@ -46,6 +47,19 @@ def opacus_clipped_sums(
     return [p.summed_grad.detach().clone() for p in dp_opt.params], norms
 
 
+class _Shift(nn.Module):
+    """A front end with a buffer and no trainable parameter (as ecg's fixed scaling)."""
+
+    offset: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.linspace(-1, 1, 20), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset) * 0.2
+
+
 CASES = {
     # name: (model, example shape, classes, batch, criterion)
     "breast_cancer-like": (lambda: nn.Sequential(nn.Linear(30, 2)), (30,), 2, 512,
@@ -57,6 +71,9 @@ CASES = {
                          64, nn.CrossEntropyLoss()),
     "label smoothing (autograd path)": (lambda: nn.Sequential(nn.Linear(10, 5)), (10,), 5,
                                         64, nn.CrossEntropyLoss(label_smoothing=0.1)),
+    "parameter-free front end": (lambda: nn.Sequential(nn.Flatten(), nn.Tanh(), _Shift(),
+                                                       nn.Linear(20, 4)), (4, 5), 4, 64,
+                                 nn.CrossEntropyLoss()),
 }
 
 
@@ -72,9 +89,9 @@ def test_clipped_sum_equals_opacus_hooks(case: str) -> None:
     # a meaningful check: some examples are clipped, some pass unchanged
     assert (norms > clip).any() and (norms < clip).any()
 
-    linear = single_linear(ours, shape)
-    assert linear is not None
-    logits, loss = clipped_grad_sum(linear, x, y, criterion, clip)
+    head = linear_head(ours, shape)
+    assert head is not None
+    logits, loss = clipped_grad_sum(head, x, y, criterion, clip)
     got = [p.grad for p in ours.parameters()]
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
@@ -87,10 +104,11 @@ def test_clipped_sum_equals_opacus_hooks(case: str) -> None:
 
 def test_an_empty_batch_gives_zero_gradients() -> None:
     model = nn.Sequential(nn.Linear(6, 3))
-    linear = single_linear(model, (6,))
-    assert linear is not None
-    clipped_grad_sum(linear, torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64),
+    head = linear_head(model, (6,))
+    assert head is not None
+    clipped_grad_sum(head, torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64),
                      nn.CrossEntropyLoss(), 1.0)
+    linear = head.linear
     assert linear.bias is not None and linear.weight.grad is not None
     assert not linear.weight.grad.any() and linear.bias.grad is not None
     assert not linear.bias.grad.any()
@@ -113,11 +131,11 @@ def test_noise_and_account_is_opacus_pre_step() -> None:
                 poisson_sampling=True, grad_sample_mode="ghost",
                 noise_generator=torch.Generator().manual_seed(5))
         dp_model.remove_hooks()
-        linear = single_linear(model, (6,))
-        assert linear is not None
+        head = linear_head(model, (6,))
+        assert head is not None
         for _ in range(3):
             dp_opt.zero_grad(set_to_none=True)
-            clipped_grad_sum(linear, x[:8], y[:8], nn.CrossEntropyLoss(), 0.5)
+            clipped_grad_sum(head, x[:8], y[:8], nn.CrossEntropyLoss(), 0.5)
             assert (dp_opt.pre_step() if finish == "pre_step" else noise_and_account(dp_opt))
             grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
             dp_opt.original_optimizer.step()
@@ -140,16 +158,20 @@ class _Probe(nn.Linear):
     (nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(4, 2)), (2, 4), False),
     (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), (4,), False),
     (nn.Sequential(nn.Linear(4, 2), nn.Softmax(dim=1)), (4,), False),
+    (nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(8, 2)), (2, 4), True),
+    (nn.Sequential(nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 2)), (2, 4), False),
+    (nn.Sequential(nn.Flatten(), nn.LayerNorm(8, elementwise_affine=False),
+                   nn.Linear(8, 2)), (2, 4), True),
     (nn.Sequential(_Probe(4, 2)), (4,), False),  # a subclass may change forward
 ])
 def test_which_models_qualify(model: nn.Module, shape: tuple[int, ...], qualifies: bool) -> None:
-    assert (single_linear(model, shape) is not None) == qualifies
+    assert (linear_head(model, shape) is not None) == qualifies
 
 
-@pytest.mark.parametrize("name", ["breast_cancer", "symptom"])
+@pytest.mark.parametrize("name", ["breast_cancer", "symptom", "ecg"])
 def test_the_linear_tasks_qualify(name: str) -> None:
     task = get_task(name)
-    assert single_linear(task.build_model(), task.input_shape) is not None
+    assert linear_head(task.build_model(), task.input_shape) is not None
 
 
 # --- end to end through train_round ----------------------------------------------------
@@ -209,6 +231,22 @@ def test_train_round_equals_hooks_mode_with_noise(
     assert fast.metrics["train_loss"] == pytest.approx(hooks.metrics["train_loss"], rel=1e-4)
 
 
+def test_ecg_front_end_equals_hooks_mode_with_noise() -> None:
+    """ecg: a fixed spectral front end, then the Linear layer: the same model as hooks."""
+    ecg = get_task("ecg")
+    g = torch.Generator().manual_seed(4)
+    data = TensorDataset(torch.randn(96, *ecg.input_shape, generator=g),
+                         torch.randint(0, ecg.num_classes, (96,), generator=g))
+    state = ecg.build_model().state_dict()
+    fast, hooks = (train_round(ecg, state, data, config(epochs=1), CPU, None, False,
+                               private_seed=43, grad_sample_mode=mode)
+                   for mode in ("auto", "hooks"))
+    assert (fast.steps, fast.epsilon_round) == (hooks.steps, hooks.epsilon_round)
+    for key in hooks.state:
+        torch.testing.assert_close(fast.state[key], hooks.state[key], atol=1e-5, rtol=1e-4)
+    assert any(bool((hooks.state[k] != state[k]).any()) for k in state)
+
+
 def test_empty_poisson_batches_are_survived(bc: Task) -> None:
     torch.manual_seed(0)
     state = bc.build_model().state_dict()
@@ -219,10 +257,10 @@ def test_empty_poisson_batches_are_survived(bc: Task) -> None:
     assert all(torch.isfinite(v).all() for v in res.state.values())
 
 
-def test_linear_mode_refuses_a_model_with_a_hidden_layer() -> None:
-    ecg = get_task("ecg")
+def test_linear_mode_refuses_a_network_with_trainable_layers_before_the_last() -> None:
+    cnn = get_task("pneumonia")
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(8, *ecg.input_shape), torch.zeros(8, dtype=torch.int64))
-    with pytest.raises(ValueError, match="one Linear layer"):
-        train_round(ecg, ecg.build_model().state_dict(), data, config(), CPU, None, False,
+    data = TensorDataset(torch.randn(8, *cnn.input_shape), torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one final Linear layer"):
+        train_round(cnn, cnn.build_model().state_dict(), data, config(), CPU, None, False,
                     grad_sample_mode="linear")
