@@ -95,6 +95,20 @@ def _phases(server: BenchServer, recorded: dict[int, float]) -> dict[str, list[f
     return out
 
 
+def _peak_by_phase(server: BenchServer, sampler: RssSampler) -> dict[str, tuple[int, int, int]]:
+    """Largest sampled (RSS, anon, file) in each server phase of rounds 2..: where a
+    round's memory peaks (the fold in `train`, the new model in `aggregate`, ...)."""
+    events = sorted((when, phase) for when, rnd, phase in server.phase_times() if rnd > 1)
+    out: dict[str, tuple[int, int, int]] = {}
+    for (start, phase), nxt in zip(events, events[1:] + [(float("inf"), "")], strict=True):
+        vals = [s for s in sampler.samples if start <= s[0] < nxt[0]]
+        if vals:
+            best = max(vals, key=lambda s: s[1])
+            if best[1] > out.get(phase, (0, 0, 0))[0]:
+                out[phase] = (best[1], best[2], best[3])
+    return out
+
+
 def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
     procs = Procs()
     sampler: RssSampler | None = None
@@ -183,6 +197,7 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
             "client_cpu_per_round": client_cpu / spans if spans > 0 else float("nan"),
             "idle_rss": idle, "peak_rss": peak,
             "peak_anon": sampler.max(2), "peak_file": sampler.max(3),
+            "peak_by_phase": _peak_by_phase(server, sampler),
             "target_round_s": sc.target_round_s, "target_rss": sc.target_rss, "note": sc.note,
         }
     finally:
@@ -229,6 +244,10 @@ def report(results: list[dict[str, Any]]) -> None:
                          f"{r['target_rss'] / MB:.0f} MB: {verdict(ok)}); idle "
                          f"{r['idle_rss'] / MB:.0f} MB, so the rounds added "
                          f"{(r['peak_rss'] - r['idle_rss']) / MB:.0f} MB")
+        if r.get("peak_by_phase"):
+            parts.append("sampled peak RSS (anon/file) MB by phase, rounds 2..: " + ", ".join(
+                f"{ph} {v[0] / MB:.0f} ({v[1] / MB:.0f}/{v[2] / MB:.0f})"
+                for ph, v in r["peak_by_phase"].items()))
         if parts:
             print(f"- {r['name']}: " + "; ".join(parts))
     small = [r for r in results if r["params"] <= 1_000_000]

@@ -8,8 +8,10 @@ mid-stream has no effect on the round and can resume where the server stopped.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import mmap
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
 from fl_server.validation import check_update_header
 
 log = logging.getLogger("fl_server.aggregator")
+MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
 def abort_refusal(context: grpc.ServicerContext, refusal: RoundRefusal) -> NoReturn:
     abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message, refusal.reason)
@@ -93,6 +96,78 @@ class _DeltaView(Mapping[str, torch.Tensor]):
         return len(self._w)
 
 
+_PAGE = mmap.PAGESIZE
+_madvise: Any = None
+
+
+def _libc_madvise() -> Any:
+    """libc's madvise, or None where there is none (then pages are simply kept)."""
+    global _madvise
+    if _madvise is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    return _madvise or None
+
+
+# glibc's M_MMAP_THRESHOLD and the value set: allocations from 4 MiB (a model's
+# tensors, FedAvg's running sums) get their own mappings, given back when freed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def return_freed_tensors_to_the_os() -> bool:
+    """Fixes glibc's mmap threshold at 4 MiB; True where it took effect.
+
+    By default glibc raises the threshold to the size of each large block freed (up to
+    32 MiB), so after the first round every 16 MiB tensor (running sums, the new and
+    the old global model) comes from a per-thread heap that keeps it once freed: a
+    100 MB x 4 server held 600-700 MB of such anonymous memory at its peak instead of
+    giving each round's model back (BENCHMARKS.md section 3, issue 16 item 3). Chunk
+    buffers (1 MiB) stay under the threshold, so the transfer path is unchanged."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc: its allocator has its own policy
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+class _SpoolPages:
+    """Drops the resident pages of a spooled update's tensors once a pass has read them.
+
+    A finished upload is a private mapping of its spool file, and every pass over it
+    (the finiteness check, the norm, the strategy's checks, the fold) would leave the
+    whole update resident: one more model in the server's RSS while it folds. The
+    pages of a clean private file mapping can be dropped at any time
+    (MADV_DONTNEED): a later read maps them again from the page cache, so each pass
+    keeps about one tensor resident. Only for a spool mapping nothing writes to: on
+    anonymous or written (copy-on-write) pages the same call would discard data."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._ranges: dict[str, tuple[int, int]] = {}
+        madvise = MADV_DONTNEED is not None and _libc_madvise()
+        if not madvise:
+            return
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            if size:
+                # whole pages around the tensor: its neighbours are spool pages too
+                start = t.data_ptr() // _PAGE * _PAGE
+                end = -(-(t.data_ptr() + size) // _PAGE) * _PAGE
+                self._ranges[name] = (start, end - start)
+
+    def release(self, name: str) -> None:
+        span = self._ranges.get(name)
+        if span is not None:
+            _libc_madvise()(span[0], span[1], MADV_DONTNEED)  # advice: a failure costs RSS only
+
+
 class AggregatorService(apb_grpc.AggregatorServicer):
     def __init__(self, engine: RoundEngine, registry: ClientRegistry, spool_dir: Path) -> None:
         self.engine = engine
@@ -108,6 +183,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         # finish together would otherwise each hold one while queueing for the fold.
         self._fold_gate = threading.Lock()
         engine.on_round_closed.append(self._round_closed)
+        return_freed_tensors_to_the_os()  # process-wide: the service is the server's
 
     # helpers -------------------------------------------------------------------
     def _session(self, context: grpc.ServicerContext) -> tuple[str, Session]:
@@ -324,7 +400,13 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 self._drop(up, stream_id)
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
                       getattr(exc, "code", "INTEGRITY"))
-            bad = has_non_finite(tensors)
+            pages = _SpoolPages(tensors)
+            bad = None
+            for name, tensor in tensors.items():  # a tensor's pages at a time
+                bad = has_non_finite({name: tensor})
+                pages.release(name)
+                if bad is not None:
+                    break
             if bad is not None:
                 self._drop(up, stream_id)
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -339,7 +421,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 self._uploads.pop(stream_id, None)
             try:
                 self.engine.accept_update(up.client_id, up.task_id, header.job_id, header.round,
-                                          delta, int(header.num_examples), metrics)
+                                          delta, int(header.num_examples), metrics,
+                                          pages.release)
             except RoundRefusal as refusal:
                 up.spool_path.unlink(missing_ok=True)
                 abort_refusal(context, refusal)

@@ -49,6 +49,7 @@ class FedAvg(Strategy):
             }
         for name, t in delta.items():
             self._sums[name].add_(t, alpha=alpha)
+            self._release(name)
         self._weight_total += float(num_examples)
 
     def accept_sum(self, client_ids: list[str], sums: dict[str, torch.Tensor],

@@ -165,6 +165,37 @@ def test_streaming_fold_does_not_keep_the_delta() -> None:
     assert_matches(s.finish_round(), gs, expected)
 
 
+@pytest.mark.parametrize(("name", "passes"), [("fedavg", 2), ("norm_bounding", 3), ("median", 1)])
+def test_release_after_each_pass_leaves_the_result_unchanged(name: str, passes: int) -> None:
+    """`release(name)` (the server drops a spooled tensor's pages) follows every read
+    of a tensor: the checks, then a streaming fold (and norm bounding's norm); a robust
+    strategy keeps its references and reads them again when it aggregates (issue 16
+    item 3)."""
+    gs = make_global()
+    deltas = make_deltas(gs, 3, seed=9)
+    plain = run_round(make_strategy(name), gs, deltas, [1, 2, 3])
+    s = make_strategy(name)
+    s.begin_round(gs)
+    released: list[str] = []
+    for i, (d, n) in enumerate(zip(deltas, [1, 2, 3], strict=True)):
+        released.clear()
+        s.accept(f"c{i}", d, n, released.append)
+        assert released == float_names(gs) * passes
+    result = s.finish_round()
+    for key, t in plain.items():
+        assert torch.equal(result[key], t), key
+    # a refused update is released as far as it was read, and not folded
+    s.begin_round(gs)
+    bad = {**deltas[0], "fc.weight": torch.full((3, 7), float("nan"))}
+    released.clear()
+    with pytest.raises(StrategyError, match="NaN"):
+        s.accept("bad", bad, 1, released.append)
+    assert released == float_names(gs)[:float_names(gs).index("fc.weight")]
+    assert s.num_accepted == 0
+    s.accept("good", deltas[0], 1, released.append)
+    s.finish_round()
+
+
 def test_concurrent_accepts_equal_sequential() -> None:
     gs = make_global()
     deltas = make_deltas(gs, 8, seed=6)

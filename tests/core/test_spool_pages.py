@@ -1,0 +1,107 @@
+"""A spooled update folded a tensor's pages at a time (issue 16 item 3): after each
+pass the server drops the pages it read from the update's spool mapping, so a fold
+keeps about one tensor of the update resident, and every value still reads back
+from the file unchanged."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_core import tensor_codec as tc
+from fl_server.aggregator import (
+    MADV_DONTNEED,
+    _libc_madvise,
+    _SpoolPages,
+    return_freed_tensors_to_the_os,
+)
+from fl_server.strategies import make_strategy
+
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(MADV_DONTNEED is None or _libc_madvise() is None,
+                                reason="no madvise(MADV_DONTNEED) here: pages are kept")
+
+
+def rss(field: str = "RssFile") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def rss_file() -> int:
+    return rss()
+
+
+def spooled(tmp_path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` as the aggregator holds a finished upload: a mapping of its spool."""
+    manifest = tc.build_manifest(state, chunk_size=MiB)
+    asm = tc.StreamAssembler(manifest, spool_path=tmp_path / "u.spool")
+    for seq, chunk in enumerate(tc.iter_chunks(state, manifest)):
+        asm.add_chunk(seq, chunk)
+    return asm.finish()
+
+
+def update(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # 4 x 8 MiB, sizes that leave the tensors off page boundaries
+    return {f"t{i}": torch.randn(2 * MiB + 3 * i + 1, generator=gen) for i in range(4)}
+
+
+def test_released_pages_leave_rss_and_read_back(tmp_path: Path) -> None:
+    original = update(1)
+    tensors = spooled(tmp_path, original)
+    pages = _SpoolPages(tensors)
+    before = rss_file()
+    sums = [float(t.sum()) for t in tensors.values()]  # every page of the update mapped
+    resident = rss_file()
+    assert resident - before > 24 * MiB
+    for name in tensors:
+        pages.release(name)
+    assert rss_file() - before < 2 * MiB
+    for name, t in tensors.items():  # mapped again from the file: the same values
+        assert torch.equal(t, original[name])
+    assert [float(t.sum()) for t in tensors.values()] == sums
+
+
+def test_fedavg_fold_with_release_keeps_one_tensor_resident(tmp_path: Path) -> None:
+    deltas = [update(2), update(3)]
+    global_state = {name: torch.zeros_like(t) for name, t in deltas[0].items()}
+    strategy = make_strategy("fedavg")
+    strategy.begin_round(global_state)
+    for i, delta in enumerate(deltas):
+        tensors = spooled(tmp_path, delta)
+        pages = _SpoolPages(tensors)
+        before = rss_file()
+        strategy.accept(f"h{i}", tensors, 1 + i, pages.release)
+        # the checks and the fold read all 32 MiB; at most a page or two stays mapped
+        assert rss_file() - before < 2 * MiB
+        del tensors, pages
+    result = strategy.finish_round()
+    for name, t in result.items():
+        expected = (deltas[0][name] + 2 * deltas[1][name]) / 3
+        torch.testing.assert_close(t, expected)
+
+
+def test_freed_model_tensors_leave_the_process() -> None:
+    """With the server's mmap threshold, a model's worth of 16 MiB tensors freed on
+    other threads (as a round frees its old model and sums) is given back to the OS
+    instead of staying in glibc's per-thread heaps."""
+    if not return_freed_tensors_to_the_os():
+        pytest.skip("not glibc")
+
+    def churn() -> None:
+        for _ in range(3):
+            kept = [torch.ones(4 * MiB) for _ in range(4)]
+            del kept
+
+    before = rss("RssAnon")
+    workers = [threading.Thread(target=churn) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert rss("RssAnon") - before < 16 * MiB
