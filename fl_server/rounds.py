@@ -37,7 +37,7 @@ from fl_server.final_model import FinalDelivery, participants
 from fl_server.metrics import OBSERVED
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
-from fl_server.strategies.base import tensor_norm, weighted_metrics
+from fl_server.strategies.base import accumulation_dtype, tensor_norm, weighted_metrics
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -566,11 +566,8 @@ class RoundEngine:
         if factor > 0 and self._rollback is not None:
             # a round moves the model by a fraction of its size; a step larger than
             # `factor` times the whole model (at least 1) is no training result
-            old = self._rollback[0].state
-            step = math.sqrt(sum(
-                float(torch.linalg.vector_norm(t.double() - old[n].double())) ** 2
-                for n, t in state.items() if t.is_floating_point()))
-            base = max(1.0, update_norm(old))
+            step = step_norm(state, self._rollback[0].state)
+            base = max(1.0, update_norm(self._rollback[0].state))
             if not math.isfinite(step) or step > factor * base:
                 return (f"the round moved the model by {step:.3g}, more than"
                         f" {factor:g} x its norm ({base:.3g})")
@@ -657,6 +654,23 @@ def update_norm(delta: Mapping[str, torch.Tensor],
             total += tensor_norm(tensor) ** 2
         if release is not None:
             release(name)
+    return math.sqrt(total)
+
+
+def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of new - old over the floating tensors. One difference of one tensor at
+    a time in its accumulation dtype (float32 for float32: no copy of either side),
+    float64 only where that overflows: in float64 it held three 32 MiB copies per
+    16 MiB tensor and cost ~0.7 CPU-s per 100 MB model, 0.05 now (issue 16 item 3)."""
+    total = 0.0
+    for name, t in new.items():
+        if not t.is_floating_point():
+            continue
+        dtype = accumulation_dtype(t.dtype)
+        norm = tensor_norm(t.to(dtype) - old[name].to(dtype))
+        if not math.isfinite(norm):  # the difference itself overflowed
+            norm = float(torch.linalg.vector_norm(t.double() - old[name].double()))
+        total += norm * norm
     return math.sqrt(total)
 
 

@@ -1,7 +1,8 @@
-"""A spooled update folded a tensor's pages at a time (issue 16 item 3): after each
-pass the server drops the pages it read from the update's spool mapping, so a fold
+"""The server's memory in a round (issue 16 item 3): after each pass over a spooled
+update the server drops the pages it read from the update's spool mapping, so a fold
 keeps about one tensor of the update resident, and every value still reads back
-from the file unchanged."""
+from the file unchanged; freed model tensors leave the process; the new model's step
+is measured without float64 copies of both models."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fl_server.aggregator import (
     _SpoolPages,
     return_freed_tensors_to_the_os,
 )
+from fl_server.rounds import step_norm
 from fl_server.strategies import make_strategy
 
 MiB = 1 << 20
@@ -105,3 +107,15 @@ def test_freed_model_tensors_leave_the_process() -> None:
     for w in workers:
         w.join(60)
     assert rss("RssAnon") - before < 16 * MiB
+
+
+def test_step_norm_matches_float64_without_copies() -> None:
+    gen = torch.Generator().manual_seed(4)
+    old = {"w": torch.randn(1000, generator=gen), "h": torch.randn(50, generator=gen).half(),
+           "steps": torch.tensor(3)}
+    new = {"w": old["w"] + 0.1, "h": old["h"] - 0.5, "steps": torch.tensor(9)}
+    reference = torch.cat([(new[n].double() - old[n].double()) for n in ("w", "h")]).norm()
+    assert step_norm(new, old) == pytest.approx(float(reference), rel=1e-5)
+    # a difference beyond float32 (each side finite) is still measured, in float64
+    huge = {"w": torch.full((2,), 3e38)}
+    assert step_norm(huge, {"w": -huge["w"]}) == pytest.approx(6e38 * 2 ** 0.5, rel=1e-6)
