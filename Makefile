@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= breast_cancer
+# Test folders run on this many pytest-xdist workers (tests/conftest.py groups them);
+# TEST_WORKERS=0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install proto proto-check test lint demo bench clean system-deps
 
@@ -24,7 +27,7 @@ proto: $(STAMP)
 	touch fl_proto/__init__.py
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # The dashboard test drives Debian's chromium and the metrics test runs promtool (package
 # prometheus): installed here only when missing and running as root; otherwise those

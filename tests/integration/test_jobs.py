@@ -206,7 +206,10 @@ def _recorded(state_dir: Path, job_id: str) -> list[Any]:
 def test_a_hospitals_policy_refuses_a_job_before_touching_data(
         fed: Federation, name: str, settings: dict[str, Any], why: str) -> None:
     before = ledger(fed, "hospital_2")
-    job_id = submit(fed, name, job_id=name, rounds=1, min_clients=1, quorum=0.5,
+    # min_clients 2: the round waits until both hospitals are connected, so hospital_2
+    # (momentarily reconnecting on a loaded machine) is surely asked; quorum 0.5 lets
+    # hospital_1's update alone close the round
+    job_id = submit(fed, name, job_id=name, rounds=1, min_clients=2, quorum=0.5,
                     fed_eval=False, local_epochs=1, **settings)
     wait_state(fed, job_id, ("completed",))
     refused = reports(fed, job_id, "hospital_2")
