@@ -189,3 +189,12 @@ SECAGG_UNMASK_GRACE_S: Final = 2.0
 # STOP tasks a hospital's registry entry keeps until a task stream has sent them (one
 # per job, newest kept): a STOP is never replaced unseen by the next job's first task.
 MAX_UNSENT_STOPS: Final = 4
+
+# --- memory (issue 16 item 3, issue 17) ---
+# glibc's mmap threshold, fixed (fl_core/allocator.py). The server: allocations from
+# 4 MiB (a model's tensors, FedAvg's running sums) get their own mappings, given back
+# when freed, while 1 MiB chunk buffers stay on the heap (a 512 KiB threshold cost +75%
+# server CPU for 20 MB less). The simulation's driver: glibc's own initial 128 KiB,
+# kept fixed, so each update-sized buffer from Ray is unmapped when freed.
+SERVER_MMAP_THRESHOLD_BYTES: Final = 4 << 20
+SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10

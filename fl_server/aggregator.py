@@ -21,7 +21,8 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
-from fl_core.constants import GCM_TAG_BYTES
+from fl_core.allocator import fix_mmap_threshold
+from fl_core.constants import GCM_TAG_BYTES, SERVER_MMAP_THRESHOLD_BYTES
 from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
@@ -114,28 +115,13 @@ def _libc_madvise() -> Any:
     return _madvise or None
 
 
-# glibc's M_MMAP_THRESHOLD and the value set: allocations from 4 MiB (a model's
-# tensors, FedAvg's running sums) get their own mappings, given back when freed.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 4 << 20
-
-
 def return_freed_tensors_to_the_os() -> bool:
-    """Fixes glibc's mmap threshold at 4 MiB; True where it took effect.
-
-    By default glibc raises the threshold to the size of each large block freed (up to
-    32 MiB), so after the first round every 16 MiB tensor (running sums, the new and
-    the old global model) comes from a per-thread heap that keeps it once freed: a
+    """Fixes glibc's mmap threshold at SERVER_MMAP_THRESHOLD_BYTES; True where it took
+    effect. Otherwise, after the first round every 16 MiB tensor (running sums, the new
+    and the old global model) comes from a per-thread heap that keeps it once freed: a
     100 MB x 4 server held 600-700 MB of such anonymous memory at its peak instead of
-    giving each round's model back (BENCHMARKS.md section 3, issue 16 item 3). Chunk
-    buffers (1 MiB) stay under the threshold, so the transfer path is unchanged."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc: its allocator has its own policy
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    giving each round's model back (BENCHMARKS.md section 3, issue 16 item 3)."""
+    return fix_mmap_threshold(SERVER_MMAP_THRESHOLD_BYTES)
 
 
 class _SpoolPages:

@@ -29,8 +29,6 @@ simulation's state folder by the receiving `StreamAssembler` and memory-mapped b
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +39,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from fl_core.allocator import fix_mmap_threshold
+from fl_core.constants import SIM_MMAP_THRESHOLD_BYTES
 from fl_core.secagg import SecAggError
 from fl_core.tensor_codec import StreamAssembler, build_manifest, iter_chunks
 from fl_proto import coordinator_pb2 as cpb
@@ -70,21 +70,14 @@ def injected_dropouts(selected: list[str], rate: float, seed: int, job_id: str,
     return out
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number (malloc.h)
-MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's own initial threshold, kept fixed
-
-
 def fixed_mmap_threshold() -> None:
-    """Large allocations are mapped, and unmapped when freed, whatever came before.
-
-    glibc raises its mmap threshold to the size of every large block freed, so after the
-    first update each update-sized buffer (deserialized from Ray, then folded, masked or
-    spooled) comes from the heap instead, and the small objects kept between two updates
-    pin the holes they leave: the driver's heap grew by about one update per update
-    taken (bench.sim --robust: +378 MB for 100 updates of 4 MB, all spooled). A fixed
-    threshold turns that rule off. No-op without glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    """Large allocations are mapped, and unmapped when freed, whatever came before:
+    otherwise, after the first update each update-sized buffer (deserialized from Ray,
+    then folded, masked or spooled) comes from the heap, and the small objects kept
+    between two updates pin the holes they leave: the driver's heap grew by about one
+    update per update taken (bench.sim --robust: +378 MB for 100 updates of 4 MB, all
+    spooled). No-op without glibc."""
+    fix_mmap_threshold(SIM_MMAP_THRESHOLD_BYTES)
 
 
 def spool_update(path: Path, delta: Mapping[str, torch.Tensor],
