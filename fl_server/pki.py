@@ -261,6 +261,28 @@ def generate_keys(
         .sign(ca_key, hashes.SHA256())
     )
     ca = _Ca(ca_cert, ca_key)
+    server_key, server_cert = _server_identity(ca, sans)
+    if force:
+        # Token keys of a replaced installation must not stay valid for verification.
+        for old in (out / "jwt").glob("*.key"):
+            old.unlink()
+    write_private(out / "ca.key", _pem_key(ca_key))
+    write_public(out / "ca.crt", _pem_cert(ca_cert))
+    write_private(out / "server.key", _pem_key(server_key))
+    write_public(out / "server.crt", _pem_cert(server_cert))
+    write_public(
+        out / "crl.pem", _build_crl(ca, [], 1).public_bytes(serialization.Encoding.PEM)
+    )
+    kid = _new_jwt_key(out)
+    write_private(out / "jwt" / "active", kid.encode("ascii") + b"\n")
+    _mkdir_private(out / "issued")
+    return kid
+
+
+def _server_identity(ca: _Ca, sans: Sequence[str]
+                     ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh server key and its certificate (CN=fl-server), valid for DEFAULT_SANS
+    and `sans`."""
     names: list[str] = []
     for name in (*DEFAULT_SANS, *sans):
         if name not in names:
@@ -278,21 +300,40 @@ def generate_keys(
         ExtendedKeyUsageOID.SERVER_AUTH,
         [_general_name(n) for n in names],
     )
-    if force:
-        # Token keys of a replaced installation must not stay valid for verification.
-        for old in (out / "jwt").glob("*.key"):
-            old.unlink()
-    write_private(out / "ca.key", _pem_key(ca_key))
-    write_public(out / "ca.crt", _pem_cert(ca_cert))
-    write_private(out / "server.key", _pem_key(server_key))
-    write_public(out / "server.crt", _pem_cert(server_cert))
-    write_public(
-        out / "crl.pem", _build_crl(ca, [], 1).public_bytes(serialization.Encoding.PEM)
-    )
-    kid = _new_jwt_key(out)
-    write_private(out / "jwt" / "active", kid.encode("ascii") + b"\n")
-    _mkdir_private(out / "issued")
-    return kid
+    return server_key, server_cert
+
+
+def _san_strings(cert: x509.Certificate) -> list[str]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*sans.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+
+
+def renew_server(keys_dir: str | os.PathLike[str], sans: Sequence[str] = ()
+                 ) -> tuple[x509.Certificate, list[str]]:
+    """Re-issue only the server's key and certificate from the existing CA: for a
+    server certificate near its end, a new host name, or a server key that may have
+    leaked. The CA, the hospitals' certificates, the CRL and the token keys stay, so
+    no hospital needs anything new. The names of the current certificate are kept
+    and `sans` added; returns the new certificate and its names."""
+    keys = Path(keys_dir)
+    ca = _load_ca(keys)
+    kept: list[str] = []
+    current = keys / "server.crt"
+    if current.exists():
+        kept = _san_strings(load_cert_file(current, "server certificate"))
+    server_key, server_cert = _server_identity(ca, [*kept, *sans])
+    write_private(keys / "server.key", _pem_key(server_key))
+    write_public(keys / "server.crt", _pem_cert(server_cert))
+    names = _san_strings(server_cert)
+    record_in(keys, "server_certificate_renewed", serial=f"{server_cert.serial_number:x}",
+              names=",".join(names),
+              cert_sha256=hashlib.sha256(
+                  server_cert.public_bytes(serialization.Encoding.DER)).hexdigest())
+    return server_cert, names
 
 
 def _revoked_serials(keys_dir: Path, ca: _Ca) -> set[int]:
@@ -474,7 +515,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="fl-keys",
         description=(
             "Operate the federation's private CA: create keys, sign hospitals' "
-            "certificate requests, revoke certificates, rotate the token key. "
+            "certificate requests, revoke certificates, renew the server's certificate, "
+            "rotate the token key. "
             "Exactly one action per run."
         ),
     )
@@ -504,6 +546,12 @@ def _parser() -> argparse.ArgumentParser:
         "running server refuses it from its next call",
     )
     action.add_argument(
+        "--renew-server", action="store_true",
+        help="re-issue only the server's key and certificate from the existing CA (keeps "
+        "the current certificate's names, adds --san ones); hospitals need nothing new; "
+        "restart the server to serve it",
+    )
+    action.add_argument(
         "--rotate-jwt-key", action="store_true",
         help="make a new token signing key active; old keys stay in jwt/ so tokens they "
         "signed still verify (delete jwt/<kid>.key to retire one)",
@@ -515,8 +563,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--san", action="append", default=[], metavar="NAME",
-        help="with --generate-keys: an extra DNS name or IP address for the server "
-        "certificate (repeatable; localhost, 127.0.0.1 and ::1 are always included)",
+        help="with --generate-keys or --renew-server: an extra DNS name or IP address for "
+        "the server certificate (repeatable; localhost, 127.0.0.1 and ::1 are always "
+        "included)",
     )
     parser.add_argument(
         "--force", action="store_true",
@@ -562,6 +611,11 @@ def _run(args: argparse.Namespace) -> None:
             print(f"{args.revoke} revoked (serial {serial:x}); crl.pem updated")
         else:
             print(f"{args.revoke} was already revoked (serial {serial:x}); nothing changed")
+    elif args.renew_server:
+        cert, names = renew_server(keys, args.san)
+        print(f"wrote a new server key and certificate to {keys} (serial"
+              f" {cert.serial_number:x}, valid until {cert.not_valid_after_utc:%Y-%m-%d},"
+              f" names {', '.join(names)}); restart the server to serve it")
     elif args.rotate_jwt_key:
         print(f"active token key is now {rotate_jwt_key(keys)}")
 
@@ -570,8 +624,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point (fl-keys); returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.san or args.force) and not args.generate_keys:
-        parser.error("--san and --force only apply to --generate-keys")
+    if args.san and not (args.generate_keys or args.renew_server):
+        parser.error("--san only applies to --generate-keys and --renew-server")
+    if args.force and not args.generate_keys:
+        parser.error("--force only applies to --generate-keys")
     if args.out_cert and not args.sign_csr:
         parser.error("--out-cert only applies to --sign-csr")
     try:

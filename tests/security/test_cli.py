@@ -236,3 +236,39 @@ def test_issue_client_and_admin(ca_keys: Path) -> None:
     assert client_identity.load_client_tls(ca_keys, "hospital_1")[2] == key_before
     assert [p.name for p in clients.iterdir() if p.name.startswith(".")] == []
     assert run_main("--revoke", "ghost", "--keys", ca_keys) == 2
+
+
+def test_renew_server_reissues_only_the_server_certificate(tmp_path: Path) -> None:
+    """A server certificate near its end, or a new host name: a new server key and
+    certificate from the same CA; the CA, the hospitals' certificates, the CRL and the
+    token keys are untouched, and the old names are kept."""
+    keys = tmp_path / "keys"
+    assert fl_keys("--generate-keys", "--out", keys, "--san", "fl.example.org").returncode == 0
+    assert fl_keys("--issue-client", "hospital_1", "--keys", keys).returncode == 0
+    untouched = {name: (keys / name).read_bytes()
+                 for name in ("ca.crt", "ca.key", "crl.pem", "jwt/active",
+                              "clients/hospital_1.crt")}
+    old_key = (keys / "server.key").read_bytes()
+    old = x509.load_pem_x509_certificate((keys / "server.crt").read_bytes())
+    proc = fl_keys("--renew-server", "--keys", keys, "--san", "10.9.8.7")
+    assert proc.returncode == 0, proc.stderr
+    assert "restart the server" in proc.stdout
+    assert {name: (keys / name).read_bytes() for name in untouched} == untouched
+    assert (keys / "server.key").read_bytes() != old_key
+    assert mode(keys / "server.key") == 0o600
+    new = x509.load_pem_x509_certificate((keys / "server.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate(untouched["ca.crt"])
+    new.verify_directly_issued_by(ca)
+    assert new.serial_number != old.serial_number
+    assert identity_from_pem((keys / "server.crt").read_bytes()) == ("fl-server", "server")
+    names = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in names.get_values_for_type(x509.DNSName)
+    assert "10.9.8.7" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    assert "server_certificate_renewed" in (keys / "audit.jsonl").read_text()
+    # --san belongs to the two actions that write the server certificate; --force not
+    misplaced = fl_keys("--rotate-jwt-key", "--keys", keys, "--san", "x")
+    assert misplaced.returncode == 2 and "--san only applies" in misplaced.stderr
+    forced = fl_keys("--renew-server", "--keys", keys, "--force")
+    assert forced.returncode == 2 and "--force only applies" in forced.stderr
+    assert_clean_error(fl_keys("--renew-server", "--keys", tmp_path / "none"),
+                       "does not exist")
