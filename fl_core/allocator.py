@@ -1,5 +1,6 @@
-"""glibc's mmap threshold, fixed: large buffers mapped on their own and given back to
-the system when freed.
+"""What the server and the simulation ask of the C library about memory: glibc's mmap
+threshold fixed, so large buffers are mapped on their own and given back to the system
+when freed; and a mapping's pages dropped once read (madvise MADV_DONTNEED).
 
 By default glibc raises its mmap threshold to the size of every large block freed (up
 to 32 MiB), so after the first model-sized buffer is freed every later one comes from
@@ -11,8 +12,12 @@ suits their buffers (fl_core/constants.py says which and why)."""
 from __future__ import annotations
 
 import ctypes
+import mmap
+from typing import Any
 
 _M_MMAP_THRESHOLD = -3  # mallopt()'s parameter number (malloc.h)
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+_madvise: Any = None  # libc's madvise once looked up; False where there is none
 
 
 def fix_mmap_threshold(threshold_bytes: int) -> bool:
@@ -25,3 +30,31 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def _libc_madvise() -> Any:
+    global _madvise
+    if _madvise is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    return _madvise or None
+
+
+def can_drop_pages() -> bool:
+    """True where `drop_pages` does something (else pages are simply kept)."""
+    return _MADV_DONTNEED is not None and _libc_madvise() is not None
+
+
+def drop_pages(address: int, length: int) -> None:
+    """Drop the resident pages of [address, address + length) (page-aligned). Only for
+    a clean file mapping nothing writes to: a later read maps the pages again from the
+    page cache; on anonymous or written pages it would discard data. Advice: a failure
+    costs memory only."""
+    madvise = _libc_madvise()
+    if madvise is not None and _MADV_DONTNEED is not None:
+        madvise(address, length, _MADV_DONTNEED)

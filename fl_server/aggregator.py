@@ -8,7 +8,6 @@ mid-stream has no effect on the round and can resume where the server stopped.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
@@ -21,7 +20,7 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
-from fl_core.allocator import fix_mmap_threshold
+from fl_core.allocator import can_drop_pages, drop_pages, fix_mmap_threshold
 from fl_core.constants import GCM_TAG_BYTES, SERVER_MMAP_THRESHOLD_BYTES
 from fl_core.errors import abort
 from fl_core.logs import log_event
@@ -54,7 +53,6 @@ from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
 from fl_server.validation import check_update_header
 
 log = logging.getLogger("fl_server.aggregator")
-MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
 def abort_refusal(context: grpc.ServicerContext, refusal: RoundRefusal) -> NoReturn:
     abort(context, getattr(grpc.StatusCode, refusal.code), refusal.message, refusal.reason)
@@ -98,21 +96,6 @@ class _DeltaView(Mapping[str, torch.Tensor]):
 
 
 _PAGE = mmap.PAGESIZE
-_madvise: Any = None
-
-
-def _libc_madvise() -> Any:
-    """libc's madvise, or None where there is none (then pages are simply kept)."""
-    global _madvise
-    if _madvise is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    return _madvise or None
 
 
 def return_freed_tensors_to_the_os() -> bool:
@@ -137,8 +120,7 @@ class _SpoolPages:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._ranges: dict[str, tuple[int, int]] = {}
-        madvise = MADV_DONTNEED is not None and _libc_madvise()
-        if not madvise:
+        if not can_drop_pages():
             return
         for name, t in tensors.items():
             size = t.numel() * t.element_size()
@@ -151,7 +133,7 @@ class _SpoolPages:
     def release(self, name: str) -> None:
         span = self._ranges.get(name)
         if span is not None:
-            _libc_madvise()(span[0], span[1], MADV_DONTNEED)  # advice: a failure costs RSS only
+            drop_pages(*span)
 
 
 class AggregatorService(apb_grpc.AggregatorServicer):

@@ -37,7 +37,12 @@ from fl_server.final_model import FinalDelivery, participants
 from fl_server.metrics import OBSERVED
 from fl_server.store import RoundSummary, Store, StoreError, state_sha256
 from fl_server.strategies import Strategy, StrategyError
-from fl_server.strategies.base import accumulation_dtype, tensor_norm, weighted_metrics
+from fl_server.strategies.base import (
+    accumulation_dtype,
+    tensor_norm,
+    update_norm,
+    weighted_metrics,
+)
 
 log = logging.getLogger("fl_server.rounds")
 
@@ -640,21 +645,6 @@ def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
     reproducible from the job's seed (it seeds init only, never DP noise)."""
     return (seed * 1_000_003 + round_no * 1009 + attempt
             + zlib.crc32(client_id.encode()) % 997) & 0xFFFFFFFF
-
-
-def update_norm(delta: Mapping[str, torch.Tensor],
-                release: Callable[[str], None] | None = None) -> float:
-    """L2 norm of an update's floating tensors, each in float32 unless that overflows
-    (`tensor_norm`: a float64 pass cost ~0.3 CPU-s per 100 MB update), summed in
-    float64 (an update of 1e30 must give 1e30-ish, not inf); `release(name)` after
-    each tensor is read."""
-    total = 0.0
-    for name, tensor in delta.items():
-        if tensor.is_floating_point():
-            total += tensor_norm(tensor) ** 2
-        if release is not None:
-            release(name)
-    return math.sqrt(total)
 
 
 def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:

@@ -67,6 +67,21 @@ def tensor_norm(t: torch.Tensor) -> float:
     return norm
 
 
+def update_norm(delta: Mapping[str, torch.Tensor],
+                release: Callable[[str], None] | None = None) -> float:
+    """L2 norm of an update's floating tensors, each in float32 unless that overflows
+    (`tensor_norm`: a float64 pass cost ~0.3 CPU-s per 100 MB update), summed in
+    float64 (an update of 1e30 must give 1e30-ish, not inf); `release(name)` after
+    each tensor is read."""
+    total = 0.0
+    for name, tensor in delta.items():
+        if tensor.is_floating_point():
+            total += tensor_norm(tensor) ** 2
+        if release is not None:
+            release(name)
+    return math.sqrt(total)
+
+
 def _keep(name: str) -> None:
     """The default `release`: tensors handed to a strategy stay as they are."""
 

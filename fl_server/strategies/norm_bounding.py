@@ -12,27 +12,12 @@ stays one model.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
-from fl_server.strategies.base import check_positive, tensor_norm
+from fl_server.strategies.base import check_positive, update_norm
 from fl_server.strategies.fedavg import FedAvg
-
-
-def delta_norm(delta: dict[str, torch.Tensor],
-               release: Callable[[str], None] | None = None) -> float:
-    """L2 norm of all tensors of a delta together (`tensor_norm` per tensor, then
-    `release(name)`: see `Strategy.accept`)."""
-    total = 0.0
-    for name, t in delta.items():
-        norm = tensor_norm(t)
-        total += norm * norm
-        if release is not None:
-            release(name)
-    return math.sqrt(total)
 
 
 class NormBounding(FedAvg):
@@ -49,7 +34,7 @@ class NormBounding(FedAvg):
         self.clipped = {}
 
     def _weight(self, client_id: str, delta: dict[str, torch.Tensor], num_examples: int) -> float:
-        norm = delta_norm(delta, self._release)
+        norm = update_norm(delta, self._release)
         scale = 1.0
         if norm > self.bound:
             scale = self.bound / norm

@@ -13,17 +13,13 @@ import pytest
 import torch
 
 from fl_core import tensor_codec as tc
-from fl_server.aggregator import (
-    MADV_DONTNEED,
-    _libc_madvise,
-    _SpoolPages,
-    return_freed_tensors_to_the_os,
-)
+from fl_core.allocator import can_drop_pages
+from fl_server.aggregator import _SpoolPages, return_freed_tensors_to_the_os
 from fl_server.rounds import step_norm
 from fl_server.strategies import make_strategy
 
 MiB = 1 << 20
-pytestmark = pytest.mark.skipif(MADV_DONTNEED is None or _libc_madvise() is None,
+pytestmark = pytest.mark.skipif(not can_drop_pages(),
                                 reason="no madvise(MADV_DONTNEED) here: pages are kept")
 
 
