@@ -38,6 +38,8 @@ from torch import nn
 
 from fl_models.ecg import scale_constants
 from fl_models.ecg.synthetic import CLASS_NAMES
+from fl_models.fixed_features import feature_scale as shared_feature_scale
+from fl_models.fixed_features import linear_on
 
 SPECTRUM_BINS = 300  # 0.1 Hz bins of a 10 s window: 0.1 .. 30 Hz
 AUTOCORR_LAGS = 300  # 10 ms .. 3 s at 100 Hz: several RR intervals
@@ -65,31 +67,12 @@ class SpectralRhythm(nn.Module):
         return torch.cat(blocks, dim=1)
 
 
-class FixedScale(nn.Module):
-    """(x - mean) / scale per feature, with constants that are not trained, not sent
-    and not averaged (non-persistent buffers: every party builds the same ones)."""
-
-    mean: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.clone(), persistent=False)
-        self.register_buffer("scale", scale.clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
-
-
 def feature_scale(windows: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-feature mean and standard deviation of the front end's output over
     `windows` [n, t] (float, any units): how `scale_constants.py` is computed, and how
     a site would recompute it from public recordings of its own kind."""
-    with torch.no_grad():
-        features = SpectralRhythm()(torch.as_tensor(windows, dtype=torch.float32)[:, None])
-    mean = features.mean(dim=0)
-    scale = features.std(dim=0).clamp_min(1e-3)
-    return [float(f"{v:.6g}") for v in mean], [float(f"{v:.6g}") for v in scale]
+    return shared_feature_scale(SpectralRhythm(),
+                                torch.as_tensor(windows, dtype=torch.float32)[:, None])
 
 
 def public_feature_scale() -> tuple[list[float], list[float]]:
@@ -101,10 +84,5 @@ def public_feature_scale() -> tuple[list[float], list[float]]:
 
 
 def build_model() -> nn.Module:
-    linear = nn.Linear(FEATURES, len(CLASS_NAMES))
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    return nn.Sequential(
-        SpectralRhythm(),
-        FixedScale(torch.tensor(scale_constants.MEAN), torch.tensor(scale_constants.SCALE)),
-        linear)
+    return linear_on(SpectralRhythm(), FEATURES, scale_constants.MEAN, scale_constants.SCALE,
+                     len(CLASS_NAMES))

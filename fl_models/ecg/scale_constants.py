@@ -1,4 +1,4 @@
-"""Fixed per-feature scaling of the ECG front end (model.FixedScale); generated.
+"""Fixed per-feature scaling of the ECG front end (fixed_features.FixedScale); generated.
 
 Mean and standard deviation of each of model.SpectralRhythm's features over
 3000 windows from the task's seeded generator at seed 987654 (no split uses

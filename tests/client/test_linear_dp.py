@@ -21,6 +21,8 @@ from fl_client.linear_dp import clipped_grad_sum, linear_head, noise_and_account
 from fl_client.local_training import train_round
 from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.base import Task
+from fl_models.cnn2d import dp_cnn
+from fl_models.pneumonia import PneumoniaTask
 from fl_models.registry import get_task
 from fl_proto import coordinator_pb2 as pb
 from tests.client.test_local_training import one_thread  # noqa: F401  (autouse: 1 thread)
@@ -168,7 +170,7 @@ def test_which_models_qualify(model: nn.Module, shape: tuple[int, ...], qualifie
     assert (linear_head(model, shape) is not None) == qualifies
 
 
-@pytest.mark.parametrize("name", ["breast_cancer", "symptom", "ecg"])
+@pytest.mark.parametrize("name", ["breast_cancer", "symptom", "ecg", "glaucoma", "pneumonia"])
 def test_the_linear_tasks_qualify(name: str) -> None:
     task = get_task(name)
     assert linear_head(task.build_model(), task.input_shape) is not None
@@ -231,14 +233,16 @@ def test_train_round_equals_hooks_mode_with_noise(
     assert fast.metrics["train_loss"] == pytest.approx(hooks.metrics["train_loss"], rel=1e-4)
 
 
-def test_ecg_front_end_equals_hooks_mode_with_noise() -> None:
-    """ecg: a fixed spectral front end, then the Linear layer: the same model as hooks."""
-    ecg = get_task("ecg")
+@pytest.mark.parametrize(("name", "examples"), [("ecg", 96), ("glaucoma", 24)])
+def test_fixed_front_end_equals_hooks_mode_with_noise(name: str, examples: int) -> None:
+    """ecg (fixed spectral features) and glaucoma (fixed scattering features), then the
+    Linear layer: the closed form trains the same model as hooks."""
+    task = get_task(name)
     g = torch.Generator().manual_seed(4)
-    data = TensorDataset(torch.randn(96, *ecg.input_shape, generator=g),
-                         torch.randint(0, ecg.num_classes, (96,), generator=g))
-    state = ecg.build_model().state_dict()
-    fast, hooks = (train_round(ecg, state, data, config(epochs=1), CPU, None, False,
+    data = TensorDataset(torch.randn(examples, *task.input_shape, generator=g),
+                         torch.randint(0, task.num_classes, (examples,), generator=g))
+    state = task.build_model().state_dict()
+    fast, hooks = (train_round(task, state, data, config(epochs=1), CPU, None, False,
                                private_seed=43, grad_sample_mode=mode)
                    for mode in ("auto", "hooks"))
     assert (fast.steps, fast.epsilon_round) == (hooks.steps, hooks.epsilon_round)
@@ -257,8 +261,15 @@ def test_empty_poisson_batches_are_survived(bc: Task) -> None:
     assert all(torch.isfinite(v).all() for v in res.state.values())
 
 
+class _CnnPneumonia(PneumoniaTask):
+    """pneumonia with its former narrow CNN (trainable convolutions before the head)."""
+
+    def build_model(self) -> nn.Module:
+        return dp_cnn(in_channels=1, num_classes=2)
+
+
 def test_linear_mode_refuses_a_network_with_trainable_layers_before_the_last() -> None:
-    cnn = get_task("pneumonia")
+    cnn = _CnnPneumonia()
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(8, *cnn.input_shape), torch.zeros(8, dtype=torch.int64))
     with pytest.raises(ValueError, match="one final Linear layer"):
