@@ -1,20 +1,14 @@
 """Pneumonia training defaults, tuned for DP-SGD (issue 13): ~60-1,700 films per
 hospital, binary, epsilon 8 per hospital for the whole job.
 
-The model is a fixed front end and one linear layer (model.py), so the loss is convex
-and the best use of the budget is a few large, full steps:
-- batch_size 4096: larger than any hospital here, so each local epoch is one step on
-  the whole training set (sample rate 1; Opacus's Poisson sampling then takes every
-  film). With one step a round, FedAvg of the hospitals' steps is one step of
-  gradient descent on the pooled data, whatever the label skew: the skewed hospitals'
-  pulls on the threshold cancel as they would in one data set (with several local
-  steps each, as before, they overshot each other). A hospital with more than 4,096
-  films takes several sampled steps instead.
-- local_epochs 1, SGD lr 2.0 (no local momentum: one step), max_grad_norm 1.0; the
-  demo runs 15 rounds with the server's fedavgm (beta 0.7, fl_demo/settings.py).
-  In one process (the daemons' trainer, planner and PRV ledger), seeds 0-2, 12
-  rounds: lr 0.5 0.876, 1 0.877, 2 0.884, 3 0.891; 16 rounds at lr 2 0.891.
-- noise_multiplier / target_epsilon: the fallbacks when no job budget is given.
+The same recipe as glaucoma's (its hyperparams.py says why): a fixed front end and one
+linear layer (model.py) trained by one full-batch DP step per hospital a round
+(batch_size 4096, local_epochs 1, no local momentum, max_grad_norm 1.0), so that each
+FedAvg round is one gradient step on the pooled films however skewed their labels;
+the demo runs 15 rounds with the server's fedavgm (beta 0.7, fl_demo/settings.py).
+SGD lr 2.0: in one process (the daemons' trainer, planner and PRV ledger), seeds 0-2,
+12 rounds: lr 0.5 0.876, 1 0.877, 2 0.884, 3 0.891; 16 rounds at lr 2 0.891 (README.md).
+noise_multiplier / target_epsilon: the fallbacks when no job budget is given.
 """
 
 from __future__ import annotations
