@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description=main.__doc__)
     parser.add_argument("task", choices=("glaucoma", "pneumonia"))
     parser.add_argument("--images", type=Path, help="class folders of public images")
+    parser.add_argument("--out", type=Path,
+                        help="where to write (default: the task's scale_constants.py)")
     args = parser.parse_args(argv)
     model = importlib.import_module(f"fl_models.{args.task}.model")
     images, source = None, (f"{model.PUBLIC_IMAGES} images from the task's seeded generator "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                f"constants cost no privacy. Regenerate with `python -m "
                f"fl_models.fixed_features {args.task}` (tests/models/test_fixed_features.py "
                f"checks they match).", 88))
-    write_constants(Path(str(constants.__file__)), doc, mean, scale)
+    write_constants(args.out or Path(str(constants.__file__)), doc, mean, scale)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ standardised with constants from public images only, then one trained Linear lay
 from __future__ import annotations
 
 import math
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +13,13 @@ import torch
 
 from fl_client.linear_dp import linear_head
 from fl_models import fixed_features
-from fl_models.fixed_features import GaborScattering, linear_on, morlet_kernels
+from fl_models.fixed_features import GaborScattering, feature_scale, linear_on, morlet_kernels
 from fl_models.glaucoma import scale_constants as glaucoma_constants
 from fl_models.glaucoma.dataset import to_tensors
 from fl_models.glaucoma.synthetic import generate as generate_fundus
+from fl_models.imaging import write_class_folders
 from fl_models.pneumonia import scale_constants as pneumonia_constants
+from fl_models.pneumonia.model import front_end as pneumonia_front_end
 from fl_models.pneumonia.synthetic import generate as generate_films
 from fl_models.registry import get_task
 
@@ -96,3 +100,20 @@ def test_features_are_per_image_chunked_and_exposure_free() -> None:
 def test_linear_on_wants_one_constant_per_feature() -> None:
     with pytest.raises(ValueError, match="expected 4 scaling constants"):
         linear_on(torch.nn.Flatten(), 4, [0.0] * 3, [1.0] * 3, 2)
+
+
+def test_constants_recompute_from_a_folder_of_public_images(tmp_path: Path) -> None:
+    """What a site with real films runs: the constants from public class folders,
+    written as a module the model can load."""
+    images, labels, _ = generate_films(24, 5)
+    write_class_folders(tmp_path / "public", images, labels, np.arange(24),
+                        ("normal", "pneumonia"))
+    out = tmp_path / "constants.py"
+    fixed_features.main(["pneumonia", "--images", str(tmp_path / "public"), "--out", str(out)])
+    written = runpy.run_path(str(out))
+    assert "24 public images under" in " ".join(str(written["__doc__"]).split())
+    inputs = torch.from_numpy(images).unsqueeze(1).float() / 255
+    mean, scale = feature_scale(pneumonia_front_end(), inputs)
+    np.testing.assert_allclose(written["MEAN"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written["SCALE"], scale, rtol=1e-5, atol=1e-6)
+    assert len(written["MEAN"]) == 400
