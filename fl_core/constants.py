@@ -198,3 +198,11 @@ MAX_UNSENT_STOPS: Final = 4
 # kept fixed, so each update-sized buffer from Ray is unmapped when freed.
 SERVER_MMAP_THRESHOLD_BYTES: Final = 4 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
+
+# grpc.aio server (issue 16 item 4). An idle task stream holds no thread, so open
+# calls are capped by max_workers x CONCURRENT_RPCS_PER_WORKER plus this many task
+# streams (one per connected hospital; each costs a coroutine and its connection).
+MAX_TASK_STREAMS: Final = 50_000
+# How often the server looks at crl.pem for a change; a change wakes every task
+# stream so a revoked hospital's open stream ends within about this long.
+REVOCATION_POLL_S: Final = 1.0

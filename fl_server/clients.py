@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from fl_core.constants import MAX_UNSENT_STOPS, SESSION_TAKEOVER_GRACE_S
 from fl_proto import coordinator_pb2 as cpb
+from fl_server.idle import Idle
 
 
 class SessionConflict(Exception):
@@ -59,19 +60,20 @@ class ClientEntry:
     # A job's STOP not yet sent on any stream: the next job's first task replaces
     # `pending` at once, and must not swallow the STOP that carries the final model.
     unsent_stops: list[cpb.Task] = field(default_factory=list, repr=False)
-    # Wakes only this client's task stream (on the registry's lock); see ClientRegistry.
-    wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
+    # The waits of this client's task streams (see fl_server/idle.py): woken when its
+    # task changes or a newer stream replaces them.
+    idle: list[Idle] = field(default_factory=list, repr=False, compare=False)
 
 
 class ClientRegistry:
     """Thread-safe registry; the round engine and the gRPC handlers share it.
 
     One lock guards everything. Waiters on `_lock` itself are those interested in
-    who is connected (the round engine); each client's task stream waits on its own
-    entry's `wakeup` condition (over the same lock), so handing one client a task
-    wakes one thread, not every connected client's: with N clients connected a
-    round assigning k tasks would otherwise cost k x N thread wake-ups (800 clients
-    connected, 10 selected: a 10-client round took 2.2x as long as with 10 connected).
+    who is connected (the round engine). A client's task stream does not wait on a
+    thread at all: it yields an `Idle` registered on its own entry, so handing one
+    client a task wakes that one stream, not every connected client's (with N
+    connected a round assigning k tasks would otherwise cost k x N wake-ups), and an
+    idle connected client holds no thread (fl_server/serving.py).
     """
 
     MAX_SESSIONS_PER_CLIENT = 4
@@ -98,16 +100,20 @@ class ClientRegistry:
         entry = self._clients.get(client_id)
         if entry is None:
             entry = self._clients[client_id] = ClientEntry(client_id)
-        if entry.wakeup is None:
-            entry.wakeup = threading.Condition(self._mutex)
         return entry
+
+    @staticmethod
+    def _wake_streams(entry: ClientEntry) -> None:
+        """Wake the client's waiting task streams (call with the lock held)."""
+        waiting, entry.idle = entry.idle, []
+        for idle in waiting:
+            idle.wake()
 
     def _wake_all(self) -> None:
         """Wake every waiter, task streams included (call with the lock held)."""
         self._lock.notify_all()
         for entry in self._clients.values():
-            if entry.wakeup is not None:
-                entry.wakeup.notify_all()
+            self._wake_streams(entry)
 
     # sessions -----------------------------------------------------------------
     def new_session(self, client_id: str, secret: bytes, num_examples: int,
@@ -131,8 +137,7 @@ class ClientRegistry:
             if not renewal:
                 if entry.streams_open > 0 and replace:
                     entry.stream_generation += 1  # the live stream ends at its next check
-                    assert entry.wakeup is not None
-                    entry.wakeup.notify_all()
+                    self._wake_streams(entry)
                 deadline = time.monotonic() + (0.0 if replace else grace_s)
                 while entry.streams_open > 0 and not self._closed:
                     remaining = deadline - time.monotonic()
@@ -180,8 +185,7 @@ class ClientRegistry:
         with self._lock:
             entry = self._entry(client_id)
             self._set_pending(entry, task)
-            assert entry.wakeup is not None
-            entry.wakeup.notify_all()
+            self._wake_streams(entry)
 
     def clear_task(self, client_id: str, task_id: str) -> None:
         with self._lock:
@@ -201,8 +205,13 @@ class ClientRegistry:
             self._wake_all()
 
     def task_stream(self, client_id: str, heartbeat_s: float,
-                    is_active: Callable[[], bool], peer: str = "") -> Iterator[cpb.Task]:
-        """Yields the client's pending task whenever it changes, heartbeats between."""
+                    is_active: Callable[[], bool], peer: str = "") -> Iterator[cpb.Task | Idle]:
+        """Yields the client's pending task whenever it changes, heartbeats between,
+        and an `Idle` whenever there is nothing to send yet (the caller waits on it:
+        the serving bridge without a thread, a plain caller with `Idle.block`).
+
+        `is_active` is checked after every wait; whoever ends the call, or revokes
+        the client's certificate, wakes the stream (`wake_client`, `wake`)."""
         with self._lock:
             entry = self._entry(client_id)
             entry.stream_generation += 1
@@ -210,33 +219,37 @@ class ClientRegistry:
             entry.stream_peer = peer
             entry.stream_since = time.time()
             generation = entry.stream_generation
-            wakeup = entry.wakeup
-            assert wakeup is not None
             self._lock.notify_all()  # one more connected client
-            wakeup.notify_all()  # an older stream of this client ends
+            self._wake_streams(entry)  # an older stream of this client ends
         sent_id = ""
         last_yield = time.monotonic()
         pending: cpb.Task | None
         try:
             while True:
+                idle: Idle | None = None
                 with self._lock:
-                    while True:
-                        if self._closed or entry.stream_generation != generation:
-                            return
-                        if entry.unsent_stops:
-                            pending = entry.unsent_stops.pop(0)
-                            break
+                    if self._closed or entry.stream_generation != generation:
+                        return
+                    if entry.unsent_stops:
+                        pending = entry.unsent_stops.pop(0)
+                    else:
                         pending = entry.pending
-                        if pending is not None and pending.task_id != sent_id:
-                            break
-                        wait = heartbeat_s - (time.monotonic() - last_yield)
-                        if wait <= 0:
+                        if pending is None or pending.task_id == sent_id:
+                            wait = heartbeat_s - (time.monotonic() - last_yield)
                             pending = None
-                            break
-                        wakeup.wait(timeout=min(wait, 1.0))
-                        if not is_active():
-                            return
-                    entry.last_seen = time.time()
+                            if wait > 0:
+                                idle = Idle(wait)
+                                entry.idle.append(idle)
+                    if idle is None:
+                        entry.last_seen = time.time()
+                if idle is not None:
+                    yield idle
+                    with self._lock:
+                        if idle in entry.idle:
+                            entry.idle.remove(idle)
+                    if not is_active():
+                        return
+                    continue
                 if pending is None:
                     yield cpb.Task(kind=cpb.HEARTBEAT)
                 else:
@@ -251,6 +264,13 @@ class ClientRegistry:
                 entry.streams_open -= 1
                 entry.last_seen = time.time()
                 self._lock.notify_all()
+
+    def wake_client(self, client_id: str) -> None:
+        """Wake one client's task streams (its call ended, so it re-checks)."""
+        with self._lock:
+            entry = self._clients.get(client_id)
+            if entry is not None:
+                self._wake_streams(entry)
 
     # views ----------------------------------------------------------------------
     def connected(self) -> list[str]:

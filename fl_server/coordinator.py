@@ -28,6 +28,7 @@ from fl_server import audit
 from fl_server.aggregator import abort_refusal
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, SessionConflict
+from fl_server.idle import Idle
 from fl_server.jobs import JobError, JobManager, job_info, model_file_bytes
 from fl_server.metrics import fill_status
 from fl_server.rounds import RoundEngine, RoundRefusal
@@ -122,7 +123,7 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         return list(dict.fromkeys(t for t in found if t))
 
     def Tasks(self, request: cpb.TaskStreamRequest,
-              context: grpc.ServicerContext) -> Iterator[cpb.Task]:
+              context: grpc.ServicerContext) -> Iterator[cpb.Task | Idle]:
         ident = identity_of(context)
         if request.session_id != ident.session_id:
             # A session id is the token's; a stream opened naming another session (a
@@ -135,13 +136,15 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         # Wake the stream the moment the call ends (client gone, cancelled), so the
         # client stops counting as connected at once, not at the stream's next poll:
         # a round starting in between would select it and wait its deadline for it.
-        context.add_callback(self.registry.wake)
+        client_id = ident.client_id
+        context.add_callback(lambda: self.registry.wake_client(client_id))
         revocations = self.revocations
 
         def still_allowed() -> bool:
             """The call is alive and its certificate not revoked since it began: the
             interceptor checks each call once, at its start, and this call may last
-            for days; a revoked hospital's stream ends within a second."""
+            for days; a revoked hospital's stream ends within a second (the server
+            wakes every stream when the revocation list changes: watch_revocations)."""
             if not context.is_active():
                 return False
             try:

@@ -22,9 +22,13 @@ import grpc
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
     InterceptorBase = grpc.ServerInterceptor[Any, Any]
+    GenericHandler = grpc.GenericRpcHandler[Any, Any]
+    GenericHandlerBase = grpc.GenericRpcHandler[Any, Any]
 else:
     Handler = grpc.RpcMethodHandler
     InterceptorBase = grpc.ServerInterceptor
+    GenericHandler = grpc.GenericRpcHandler
+    GenericHandlerBase = grpc.GenericRpcHandler
 
 Behavior = Callable[[Any, Any], Any]
 
@@ -77,4 +81,5 @@ class WrappingInterceptor(InterceptorBase):
         raise NotImplementedError
 
 
-__all__ = ["Behavior", "Handler", "InterceptorBase", "WrappingInterceptor", "rewrap"]
+__all__ = ["Behavior", "GenericHandler", "GenericHandlerBase", "Handler", "InterceptorBase",
+           "WrappingInterceptor", "rewrap"]

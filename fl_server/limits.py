@@ -22,8 +22,11 @@ failed. So, behind the authentication interceptor (the caller's identity is know
 
 A slot is given back when the handler returns or when the call terminates,
 whichever comes first (a cancelled call wakes its blocked handler right away).
-With grpc.aio the threads would no longer be the resource, but these limits would
-stay: each open call still costs memory, file descriptors and a task.
+The server runs on grpc.aio (fl_server/serving.py): a call holds a thread only while
+its handler has work, so an idle task stream holds none and is not counted in the
+streams' thread budget (THREADLESS_KINDS); uploads, downloads, Watch and reflection
+streams still are. Each open call still costs memory and a file descriptor, hence
+the per-identity limits on every kind.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from fl_core.logs import log_event
 from fl_core.ratelimit import RefusalLog
 from fl_server.auth import identity_of
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
+from fl_server.idle import Idle
 
 log = logging.getLogger("fl_server.limits")
 
@@ -63,6 +67,13 @@ METHOD_KINDS: Mapping[str, str] = {
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "reflection",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "reflection",
 }
+
+
+# Calls that hold no worker thread while they wait: a task stream with nothing to send
+# yields its thread back (fl_server/serving.py), so task streams are limited per
+# identity but do not count against the threads' stream budget; unary calls are the
+# ones the reserve is kept for.
+THREADLESS_KINDS = frozenset({"unary", "tasks"})
 
 
 def reserve_workers(max_workers: int) -> int:
@@ -78,6 +89,14 @@ def end_call(context: Any, code: grpc.StatusCode, message: str) -> None:
     can cancel with a status and message, which is what the client should read.
     That object is gRPC's private attribute, so fall back to cancel() if it moves.
     """
+    end = getattr(context, "end", None)
+    if callable(end):  # the serving bridge's ThreadContext (fl_server/serving.py)
+        end(code, message)
+        return
+    end = getattr(context, "end", None)
+    if callable(end):  # the serving bridge's ThreadContext (fl_server/serving.py)
+        end(code, message)
+        return
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     try:
         call.cancel(code.value[0], message)  # type: ignore[union-attr]
@@ -200,14 +219,15 @@ class CallLimits:
             if kind != "unary" and mine >= self.streams_per_identity:
                 return (f"{client_id!r} already has {mine} streaming calls open, the most one"
                         " identity may hold; finish or cancel one first")
-            if kind != "unary" and self._streams >= self.stream_budget:
+            if kind not in THREADLESS_KINDS and self._streams >= self.stream_budget:
                 return (f"the server holds {self._streams} streaming calls, all it may"
                         f" (the other {self.reserve} threads are kept for Status, health"
                         " and Join); retry shortly")
             self._held[(client_id, kind)] = held + 1
             if kind != "unary":
-                self._streams += 1
                 self._held[(client_id, "*streams")] = mine + 1
+            if kind not in THREADLESS_KINDS:
+                self._streams += 1
         return None
 
     def release(self, client_id: str, kind: str) -> None:
@@ -218,8 +238,9 @@ class CallLimits:
                 self._held.pop(key, None)
             else:
                 self._held[key] = held - 1
-            if kind != "unary" and held > 0:
+            if kind not in THREADLESS_KINDS and held > 0:
                 self._streams -= 1
+            if kind != "unary" and held > 0:
                 mine = self._held.get((client_id, "*streams"), 0)
                 if mine <= 1:
                     self._held.pop((client_id, "*streams"), None)
@@ -342,6 +363,9 @@ class CallLimitInterceptor(WrappingInterceptor):
         watches.append(watch)
         try:
             for message in responses:
+                if isinstance(message, Idle):  # nothing sent: no client to wait for
+                    yield message
+                    continue
                 self.watchdog.arm(watch, self.send_stall_s,
                                   f"the client took no message for {self.send_stall_s:g}s")
                 yield message

@@ -18,11 +18,9 @@ import signal
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -32,7 +30,9 @@ from fl_core.constants import (
     DEFAULT_EPSILON_PER_HOSPITAL,
     EPSILON_WARN_PER_JOB,
     FINAL_MODEL_GRACE_S,
+    MAX_TASK_STREAMS,
     METRICS_HOST,
+    REVOCATION_POLL_S,
     SERVER_METRICS_PORT,
 )
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
@@ -63,6 +63,7 @@ from fl_server.limits import CallLimitInterceptor, log_limits
 from fl_server.metrics import observe
 from fl_server.rounds import RoundEngine
 from fl_server.secagg_round import SecAggSettings, SecureAggregation
+from fl_server.serving import AioServer
 from fl_server.store import Job, Store
 from fl_server.strategies import STRATEGY_NAMES, StrategyError, make_strategy
 from fl_server.tokens import RevocationList, TokenService
@@ -172,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secagg_stage_timeout_s", type=float, default=d.secagg_stage_timeout_s,
                    help="how long the key, share and unmask stages wait for hospitals")
     p.add_argument("--max_workers", type=int, default=d.max_workers,
-                   help="gRPC worker threads (each connected client holds one for its task"
-                        " stream)")
+                   help="threads that run calls while they have work (uploads and downloads"
+                        " in flight, quick calls); an idle connected hospital's task stream"
+                        " holds none (grpc.aio), so this need not grow with the hospitals")
     p.add_argument("--torch_threads", type=int, default=d.torch_threads,
                    help="threads torch may use for aggregation; 1 avoids contention with the"
                         " gRPC threads (8 x 100 MB FedAvg: 0.33 s with 1 thread, 0.95 s with 2"
@@ -258,6 +260,7 @@ class ServerApp:
         self.cfg = cfg
         self.given = set(given or ())
         self.no_job = no_job
+        self._stopping = threading.Event()
         torch.set_num_threads(cfg.torch_threads)
         try:
             self.tls = load_server_tls(cfg.keys_dir)
@@ -372,7 +375,7 @@ class ServerApp:
                 strategy, self.tls[2], cfg.keys_dir / "crl.pem")
         return engine
 
-    def _bind(self) -> tuple[grpc.Server, int, str]:
+    def _bind(self) -> tuple[AioServer, int, str]:
         """The gRPC server with its interceptors, bound (not yet serving).
 
         SO_REUSEPORT is off: with gRPC's default a second server on a busy port starts
@@ -385,12 +388,11 @@ class ServerApp:
         interceptor = AuthInterceptor(self.tokens, self.revocations,
                                       public_methods=set(PUBLIC_METHODS),
                                       admin_methods=set(ADMIN_METHODS))
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
-                                                        thread_name_prefix="grpc"),
-                             interceptors=[RefusalObserver(), interceptor, self.limits],
-                             options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=cfg.max_workers
-                             * CONCURRENT_RPCS_PER_WORKER)
+        server = AioServer(cfg.max_workers,
+                           interceptors=[RefusalObserver(), interceptor, self.limits],
+                           options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)],
+                           maximum_concurrent_rpcs=cfg.max_workers
+                           * CONCURRENT_RPCS_PER_WORKER + MAX_TASK_STREAMS)
         cert, key, ca = self.tls
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         try:
@@ -418,12 +420,13 @@ class ServerApp:
                     aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, server)
+        reflection.enable_server_reflection(services, server)  # type: ignore[arg-type]
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         port, address = self.port, self.address
         server.start()
         threading.Thread(target=self.jobs.run, name="jobs", daemon=True).start()
+        threading.Thread(target=self._watch_revocations, name="crl-watch", daemon=True).start()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.job_id:
@@ -436,12 +439,23 @@ class ServerApp:
                       note="waiting for jobs: fl-admin submit JOB.toml")
         return port
 
+    def _watch_revocations(self) -> None:
+        """Wake every task stream when the revocation list changes: a stream is
+        authenticated once, at its start, and an idle one only looks again when woken,
+        so this is what ends a revoked hospital's open stream within a second."""
+        generation = self.revocations.generation
+        while not self._stopping.wait(REVOCATION_POLL_S):
+            if self.revocations.changed_since(generation):
+                generation = self.revocations.generation
+                self.registry.wake()
+
     @property
     def job_id(self) -> str:
         """The job being served (or the last one); "" before the first."""
         return str(self.engine.job_id)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
         self.jobs.shutdown()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

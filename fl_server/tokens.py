@@ -111,6 +111,7 @@ class RevocationList:
         self._stamp: tuple[int, int, int] | None = None
         self._serials: frozenset[int] = frozenset()
         self._error: str | None = None
+        self.generation = 0  # bumped whenever a changed file is read
         self._refresh()
         if self._error is not None:
             raise KeysError(self._error)
@@ -134,6 +135,13 @@ class RevocationList:
                 return
             self._serials = frozenset(entry.serial_number for entry in crl)
             self._stamp, self._error = stamp, None
+            self.generation += 1
+
+    def changed_since(self, generation: int) -> bool:
+        """Whether the file changed (re-read now if it did) since `generation`, or is
+        unusable: either way calls that were let in before must check again."""
+        self._refresh()
+        return self.generation != generation or self._error is not None
 
     def is_revoked(self, serial: int) -> bool:
         self._refresh()

@@ -1,0 +1,244 @@
+"""The grpc.aio serving bridge (fl_server/serving.py) on a real loopback server.
+
+What the server's services rely on: an idle response stream gives its worker thread
+back, abort ends the call with the code, message and rich status the client reads,
+a handler blocked reading a client stream is released when the call is ended from
+another thread, and a cancelled call runs its callbacks and its generator's
+`finally`. The full services over mTLS are covered by the integration, hostile and
+fault suites, which now all run on this bridge.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from fl_core.errors import abort, refusal_of
+from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
+from fl_server.idle import Idle
+from fl_server.serving import AioServer
+
+SERVICE = "test.Bridge"
+TIMEOUT = 20.0
+
+
+def _ident(b: bytes) -> bytes:
+    return b
+
+
+class Feed:
+    """Handlers of a toy service, with what the tests need to see from inside."""
+
+    def __init__(self) -> None:
+        self.idle: list[Idle] = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.callback_ran = threading.Event()
+        self.reader_released = threading.Event()
+        self.reading = threading.Event()
+        self.contexts: list[Any] = []
+
+    def wait(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
+        """Idle until woken, then one message."""
+        context.add_callback(self.callback_ran.set)
+        try:
+            idle = Idle(60.0)
+            with self.lock:
+                self.idle.append(idle)
+            while not idle.woken:
+                yield idle
+            yield b"woken:" + request
+        finally:
+            self.closed.set()
+
+    def refuse(self, request: bytes, context: Any) -> bytes:
+        abort(context, grpc.StatusCode.FAILED_PRECONDITION, "not now: " + request.decode(),
+              "NOT_NOW", "request")
+
+    def total(self, requests: Iterator[bytes], context: Any) -> bytes:
+        return str(sum(len(r) for r in requests)).encode()
+
+    def stall(self, requests: Iterator[bytes], context: Any) -> bytes:
+        self.contexts.append(context)
+        try:
+            for _ in requests:
+                self.reading.set()
+        except BaseException:
+            self.reader_released.set()
+            raise
+        return b"never"
+
+    def handlers(self) -> dict[str, Handler]:
+        kw: dict[str, Any] = {"request_deserializer": _ident, "response_serializer": _ident}
+        return {
+            "Wait": grpc.unary_stream_rpc_method_handler(self.wait, **kw),
+            "Refuse": grpc.unary_unary_rpc_method_handler(self.refuse, **kw),
+            "Total": grpc.stream_unary_rpc_method_handler(self.total, **kw),
+            "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
+        }
+
+
+class CodeRecorder(WrappingInterceptor):
+    """Reads the call's code after the handler, as the refusal audit does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, Any, Any]] = []
+
+    def _wrap(self, handler: Handler, method: str) -> Handler:
+        def wrap(behavior: Callable[[Any, Any], Any], _in: bool, out: bool) -> Any:
+            if out:
+                return behavior
+
+            def recorded(request: Any, context: Any) -> Any:
+                try:
+                    return behavior(request, context)
+                finally:
+                    self.seen.append((method, context.code(), context.details()))
+
+            return recorded
+
+        return rewrap(handler, wrap)
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Feed, CodeRecorder, grpc.Channel, AioServer]]:
+    feed, recorder = Feed(), CodeRecorder()
+    server = AioServer(max_workers=2, interceptors=[recorder])
+    server.add_registered_method_handlers(SERVICE, feed.handlers())
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield feed, recorder, channel, server
+    finally:
+        channel.close()
+        assert server.stop(1.0).wait(10)
+
+
+def _call(channel: grpc.Channel, kind: str, name: str) -> Any:
+    make = {"us": channel.unary_stream, "uu": channel.unary_unary,
+            "su": channel.stream_unary}[kind]
+    return make(f"/{SERVICE}/{name}", request_serializer=_ident,
+                response_deserializer=_ident, _registered_method=True)
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_idle_streams_give_their_thread_back(served: Any) -> None:
+    """30 open streams on 2 worker threads: every handler reaches its wait (so none
+    holds a thread while idle), and each is served when woken."""
+    feed, _, channel, _server = served
+    feed.idle.clear()
+    streams = [_call(channel, "us", "Wait")(str(i).encode(), timeout=TIMEOUT)
+               for i in range(30)]
+    _until(lambda: len(feed.idle) == 30, "all 30 handlers to be waiting")
+    for idle in list(feed.idle):
+        idle.wake()
+    got = sorted(next(stream) for stream in streams)
+    assert got == sorted(b"woken:" + str(i).encode() for i in range(30))
+    for stream in streams:
+        assert list(stream) == []
+
+
+def test_abort_sends_code_message_and_rich_status(served: Any) -> None:
+    feed, recorder, channel, _server = served
+    with pytest.raises(grpc.RpcError) as info:
+        _call(channel, "uu", "Refuse")(b"x", timeout=TIMEOUT)
+    refusal = refusal_of(info.value)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == "not now: x"
+    assert (refusal.reason, refusal.field) == ("NOT_NOW", "request")
+    _until(lambda: any(m.endswith("/Refuse") for m, _, _ in recorder.seen), "the record")
+    method, code, details = [r for r in recorder.seen if r[0].endswith("/Refuse")][-1]
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and details == "not now: x"
+
+
+def test_client_stream_is_read_in_order(served: Any) -> None:
+    _feed, _, channel, _server = served
+    chunks = [b"a" * n for n in (1, 10, 100, 1000, 100_000)]
+    assert _call(channel, "su", "Total")(iter(chunks), timeout=TIMEOUT) == b"101111"
+
+
+def test_ending_a_call_releases_a_blocked_reader(served: Any) -> None:
+    """The stream watchdog's way: `end` from another thread; the client reads the
+    code and message, and the handler's blocked read raises at once."""
+    feed, _, channel, _server = served
+    release = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield b"first"
+        release.wait(TIMEOUT)  # then silence
+
+    future = _call(channel, "su", "Stall").future(requests(), timeout=TIMEOUT)
+    try:
+        _until(feed.reading.is_set, "the handler to read the first message")
+        feed.contexts[-1].end(grpc.StatusCode.DEADLINE_EXCEEDED, "silent for too long")
+        assert feed.reader_released.wait(5), "the blocked read was not released"
+        error = future.exception(timeout=TIMEOUT)
+        assert isinstance(error, grpc.Call)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error.details() == "silent for too long"
+    finally:
+        release.set()
+
+
+def test_cancelled_stream_runs_callbacks_and_closes_its_generator(served: Any) -> None:
+    feed, _, channel, _server = served
+    feed.idle.clear()
+    feed.closed.clear()
+    feed.callback_ran.clear()
+    stream = _call(channel, "us", "Wait")(b"gone", timeout=TIMEOUT)
+    _until(lambda: len(feed.idle) == 1, "the handler to wait")
+    stream.cancel()
+    assert feed.callback_ran.wait(5), "the call's callback did not run"
+    assert feed.closed.wait(5), "the generator's finally did not run"
+
+
+def test_hospitals_beyond_the_worker_threads_stay_connected(tmp_path: Any) -> None:
+    """The real server daemon with --max_workers 8 (a stream budget of 6 threads under
+    the synchronous server): 40 hospitals join over mTLS and hold their task streams
+    at once, all are connected, the operator's Status still answers at once, and
+    when they leave none is counted as connected."""
+    from fl_demo.launcher import Federation, make_pki
+    from tests.hostile.kit import HostileClient, site_identity, wait_for
+
+    names = [f"hospital_{i}" for i in range(1, 41)]
+    make_pki(tmp_path, names)
+    fed = Federation(tmp_path, [], "breast_cancer")
+    clients: list[HostileClient] = []
+    try:
+        port = fed.start_server(["--rounds", "1", "--min_clients", "1000",
+                                 "--wait_for_clients_s", "600", "--max_workers", "8"])
+        for name in names:
+            client = HostileClient(port, site_identity(tmp_path, name), name)
+            client.open_tasks()
+            clients.append(client)
+
+        def connected() -> set[str]:
+            return {c.client_id for c in fed.status().clients if c.connected}
+
+        wait_for(lambda: connected() == set(names), 60, "all 40 hospitals connected")
+        started = time.monotonic()
+        assert fed.status(timeout_s=5.0).job_state == "running"
+        assert time.monotonic() - started < 5.0
+        assert all(c._thread is not None and c._thread.is_alive() for c in clients), \
+            "a task stream was refused or ended"
+        for client in clients:
+            client.close_tasks()
+        wait_for(lambda: not connected(), 30, "no hospital connected after they left")
+        assert fed.server is not None and fed.server.poll() is None
+    finally:
+        for client in clients:
+            client.close()
+        fed.stop_all()
