@@ -146,12 +146,16 @@ class Watchdog:
         if watch.expires < watch.scheduled:
             with self._cv:
                 watch.scheduled = watch.expires
-                heapq.heappush(self._heap, _Entry(watch.expires, next(self._seq), watch))
+                entry = _Entry(watch.expires, next(self._seq), watch)
+                heapq.heappush(self._heap, entry)
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="stream-watchdog",
                                                     daemon=True)
                     self._thread.start()
-                self._cv.notify()
+                if self._heap[0] is entry:
+                    # only a new earliest deadline shortens the watchdog's sleep: waking
+                    # it for every streamed message cost a thread switch per message
+                    self._cv.notify()
 
     @staticmethod
     def disarm(watch: _Watch) -> None:

@@ -20,10 +20,13 @@ it keeps the thread for a stream's whole life, and its context for them has no
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,6 +39,10 @@ from fl_server.idle import Idle
 log = logging.getLogger(__name__)
 
 _END = object()
+# Messages the loop reads ahead of a handler, and a handler writes ahead of the
+# client: bounded, so a 1 MiB-chunk transfer buffers at most a few MiB per call.
+READ_AHEAD = 4
+WRITE_AHEAD = 4
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - the type stubs do not declare it
 
 
@@ -54,9 +61,17 @@ class ThreadContext:
         self._loop = loop
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] | None = []
-        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._buffers: list[_Buffer] = []  # hand-offs to release when the call ends
         self._aborted: BaseException | None = None
         self._status: tuple[grpc.StatusCode, str, tuple[Any, ...]] | None = None
+        # What the handler may ask about the call, read now on the loop thread while
+        # the call is alive: gRPC's core call may be freed as soon as the client goes
+        # away, while a worker still runs the handler (reading it then crashed).
+        self._peer = str(context.peer())
+        self._auth = context.auth_context()
+        self._metadata = context.invocation_metadata()
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
 
     # ending the call -----------------------------------------------------------
     async def _abort(self, code: grpc.StatusCode, details: str,
@@ -76,9 +91,9 @@ class ThreadContext:
             error = CallEnded("the call was ended")
         with self._lock:
             self._aborted = error
-            pending = list(self._pending)
-        for future in pending:
-            future.cancel()  # a read blocked on the ended call returns at once
+            buffers = list(self._buffers)
+        for buffer in buffers:
+            buffer.close()  # a read blocked on the ended call returns at once
         return error
 
     def abort(self, code: grpc.StatusCode, details: str = "",
@@ -118,39 +133,26 @@ class ThreadContext:
         """The call is over: run its callbacks once, release reads still waiting."""
         with self._lock:
             callbacks, self._callbacks = self._callbacks, None
-            pending = list(self._pending)
-        for future in pending:
-            future.cancel()
+            buffers = list(self._buffers)
+        for buffer in buffers:
+            buffer.close()
         for callback in callbacks or ():
             try:
                 callback()
             except Exception:  # noqa: BLE001 - one failing callback must not skip the rest
                 log.exception("call-end callback failed")
 
-    def read(self) -> Any:
-        """The next request message, or _EOF; blocks this (worker) thread."""
-        if self._aborted is not None:
-            raise self._aborted
-        future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+    def attach(self, buffer: _Buffer) -> None:
+        """Close `buffer` when the call ends (at once if it has)."""
         with self._lock:
-            if self._callbacks is None:
-                future.cancel()
-            self._pending.add(future)
-        try:
-            message = future.result()
-        except (concurrent.futures.CancelledError, Exception):
-            if self._aborted is not None:
-                raise self._aborted from None
-            raise CallEnded("the call ended while its messages were being read") from None
-        finally:
-            with self._lock:
-                self._pending.discard(future)
-        if message is _EOF and self._aborted is not None:
-            raise self._aborted
-        return message
+            if self._callbacks is not None and self._aborted is None:
+                self._buffers.append(buffer)
+                return
+        buffer.close()
 
-    async def _read(self) -> Any:
-        return await self._context.read()
+    def failed(self) -> BaseException:
+        """What a handler reading or writing an ended call raises."""
+        return self._aborted or CallEnded("the call ended while its messages were moving")
 
     # what the call says ------------------------------------------------------------
     def code(self) -> Any:
@@ -165,16 +167,16 @@ class ThreadContext:
         return self._context.trailing_metadata()
 
     def peer(self) -> str:
-        return str(self._context.peer())
+        return self._peer
 
     def auth_context(self) -> Any:
-        return self._context.auth_context()
+        return self._auth
 
     def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
+        return self._metadata
 
-    def time_remaining(self) -> Any:
-        return self._context.time_remaining()
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self._context.set_code(code)
@@ -186,17 +188,134 @@ class ThreadContext:
         self._context.set_trailing_metadata(tuple(metadata))
 
 
-class _Requests(Iterator[Any]):
-    """A client stream's messages as the synchronous iterator the handlers read."""
+class _Buffer:
+    """A bounded hand-off between the event loop and one worker thread.
 
-    def __init__(self, context: ThreadContext) -> None:
+    Why: a hop per message (a coroutine scheduled from the thread, or an executor
+    job per `next()`) cost more than gRPC's synchronous server did per call. Here
+    the loop reads ahead and the worker writes ahead, up to `limit` messages; a side
+    is woken only when it is actually waiting (the loop through
+    call_soon_threadsafe, the thread through a condition)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self._loop = loop
+        self._limit = limit
+        self._items: collections.deque[Any] = collections.deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._loop_waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        with self._cv:
+            self.closed = True
+            self._cv.notify_all()
+            waiter, self._loop_waiter = self._loop_waiter, None
+        if waiter is not None:
+            _wake_soon(self._loop, waiter)
+
+    # thread side
+    def put(self, item: Any) -> bool:
+        """Queue `item` for the loop (blocks while full); False once closed."""
+        with self._cv:
+            while len(self._items) >= self._limit and not self.closed:
+                self._cv.wait()
+            if self.closed:
+                return False
+            self._items.append(item)
+            waiter, self._loop_waiter = self._loop_waiter, None
+        if waiter is not None:
+            _wake_soon(self._loop, waiter)
+        return True
+
+    def take(self) -> Any:
+        """The next item from the loop (blocks while empty); _END once closed."""
+        with self._cv:
+            while not self._items and not self.closed:
+                self._cv.wait()
+            if not self._items:
+                return _END
+            item = self._items.popleft()
+            waiter, self._loop_waiter = self._loop_waiter, None
+        if waiter is not None:
+            _wake_soon(self._loop, waiter)  # room again for a loop that was full
+        return item
+
+    # loop side
+    async def get(self) -> Any:
+        """The next item from the thread; _END once closed and drained."""
+        while True:
+            with self._cv:
+                if self._items:
+                    item = self._items.popleft()
+                    self._cv.notify()
+                    return item
+                if self.closed:
+                    return _END
+                waiter = self._loop_waiter = self._loop.create_future()
+            await waiter
+
+    async def push(self, item: Any) -> bool:
+        """Queue `item` for the thread, waiting while full; False once closed."""
+        while True:
+            with self._cv:
+                if self.closed:
+                    return False
+                if len(self._items) < self._limit:
+                    self._items.append(item)
+                    self._cv.notify()
+                    return True
+                waiter = self._loop_waiter = self._loop.create_future()
+            await waiter
+
+
+def _wake_soon(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) -> None:
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
+        loop.call_soon_threadsafe(wake)
+
+
+class _Raised:
+    """An exception from the handler's thread, carried to the loop to be raised."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Requests(Iterator[Any]):
+    """A client stream's messages as the synchronous iterator the handlers read; the
+    loop reads them ahead into a buffer (`pump`)."""
+
+    def __init__(self, context: ThreadContext, inbox: _Buffer) -> None:
         self._context = context
+        self._inbox = inbox
 
     def __next__(self) -> Any:
-        message = self._context.read()
-        if message is _EOF:
+        item = self._inbox.take()
+        if item is _EOF:
+            if self._context._aborted is not None:
+                raise self._context._aborted
             raise StopIteration
-        return message
+        if item is _END or isinstance(item, _Raised):
+            raise self._context.failed()
+        return item
+
+
+async def _pump(aio_context: Any, inbox: _Buffer) -> None:
+    """Read the client's messages into `inbox` until EOF, the call ends or it closes."""
+    try:
+        while True:
+            message = await aio_context.read()
+            if not await inbox.push(message) or message is _EOF:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the call ended; the reader is told so
+        await inbox.push(_Raised(exc))
 
 
 class _Bridge:
@@ -206,6 +325,7 @@ class _Bridge:
                  pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self._loop = loop
         self._pool = pool
+        self._pumps: set[asyncio.Task[None]] = set()
 
     def handler(self, handler: Handler) -> Handler:
         kwargs = {"request_deserializer": handler.request_deserializer,
@@ -224,16 +344,27 @@ class _Bridge:
                 self._streaming(handler.stream_stream, True), **kwargs)
         raise TypeError("method handler has no behavior")
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        return self._loop.run_in_executor(self._pool, fn, *args)
+    def _requests(self, context: ThreadContext, aio_context: Any) -> tuple[Any, Any]:
+        inbox = _Buffer(self._loop, READ_AHEAD)
+        context.attach(inbox)
+        # The pump is never cancelled: cancelling a read that gRPC has in flight can
+        # leave the core call completing an operation after its state is freed (the
+        # server died in tests/hostile when refused uploads were cancelled so). It ends
+        # by itself: the buffer is closed with the call, and a pending read completes
+        # once the call's status is sent.
+        pump = self._loop.create_task(_pump(aio_context, inbox))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        return _Requests(context, inbox), pump
 
     def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool) -> Any:
         async def call(request: Any, aio_context: Any) -> Any:
             context = ThreadContext(aio_context, self._loop)
+            pump = None
             try:
                 if streaming_in:
-                    request = _Requests(context)
-                return await self._run(behavior, request, context)
+                    request, pump = self._requests(context, aio_context)
+                return await self._loop.run_in_executor(self._pool, behavior, request, context)
             except CallEnded:
                 raise asyncio.CancelledError from None  # nobody is left to answer
             finally:
@@ -244,48 +375,95 @@ class _Bridge:
     def _streaming(self, behavior: Callable[[Any, Any], Any], streaming_in: bool) -> Any:
         async def call(request: Any, aio_context: Any) -> Any:
             context = ThreadContext(aio_context, self._loop)
-            responses: Any = None
-            busy: asyncio.Future[Any] | None = None
+            outbox = _Buffer(self._loop, WRITE_AHEAD)
+            context.attach(outbox)
+            pump = None
+            if streaming_in:
+                request, pump = self._requests(context, aio_context)
+            run = _Run(lambda: behavior(request, context), outbox, self._pool)
             try:
-                if streaming_in:
-                    request = _Requests(context)
-                responses = await self._run(behavior, request, context)
+                run.step()
                 while True:
-                    busy = self._run(next, responses, _END)
-                    item = await busy
-                    busy = None
+                    item = await outbox.get()
                     if item is _END:
+                        if context._aborted is not None:
+                            raise context._aborted
                         return
+                    if isinstance(item, _Raised):
+                        if isinstance(item.error, CallEnded):
+                            return
+                        raise item.error
                     if isinstance(item, Idle):
                         await item.wait()
+                        run.step()
                         continue
                     yield item
-            except CallEnded:
-                return
             finally:
                 context.finish()
-                if responses is not None:
-                    self._close_later(responses, busy)
+                run.stop()
 
         return call
 
-    def _close_later(self, responses: Any, busy: asyncio.Future[Any] | None) -> None:
-        """Close the handler's generator (its `finally` blocks run) on a worker, after
-        the step still running on one, if any, returns."""
-        close = getattr(responses, "close", None)
-        if close is None:
-            return
 
-        def submit(_done: object = None) -> None:
+class _Run:
+    """A response generator driven on a worker thread: each `step` runs it until it
+    has nothing to send (an Idle, the end, an error), writing ahead into the outbox,
+    then gives the thread back. `stop` closes the generator once no step runs."""
+
+    def __init__(self, start: Callable[[], Any], outbox: _Buffer,
+                 pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._start: Callable[[], Any] | None = start
+        self._responses: Any = None
+        self._outbox = outbox
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._running = False
+        self._stopped = False
+
+    def step(self) -> None:
+        with self._lock:
+            self._running = True
+        try:
+            self._pool.submit(self._drive)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            with self._lock:
+                self._running = False
+            self._outbox.close()
+
+    def _drive(self) -> None:
+        try:
+            if self._start is not None:
+                start, self._start = self._start, None
+                self._responses = start()
+            while True:
+                item = next(self._responses, _END)
+                if not self._outbox.put(item):
+                    break
+                if item is _END or isinstance(item, Idle):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - carried to the loop and raised there
+            self._outbox.put(_Raised(exc))
+        finally:
+            with self._lock:
+                self._running = False
+                close = self._stopped
+            if close:
+                self._close()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            close = not self._running
+        if close:
             try:
-                self._pool.submit(close)
+                self._pool.submit(self._close)
             except RuntimeError:  # the pool is shut down: the server is stopping
-                close()
+                self._close()
 
-        if busy is not None and not busy.done():
-            busy.add_done_callback(submit)
-        else:
-            submit()
+    def _close(self) -> None:
+        close = getattr(self._responses, "close", None)
+        if close is not None:
+            close()
 
 
 class _Resolver(GenericHandlerBase):
@@ -424,3 +602,4 @@ class AioServer:
 
 
 __all__ = ["AioServer", "CallEnded", "ThreadContext"]
+

@@ -16,6 +16,7 @@ sequence atomic with respect to other callers.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -845,8 +846,16 @@ def _run_atomically(conn: sqlite3.Connection, statements: list[str]) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=4096)
+def _metrics(text: str) -> dict[str, Any]:
+    """A recorded round's metrics, decoded once: Status lists every round of the job
+    each time it is asked, and a job of months has thousands."""
+    return dict(json.loads(text))
+
+
 def _round(r: tuple[Any, ...]) -> RoundRecord:
-    return RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], r[9])
+    return RoundRecord(r[0], r[1], r[2], r[3], r[4], r[5], dict(_metrics(r[6])), r[7], r[8],
+                       r[9])
 
 
 def _job(row: tuple[Any, ...]) -> Job:
