@@ -98,3 +98,14 @@ class SizedTask(Task):
 
     def prepare(self, out_dir: Path, clients: int, alpha: float | None, seed: int) -> None:
         raise NotImplementedError("the sized benchmark task has no data")
+
+
+def register() -> None:
+    """Make "sized" a model type of this process's server: the registry entry, and the
+    names Join checks against (bound by fl_server.coordinator at import time)."""
+    from fl_models import registry
+    from fl_server import coordinator
+
+    registry._TASKS["sized"] = "bench.sized_model:SizedTask"
+    registry.TASK_NAMES = tuple(registry._TASKS)
+    vars(coordinator)["TASK_NAMES"] = registry.TASK_NAMES

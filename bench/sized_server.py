@@ -27,13 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     SizedTask.params = ours.params
     SizedTask.tensor_elems = ours.tensor_elems
 
-    from fl_models import registry
-    from fl_server import coordinator, server
+    from bench.sized_model import register
+    from fl_server import server
 
-    registry._TASKS["sized"] = "bench.sized_model:SizedTask"
-    # Join refuses model types outside the registry's names, bound at import time
-    registry.TASK_NAMES = tuple(registry._TASKS)
-    vars(coordinator)["TASK_NAMES"] = registry.TASK_NAMES
+    register()
     return server.main(rest)
 
 

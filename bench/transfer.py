@@ -103,9 +103,8 @@ def serve(args: argparse.Namespace) -> int:
     import grpc
     import torch
 
-    from bench.sized_model import SizedTask, make_state
+    from bench.sized_model import SizedTask, make_state, register
     from fl_core.tls import SERVER_OPTIONS, server_credentials
-    from fl_models import registry
     from fl_proto import coordinator_pb2 as cpb
     from fl_server.config import ServerConfig
     from fl_server.server import ServerApp
@@ -114,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     work = args.work
     params = args.params
     SizedTask.params = params
-    registry._TASKS["sized"] = "bench.sized_model:SizedTask"
+    register()  # Join refuses model types it does not know
 
     class Discard(Strategy):
         """Takes nothing in: the benchmark measures transfers, not aggregation."""
@@ -122,7 +121,8 @@ def serve(args: argparse.Namespace) -> int:
         name = "discard"
         streaming = True
 
-        def accept(self, client_id: str, delta: Any, num_examples: int) -> None:
+        def accept(self, client_id: str, delta: Any, num_examples: int,
+                   release: Any = None) -> None:
             return None
 
         def _fold(self, *a: Any) -> None:
