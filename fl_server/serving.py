@@ -80,6 +80,8 @@ class ThreadContext:
         with self._lock:
             if self._aborted is not None:
                 return self._aborted
+            if self._callbacks is None:  # the handler is done: gRPC owns the call now
+                return CallEnded("the call had already ended")
             self._status = (code, details, trailing)
         try:
             await self._context.abort(code, details, trailing)
