@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
-    # a closed loop: the server has stopped and nobody waits
+def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """`fn` on `loop` from any thread; nothing if the loop has closed (server stopped)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn)
 
@@ -57,7 +57,7 @@ class Idle:
         with self._lock:
             if self._woken.is_set():
                 return
-            self._notify = lambda: _call_soon(loop, finish)
+            self._notify = lambda: call_soon(loop, finish)
         timer = loop.call_later(self.timeout_s, finish)
         try:
             await done

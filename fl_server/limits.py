@@ -83,25 +83,9 @@ def reserve_workers(max_workers: int) -> int:
 
 
 def end_call(context: Any, code: grpc.StatusCode, message: str) -> None:
-    """End a call from outside its handler thread, telling the client why.
-
-    ``ServicerContext.cancel()`` would send a bare CANCELLED; the core call object
-    can cancel with a status and message, which is what the client should read.
-    That object is gRPC's private attribute, so fall back to cancel() if it moves.
-    """
-    end = getattr(context, "end", None)
-    if callable(end):  # the serving bridge's ThreadContext (fl_server/serving.py)
-        end(code, message)
-        return
-    end = getattr(context, "end", None)
-    if callable(end):  # the serving bridge's ThreadContext (fl_server/serving.py)
-        end(code, message)
-        return
-    call = getattr(getattr(context, "_rpc_event", None), "call", None)
-    try:
-        call.cancel(code.value[0], message)  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - any change in gRPC's internals: plain cancel
-        context.cancel()
+    """End a call from outside its handler thread, telling the client why (the
+    serving bridge's `ThreadContext.end`, reached through the auth context wrapper)."""
+    context.end(code, message)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import threading
@@ -33,8 +32,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from fl_server.grpc_types import GenericHandler, GenericHandlerBase, Handler
-from fl_server.idle import Idle
+from fl_server.grpc_types import GenericHandler, GenericHandlerBase, Handler, rewrap
+from fl_server.idle import Idle, call_soon
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +274,7 @@ def _wake_soon(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]) ->
         if not waiter.done():
             waiter.set_result(None)
 
-    with contextlib.suppress(RuntimeError):  # a closed loop: the server has stopped
-        loop.call_soon_threadsafe(wake)
+    call_soon(loop, wake)
 
 
 class _Raised:
@@ -314,8 +312,6 @@ async def _pump(aio_context: Any, inbox: _Buffer) -> None:
             message = await aio_context.read()
             if not await inbox.push(message) or message is _EOF:
                 return
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # noqa: BLE001 - the call ended; the reader is told so
         await inbox.push(_Raised(exc))
 
@@ -330,23 +326,10 @@ class _Bridge:
         self._pumps: set[asyncio.Task[None]] = set()
 
     def handler(self, handler: Handler) -> Handler:
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, False), **kwargs)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, True), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, False), **kwargs)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, True), **kwargs)
-        raise TypeError("method handler has no behavior")
+        return rewrap(handler, lambda behavior, streaming_in, streaming_out: (
+            self._streaming if streaming_out else self._unary)(behavior, streaming_in))
 
-    def _requests(self, context: ThreadContext, aio_context: Any) -> tuple[Any, Any]:
+    def _requests(self, context: ThreadContext, aio_context: Any) -> _Requests:
         inbox = _Buffer(self._loop, READ_AHEAD)
         context.attach(inbox)
         # The pump is never cancelled: cancelling a read that gRPC has in flight can
@@ -357,15 +340,14 @@ class _Bridge:
         pump = self._loop.create_task(_pump(aio_context, inbox))
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
-        return _Requests(context, inbox), pump
+        return _Requests(context, inbox)
 
     def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool) -> Any:
         async def call(request: Any, aio_context: Any) -> Any:
             context = ThreadContext(aio_context, self._loop)
-            pump = None
             try:
                 if streaming_in:
-                    request, pump = self._requests(context, aio_context)
+                    request = self._requests(context, aio_context)
                 return await self._loop.run_in_executor(self._pool, behavior, request, context)
             except CallEnded:
                 raise asyncio.CancelledError from None  # nobody is left to answer
@@ -379,9 +361,8 @@ class _Bridge:
             context = ThreadContext(aio_context, self._loop)
             outbox = _Buffer(self._loop, WRITE_AHEAD)
             context.attach(outbox)
-            pump = None
             if streaming_in:
-                request, pump = self._requests(context, aio_context)
+                request = self._requests(context, aio_context)
             run = _Run(lambda: behavior(request, context), outbox, self._pool)
             try:
                 run.step()

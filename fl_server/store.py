@@ -850,7 +850,8 @@ def _run_atomically(conn: sqlite3.Connection, statements: list[str]) -> None:
 def _metrics(text: str) -> dict[str, Any]:
     """A recorded round's metrics, decoded once: Status lists every round of the job
     each time it is asked, and a job of months has thousands."""
-    return dict(json.loads(text))
+    metrics: dict[str, Any] = json.loads(text)
+    return metrics
 
 
 def _round(r: tuple[Any, ...]) -> RoundRecord:
