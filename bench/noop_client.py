@@ -117,6 +117,17 @@ class NoopClient:
         self.records.append({"round": task.round, "kind": "evaluate",
                              "fetch_s": time.perf_counter() - t0, "end": time.time()})
 
+    def handle(self, task: cpb.Task) -> None:
+        """Answer one TRAIN or EVALUATE task (blocking; a failed transfer is counted)."""
+        try:
+            if task.kind == cpb.TRAIN:
+                self._train(task)
+            elif task.kind == cpb.EVALUATE:
+                self._evaluate(task)
+        except TransferError as exc:
+            self.failures += 1
+            log.warning("%s: task failed: %s", self.name, exc)
+
     def _serve(self) -> bool:
         call = self.conn.tasks()
         self._call = call
@@ -131,14 +142,7 @@ class NoopClient:
                     if not self.keep_running:
                         return True
                     continue
-                try:
-                    if task.kind == cpb.TRAIN:
-                        self._train(task)
-                    elif task.kind == cpb.EVALUATE:
-                        self._evaluate(task)
-                except TransferError as exc:
-                    self.failures += 1
-                    log.warning("%s: task failed: %s", self.name, exc)
+                self.handle(task)
         finally:
             self._call = None
             call.cancel()

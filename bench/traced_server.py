@@ -1,0 +1,63 @@
+"""bench.sized_server with Python's allocations traced (benchmarks only).
+
+    python -m bench.traced_server --trace_dir DIR <bench.sized_server flags>
+
+Why: to tell the server's per-connection memory held by Python objects (the serving
+bridge's per-call state, the task feed's generators) from gRPC's C core and the TLS
+library, which tracemalloc does not see. While the server runs, a file
+DIR/request-<tag> makes this process write DIR/trace-<tag>.json: the traced total
+and the top allocation sites by size (text, no pickle), then delete the request.
+Tracing slows the server: round times from it are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+POLL_S = 0.2
+TOP = 40
+
+
+def _answer(trace_dir: Path, stop: threading.Event) -> None:
+    while not stop.wait(POLL_S):
+        for request in trace_dir.glob("request-*"):
+            tag = request.name.removeprefix("request-")
+            # the snapshots' own memory (tracemalloc.py) is not the server's
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)])
+            stats = snapshot.statistics("lineno")
+            out = {"traced": sum(s.size for s in stats),
+                   "top": [{"where": str(s.traceback[0]), "bytes": s.size, "count": s.count}
+                           for s in stats[:TOP]]}
+            del snapshot, stats
+            tmp = trace_dir / f"trace-{tag}.tmp"
+            tmp.write_text(json.dumps(out, indent=1))
+            tmp.replace(trace_dir / f"trace-{tag}.json")
+            request.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--trace_dir", type=Path, required=True)
+    ours, rest = pre.parse_known_args(argv)
+    ours.trace_dir.mkdir(parents=True, exist_ok=True)
+    tracemalloc.start(1)
+    stop = threading.Event()
+    threading.Thread(target=_answer, args=(ours.trace_dir, stop), name="trace",
+                     daemon=True).start()
+    from bench import sized_server
+
+    try:
+        return sized_server.main(rest)
+    finally:
+        stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
