@@ -626,6 +626,7 @@ class StreamAssembler:
         *,
         resume_at: int = 0,
         max_total_bytes: int | None = None,
+        measure: bool = False,
     ) -> None:
         _require_little_endian()
         if expected is not None:
@@ -648,6 +649,13 @@ class StreamAssembler:
                 BAD_ARGUMENT, f"resume_at {resume_at} outside 0..{self._chunk_count}", "resume_at"
             )
         self._tensor_hashes = [hashlib.sha256() for _ in self._specs]
+        # per tensor: the dtype its pieces are measured in (None: not measured), and
+        # the running sum of squares of its elements
+        self._measure: list[torch.dtype | None] = [
+            _measurable(spec, end - spec.byte_length, self._chunk_size) if measure else None
+            for spec, end in zip(self._specs, self._ends, strict=True)
+        ]
+        self._squares = [0.0] * len(self._specs)
         self._tensor_index = 0
         self._next = 0
         self._received = 0
@@ -699,7 +707,9 @@ class StreamAssembler:
         assert self._fd is not None
         end = min(chunks * self._chunk_size, self._total)
         if end:
-            with mmap.mmap(self._fd, self._total, access=mmap.ACCESS_READ) as mapped:
+            # a private mapping, only read: ACCESS_COPY because torch refuses (warns
+            # about) read-only buffers when the pieces are measured
+            with mmap.mmap(self._fd, self._total, access=mmap.ACCESS_COPY) as mapped:
                 view = memoryview(mapped)
                 try:
                     for start in range(0, end, _HASH_PIECE):
@@ -719,6 +729,9 @@ class StreamAssembler:
                 index += 1
             take = min(size - pos, ends[index] - start - pos)
             self._tensor_hashes[index].update(piece[pos : pos + take])
+            dtype = self._measure[index]
+            if dtype is not None:
+                self._squares[index] += _sum_of_squares(piece[pos : pos + take], dtype)
             pos += take
         self._tensor_index = index
 
@@ -760,6 +773,19 @@ class StreamAssembler:
     @property
     def manifest(self) -> tensors_pb2.TensorManifest:
         return self._manifest
+
+    @property
+    def norms(self) -> dict[str, float]:
+        """L2 norms of the floating tensors, measured from the bytes as they arrived
+        (`measure=True`; complete once `finish()` returned). A finite norm means every
+        element is finite, so a receiver that checks updates for NaN/Inf and takes
+        their norms needs no further pass over them (issue 16 item 3). A tensor whose
+        elements straddle chunks (it starts at an offset that is not a multiple of its
+        element size) is left out: measure it the usual way."""
+        return {spec.name: math.sqrt(squares)
+                for spec, squares, dtype in zip(self._specs, self._squares, self._measure,
+                                                strict=True)
+                if dtype is not None}
 
     @property
     def next_sequence(self) -> int:
@@ -943,6 +969,34 @@ class StreamAssembler:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+
+
+def _measurable(spec: tensors_pb2.TensorSpec, start: int, chunk_size: int) -> torch.dtype | None:
+    """The dtype to measure a tensor's pieces in, where every piece holds whole
+    elements (the tensor starts at a multiple of its element size, and chunks are a
+    multiple of it); None for non-floating tensors and any other layout."""
+    dtype = _TORCH_DTYPES.get(int(spec.dtype))
+    if dtype is None or not dtype.is_floating_point or not spec.byte_length:
+        return None
+    itemsize = _ITEMSIZE[int(spec.dtype)]
+    if start % itemsize or chunk_size % itemsize:
+        return None
+    return dtype
+
+
+def _sum_of_squares(piece: memoryview, dtype: torch.dtype) -> float:
+    """Sum of squares of a piece's elements, as `strategies.base.tensor_norm` takes it:
+    float32 (float64 for float64 tensors), redone in float64 if that overflows; NaN or
+    Inf when an element is. The product, not `** 2`: a float overflows to inf, where
+    `**` raises."""
+    if piece.readonly:  # a plain chunk handed in as bytes; torch wants a writable buffer
+        piece = memoryview(bytearray(piece))
+    x = torch.frombuffer(piece, dtype=dtype)
+    norm = float(torch.linalg.vector_norm(x, dtype=torch.float64 if dtype == torch.float64
+                                          else torch.float32))
+    if not math.isfinite(norm) and dtype != torch.float64:
+        norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    return norm * norm
 
 
 def _anonymous_buffer(size: int) -> mmap.mmap | bytearray:

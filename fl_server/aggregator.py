@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import threading
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,7 @@ from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, Session
 from fl_server.metrics import OBSERVED, RESUMED
 from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
+from fl_server.strategies.base import MeasuredUpdate
 from fl_server.validation import check_update_header
 
 log = logging.getLogger("fl_server.aggregator")
@@ -296,8 +298,10 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                             manifest_digest(header.manifest))
         spool = self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
         try:
+            # measured as it arrives: the finiteness check and the norms need no
+            # second read of the update
             assembler = StreamAssembler(header.manifest, expected=expected,
-                                        spool_path=spool)
+                                        spool_path=spool, measure=True)
         except CodecError as exc:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
                   exc.code, getattr(exc, "field", ""))
@@ -369,8 +373,11 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
                       getattr(exc, "code", "INTEGRITY"))
             pages = _SpoolPages(tensors)
+            norms = up.assembler.norms
             bad = None
             for name, tensor in tensors.items():  # a tensor's pages at a time
+                if math.isfinite(norms.get(name, math.nan)):
+                    continue  # measured on arrival: every element is finite
                 bad = has_non_finite({name: tensor})
                 pages.release(name)
                 if bad is not None:
@@ -381,8 +388,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                       f"update refused: tensor {bad!r} holds NaN or Inf", "NON_FINITE", bad)
             task_kind = up.round_state.tasks[up.client_id].config.update_kind
             model = self.engine.current_model()
-            delta: Mapping[str, torch.Tensor] = tensors
-            if task_kind == cpb.WEIGHTS:
+            delta: Mapping[str, torch.Tensor] = MeasuredUpdate(tensors, norms)
+            if task_kind == cpb.WEIGHTS:  # the norms measured are the weights', not the delta's
                 delta = _DeltaView(tensors, model.state)
             metrics = dict(header.metrics)
             with self._lock:  # complete: no longer resumable, and not cancelled at round close

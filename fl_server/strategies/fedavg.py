@@ -42,13 +42,17 @@ class FedAvg(Strategy):
     def _fold(self, client_id: str, delta: dict[str, torch.Tensor], num_examples: int) -> None:
         alpha = self._weight(client_id, delta, num_examples)
         global_state = self._global_state()
-        if not self._sums:
-            self._sums = {
-                name: torch.zeros(t.shape, dtype=accumulation_dtype(global_state[name].dtype))
-                for name, t in delta.items()
-            }
+        first = not self._sums
         for name, t in delta.items():
-            self._sums[name].add_(t, alpha=alpha)
+            acc = accumulation_dtype(global_state[name].dtype)
+            if first and t.dtype == acc:
+                # the first update starts the sum: alpha * t written once, not zeros
+                # written and then added to (a 100 MB model's worth of fresh pages each)
+                self._sums[name] = torch.mul(t, alpha)
+            elif first:  # a narrower delta is summed in the accumulation dtype
+                self._sums[name] = torch.zeros(t.shape, dtype=acc).add_(t, alpha=alpha)
+            else:
+                self._sums[name].add_(t, alpha=alpha)
             self._release(name)
         self._weight_total += float(num_examples)
 

@@ -5,6 +5,7 @@ trailing digests authenticated by the final chunk's seal."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -210,3 +211,94 @@ def test_open_into_writes_exactly_the_plaintext() -> None:
     opener.open_into(chunk, memoryview(out)[2:12])
     assert bytes(out) == b"--0123456789--"
     opener.finish()
+
+
+# --------------------------------------------------------------------------- measured norms
+# (issue 16 item 3: the server checks an update's finiteness and takes its norm from
+# what the assembler measured as the bytes arrived, instead of reading it back)
+
+
+def mixed_model(chunks: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "w": torch.randn(chunks * 16 - 10, generator=gen),  # float32, spans many chunks
+        "d": torch.randn(7, generator=gen, dtype=torch.float64),
+        "h": torch.randn(5, generator=gen).half(),
+        "n": torch.tensor([1, 2, 3], dtype=torch.int32),
+        "odd": torch.tensor([1, 2, 3], dtype=torch.uint8),  # leaves "late" unaligned
+        "late": torch.randn(9, generator=gen),
+    }
+
+
+def want_norm(t: torch.Tensor) -> float:
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return float(torch.linalg.vector_norm(t, dtype=dtype))
+
+
+@pytest.mark.parametrize("spooled", [True, False])
+@pytest.mark.parametrize("chunks", [1, ASYNC_HASH_MIN_CHUNKS + 5])
+def test_norms_measured_on_arrival(tmp_path: Path, spooled: bool, chunks: int) -> None:
+    state = mixed_model(chunks)
+    manifest, sealed = sealed_stream(state)
+    assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None,
+                                   measure=True)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    for chunk in sealed:
+        assembler.add_sealed(opener, chunk)
+    assert same(assembler.finish(), state)
+    norms = assembler.norms
+    # every floating tensor whose pieces hold whole elements; not integers, and not a
+    # float32 tensor that starts 3 bytes after a multiple of 4
+    assert sorted(norms) == ["d", "h", "w"]
+    for name, norm in norms.items():
+        assert norm == pytest.approx(want_norm(state[name]), rel=1e-6)
+
+
+def test_nothing_measured_unless_asked() -> None:
+    manifest, sealed = sealed_stream(model())
+    assembler, _ = receive(manifest, sealed)
+    assert assembler.norms == {}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_element_gives_a_non_finite_norm(bad: float) -> None:
+    state = model(ASYNC_HASH_MIN_CHUNKS + 2)
+    state["w"][37] = bad
+    manifest, sealed = sealed_stream(state)
+    assembler = tc.StreamAssembler(manifest, measure=True)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    for chunk in sealed:
+        assembler.add_sealed(opener, chunk)
+    assembler.finish()
+    assert not math.isfinite(assembler.norms["w"])
+    assert math.isfinite(assembler.norms["b"])
+
+
+def test_huge_finite_values_are_measured_in_float64() -> None:
+    """float32 squares of 1e30 overflow; the piece is measured again in float64, so a
+    huge but finite update keeps a finite (true) norm and is not taken for NaN/Inf."""
+    state = {"w": torch.full((300,), 1e30)}
+    manifest, sealed = sealed_stream(state)
+    assembler = tc.StreamAssembler(manifest, measure=True)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    for chunk in sealed:
+        assembler.add_sealed(opener, chunk)
+    assembler.finish()
+    assert assembler.norms["w"] == pytest.approx(1e30 * math.sqrt(300), rel=1e-6)
+
+
+def test_norms_cover_the_chunks_a_resumed_spool_reads_back(tmp_path: Path) -> None:
+    state = mixed_model(ASYNC_HASH_MIN_CHUNKS + 3)
+    manifest, sealed = sealed_stream(state)
+    path = tmp_path / "s"
+    first = tc.StreamAssembler(manifest, spool_path=path, measure=True)
+    opener = sl.StreamOpener(KEY, context(manifest))
+    for chunk in sealed[:3]:
+        first.add_sealed(opener, chunk)
+    first.flush()
+    first.close()
+    second = tc.StreamAssembler(manifest, spool_path=path, resume_at=3, measure=True)
+    for chunk in sealed[3:]:
+        second.add_sealed(opener, chunk)
+    assert same(second.finish(), state)
+    assert second.norms["w"] == pytest.approx(want_norm(state["w"]), rel=1e-6)
