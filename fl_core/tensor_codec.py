@@ -699,9 +699,10 @@ class StreamAssembler:
                 return fd
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(fd, self._total)
-            return fd
         except OSError as exc:
             raise CodecError(SPOOL_INVALID, f"cannot open spool {path}: {exc}") from exc
+        _reserve(fd, self._total)
+        return fd
 
     def _rehash(self, chunks: int) -> None:
         assert self._fd is not None
@@ -969,6 +970,17 @@ class StreamAssembler:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate a new spool's blocks in one call: each chunk's write then only copies
+    (writes into a sparse file allocated blocks as they came: ~1.5x the CPU per chunk
+    on ext4). Where that fails (no space, a file system without it) the file stays
+    sparse, and a write that cannot be stored fails as it always did (the server
+    answers SERVER_STORAGE), not the opening."""
+    if size and hasattr(os, "posix_fallocate"):
+        with contextlib.suppress(OSError):
+            os.posix_fallocate(fd, 0, size)
 
 
 def _measurable(spec: tensors_pb2.TensorSpec, start: int, chunk_size: int) -> torch.dtype | None:
