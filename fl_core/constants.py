@@ -206,3 +206,9 @@ MAX_TASK_STREAMS: Final = 50_000
 # How often the server looks at crl.pem for a change; a change wakes every task
 # stream so a revoked hospital's open stream ends within about this long.
 REVOCATION_POLL_S: Final = 1.0
+
+# --- the small round's server CPU (issue 16 item 2) ---
+# CPython's youngest-generation collection threshold for the daemons once started
+# (default 700): one gRPC call allocates a few hundred container objects, so the
+# default collects every call or two (fl_core/gc_policy.py).
+GC_GEN0_THRESHOLD: Final = 20_000

@@ -6,6 +6,11 @@ to the pool and resumes the generator when the Idle is woken or its timeout pass
 That is what lets thousands of hospitals sit connected on a few worker threads.
 Whoever would have notified a condition calls `wake()` instead; it may come from any
 thread, before or after the bridge starts waiting.
+
+The contract a generator takes on by yielding an Idle: from then on the bridge takes
+its messages on the event loop itself (no thread hand-off per heartbeat or task), so
+its later steps must not block: take a lock briefly, never wait on one, read no
+network, no disk beyond an append.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from fl_core.constants import (
     REVOCATION_POLL_S,
     SERVER_METRICS_PORT,
 )
+from fl_core.gc_policy import settle_after_startup
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.site_checks import bind_problem
 from fl_core.statelock import StateLock, StateLockError
@@ -427,6 +428,7 @@ class ServerApp:
         server.start()
         threading.Thread(target=self.jobs.run, name="jobs", daemon=True).start()
         threading.Thread(target=self._watch_revocations, name="crl-watch", daemon=True).start()
+        settle_after_startup()
         for name in ("", COORDINATOR, AGGREGATOR):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.job_id:

@@ -364,10 +364,13 @@ class _Bridge:
             if streaming_in:
                 request = self._requests(context, aio_context)
             run = _Run(lambda: behavior(request, context), outbox, self._pool)
+            # Until the generator first yields an Idle its steps run on a worker (the
+            # start authenticates, a download seals); after it, on the loop (idle.py).
+            on_loop = False
             try:
                 run.step()
                 while True:
-                    item = await outbox.get()
+                    item = run.step_here() if on_loop else await outbox.get()
                     if item is _END:
                         if context._aborted is not None:
                             raise context._aborted
@@ -378,7 +381,7 @@ class _Bridge:
                         raise item.error
                     if isinstance(item, Idle):
                         await item.wait()
-                        run.step()
+                        on_loop = True
                         continue
                     yield item
             finally:
@@ -389,9 +392,12 @@ class _Bridge:
 
 
 class _Run:
-    """A response generator driven on a worker thread: each `step` runs it until it
-    has nothing to send (an Idle, the end, an error), writing ahead into the outbox,
-    then gives the thread back. `stop` closes the generator once no step runs."""
+    """A response generator driven on a worker thread: `step` runs it until it has
+    nothing to send (an Idle, the end, an error), writing ahead into the outbox, then
+    gives the thread back; after an Idle, `step_here` takes one message at a time on
+    the event loop (the generator's steps from then on do not block: idle.py). `stop`
+    closes the generator once no step runs, on a worker (its `finally` may write the
+    audit trail), unless it has already ended."""
 
     def __init__(self, start: Callable[[], Any], outbox: _Buffer,
                  pool: concurrent.futures.ThreadPoolExecutor) -> None:
@@ -402,6 +408,7 @@ class _Run:
         self._lock = threading.Lock()
         self._running = False
         self._stopped = False
+        self._ended = False  # the generator returned or raised: nothing to close
 
     def step(self) -> None:
         with self._lock:
@@ -420,23 +427,38 @@ class _Run:
                 self._responses = start()
             while True:
                 item = next(self._responses, _END)
+                if item is _END:
+                    self._ended = True
                 if not self._outbox.put(item):
                     break
                 if item is _END or isinstance(item, Idle):
                     break
         except BaseException as exc:  # noqa: BLE001 - carried to the loop and raised there
+            self._ended = True
             self._outbox.put(_Raised(exc))
         finally:
             with self._lock:
                 self._running = False
                 close = self._stopped
-            if close:
+            if close and not self._ended:
                 self._close()
+
+    def step_here(self) -> Any:
+        """The generator's next message, taken on the calling thread (the loop); _END
+        at its end, a _Raised if it raised."""
+        try:
+            item = next(self._responses, _END)
+        except BaseException as exc:  # noqa: BLE001 - raised by the caller, on the loop
+            self._ended = True
+            return _Raised(exc)
+        if item is _END:
+            self._ended = True
+        return item
 
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
-            close = not self._running
+            close = not self._running and not self._ended
         if close:
             try:
                 self._pool.submit(self._close)

@@ -42,6 +42,7 @@ class Feed:
         self.reader_released = threading.Event()
         self.reading = threading.Event()
         self.contexts: list[Any] = []
+        self.step_threads: list[str] = []
 
     def wait(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
         """Idle until woken, then one message."""
@@ -55,6 +56,21 @@ class Feed:
             yield b"woken:" + request
         finally:
             self.closed.set()
+
+    def steps(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
+        """Records the thread of each step: before the first Idle, after it."""
+        self.step_threads.append(threading.current_thread().name)
+        idle = Idle(60.0)
+        with self.lock:
+            self.idle.append(idle)
+        while not idle.woken:
+            yield idle
+        self.step_threads.append(threading.current_thread().name)
+        yield b"one"
+        self.step_threads.append(threading.current_thread().name)
+        if request == b"raise":
+            raise ValueError("broken after an idle")
+        yield b"two"
 
     def refuse(self, request: bytes, context: Any) -> bytes:
         abort(context, grpc.StatusCode.FAILED_PRECONDITION, "not now: " + request.decode(),
@@ -77,6 +93,7 @@ class Feed:
         kw: dict[str, Any] = {"request_deserializer": _ident, "response_serializer": _ident}
         return {
             "Wait": grpc.unary_stream_rpc_method_handler(self.wait, **kw),
+            "Steps": grpc.unary_stream_rpc_method_handler(self.steps, **kw),
             "Refuse": grpc.unary_unary_rpc_method_handler(self.refuse, **kw),
             "Total": grpc.stream_unary_rpc_method_handler(self.total, **kw),
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
@@ -149,6 +166,30 @@ def test_idle_streams_give_their_thread_back(served: Any) -> None:
     assert got == sorted(b"woken:" + str(i).encode() for i in range(30))
     for stream in streams:
         assert list(stream) == []
+
+
+def test_steps_after_an_idle_run_on_the_loop(served: Any) -> None:
+    """The start runs on a worker; once the generator has yielded an Idle, its steps
+    are taken on the event loop (no thread hand-off per message), and an error
+    raised there still ends the call with a status."""
+    feed, _, channel, _server = served
+    for request, expect in ((b"ok", [b"one", b"two"]), (b"raise", [b"one"])):
+        feed.idle.clear()
+        feed.step_threads.clear()
+        stream = _call(channel, "us", "Steps")(request, timeout=TIMEOUT)
+        _until(lambda: len(feed.idle) == 1, "the handler to wait")
+        feed.idle[0].wake()
+        got: list[bytes] = []
+        if request == b"raise":
+            with pytest.raises(grpc.RpcError) as info:
+                for message in stream:
+                    got.append(message)
+            assert info.value.code() == grpc.StatusCode.UNKNOWN
+        else:
+            got = list(stream)
+        assert got == expect
+        assert feed.step_threads[0].startswith("grpc_"), feed.step_threads
+        assert feed.step_threads[1:] == ["grpc-aio", "grpc-aio"], feed.step_threads
 
 
 def test_abort_sends_code_message_and_rich_status(served: Any) -> None:
