@@ -20,16 +20,20 @@ import torch
 
 from fl_core.constants import GCM_TAG_BYTES, RPC_TIMEOUT_S
 from fl_core.sealing import (
+    SealError,
     StreamContext,
     StreamOpener,
     StreamSealer,
     generate_keypair,
     manifest_digest,
+    serialize_stream_message,
     session_secret,
     stream_key,
+    stream_message_parser,
 )
 from fl_core.stream_ids import download_stream_id, upload_stream_id
 from fl_core.tensor_codec import (
+    CodecError,
     StreamAssembler,
     TrailingDigests,
     build_manifest,
@@ -113,7 +117,7 @@ class ServerConnection:
         self.close()
         self.channel = grpc.secure_channel(self.target, self._creds, options=self._options)
         self.coordinator = cpb_grpc.CoordinatorStub(self.channel)
-        self.aggregator = apb_grpc.AggregatorStub(self.channel)
+        self.aggregator = AggregatorStub(self.channel)
         self.session = None
 
     def close(self) -> None:
@@ -169,6 +173,9 @@ class ServerConnection:
         """The task's global model, verified against `expected` before any chunk is
         accepted and against every hash at the end; resumes a cut stream."""
         check_manifest(task.model_manifest, expected)
+        carried = self._carried_model(task, expected, on_progress)
+        if carried is not None:
+            return carried
         assembler: StreamAssembler | None = None
         opener: StreamOpener | None = None
         session_id = ""
@@ -224,6 +231,38 @@ class ServerConnection:
                             assembler.next_sequence if assembler else 0)
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
         raise TransferError("download failed after retries")
+
+    def _carried_model(self, task: cpb.Task,
+                       expected: Mapping[str, torch.Tensor] | tpb.TensorManifest,
+                       on_progress: ProgressFn | None) -> dict[str, torch.Tensor] | None:
+        """The small model the task carries (fl_server/model_stream.py), opened and
+        verified exactly as FetchModel's stream would be; None when there is none or it
+        cannot be used here (sealed for another session, a chunk that does not open,
+        a hash that does not match): the caller then fetches the model."""
+        if not task.model_chunks or self.session is None:
+            return None
+        stream_id = download_stream_id(task.job_id, task.round, task.task_id,
+                                       self.session.session_id)
+        if task.model_stream_id != stream_id:
+            return None
+        try:
+            assembler = StreamAssembler(task.model_manifest, expected=expected)
+            ctx = StreamContext(task.job_id, task.round, self.client_id, "down", stream_id,
+                                manifest_digest(task.model_manifest))
+            opener = StreamOpener(stream_key(self.session.secret, ctx), ctx)
+            for chunk in task.model_chunks:
+                assembler.add_sealed(opener, chunk)
+            opener.finish()
+            model = assembler.finish()
+        except (CodecError, SealError) as exc:
+            log.warning("the model carried by task %s is unusable (%s); fetching it",
+                        task.task_id, exc)
+            return None
+        self.bytes_received += task.model_manifest.total_bytes \
+            + len(task.model_chunks) * GCM_TAG_BYTES
+        if on_progress:
+            on_progress(task.model_manifest.chunk_count, task.model_manifest.chunk_count)
+        return model
 
     # upload -----------------------------------------------------------------------
     def submit_update(self, task: cpb.Task, state: Mapping[str, torch.Tensor],
@@ -284,22 +323,28 @@ class ServerConnection:
                          state: Mapping[str, torch.Tensor], manifest: tpb.TensorManifest,
                          sealer: StreamSealer, digests: TrailingDigests,
                          stop: threading.Event | None,
-                         on_progress: ProgressFn | None) -> Iterator[apb.UpdateStreamMessage]:
+                         on_progress: ProgressFn | None
+                         ) -> Iterator[apb.UpdateStreamMessage | bytes]:
         """Header, then the sealed chunks from `header.resume_from` on, sealed lazily so
         only about one chunk of ciphertext exists at a time; the final one carries
         the digests (waited for only then)."""
         yield apb.UpdateStreamMessage(header=header)
+        wire = isinstance(self.aggregator, AggregatorStub)  # else a stub that wants messages
         count = manifest.chunk_count
         first = int(header.resume_from)
         for seq, plain in enumerate(iter_chunks(state, manifest, start=first), start=first):
             if stop is not None and stop.is_set():
                 return
             final = seq == count - 1
-            msg = apb.UpdateStreamMessage()
-            # sealed in place: a chunk put into a message afterwards is copied whole
-            sealer.seal_into(msg.chunk, seq, plain, final, digests.trailer() if final else b"")
+            trailer = digests.trailer() if final else b""
+            if wire:  # serialised here, the ciphertext copied once
+                yield sealer.seal_message(seq, plain, final, trailer)
+            else:
+                msg = apb.UpdateStreamMessage()
+                # sealed in place: a chunk put into a message afterwards is copied whole
+                sealer.seal_into(msg.chunk, seq, plain, final, trailer)
+                yield msg
             self.bytes_sent += len(plain) + GCM_TAG_BYTES
-            yield msg
             if on_progress:
                 on_progress(seq + 1, count)
 
@@ -315,6 +360,26 @@ class ServerConnection:
                     return 0
                 time.sleep(0.5)
         return 0
+
+
+class AggregatorStub:
+    """`apb_grpc.AggregatorStub` with the transfer streams' chunks framed directly
+    (`fl_core.sealing`'s wire functions; issue 16 item 1): a downloaded chunk's
+    ciphertext is a view of the message gRPC received, an uploaded chunk is
+    serialised once by `StreamSealer.seal_message`. The same bytes on the wire;
+    headers and anything unusual still go through protobuf."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        plain = apb_grpc.AggregatorStub(channel)
+        self.UploadStatus = plain.UploadStatus
+        self.FetchModel = channel.unary_stream(
+            "/fl.v1.Aggregator/FetchModel",
+            request_serializer=apb.FetchModelRequest.SerializeToString,
+            response_deserializer=stream_message_parser(apb.ModelStreamMessage))
+        self.SubmitUpdate = channel.stream_unary(
+            "/fl.v1.Aggregator/SubmitUpdate",
+            request_serializer=serialize_stream_message,
+            response_deserializer=apb.UpdateReceipt.FromString)
 
 
 def _deadline_left(task: cpb.Task) -> float:

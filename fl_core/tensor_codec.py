@@ -49,7 +49,7 @@ from fl_core.constants import (
 from fl_proto import tensors_pb2
 
 if TYPE_CHECKING:
-    from fl_core.sealing import StreamOpener
+    from fl_core.sealing import StreamOpener, WireChunk
 
 __all__ = [
     "MAX_CHUNK_SIZE",
@@ -847,7 +847,8 @@ class StreamAssembler:
         self._next += 1
         self._received += want
 
-    def add_sealed(self, opener: StreamOpener, chunk: tensors_pb2.SealedChunk) -> None:
+    def add_sealed(self, opener: StreamOpener,
+                   chunk: tensors_pb2.SealedChunk | WireChunk) -> None:
         """Open the next sealed chunk with `opener` straight into the stream's buffer.
 
         Refusals are those of `opener.open` then `add_chunk`, in that order, and

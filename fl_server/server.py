@@ -41,10 +41,10 @@ from fl_core.site_checks import bind_problem
 from fl_core.statelock import StateLock, StateLockError
 from fl_core.tls import SERVER_OPTIONS, server_credentials
 from fl_proto import aggregator_pb2, coordinator_pb2
-from fl_proto import aggregator_pb2_grpc as apb_grpc
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
 from fl_server.aggregator import AggregatorService
+from fl_server.aggregator import add_to_server as add_aggregator_to_server
 from fl_server.audit import RefusalObserver
 from fl_server.auth import AuthInterceptor
 from fl_server.clients import ClientRegistry
@@ -414,7 +414,7 @@ class ServerApp:
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
                                revocations=self.revocations, jobs=self.jobs,
                                any_study=self.no_job), server)
-        apb_grpc.add_AggregatorServicer_to_server(
+        add_aggregator_to_server(  # chunks framed directly (issue 16 items 1/3)
             AggregatorService(self.engine, self.registry, cfg.state_dir / "spool"), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
