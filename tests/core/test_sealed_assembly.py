@@ -57,9 +57,9 @@ def sealed_stream(
 
 def receive(
     manifest: tensors_pb2.TensorManifest, chunks: list[tensors_pb2.SealedChunk],
-    spool: Path | None = None,
+    spool: Path | None = None, measure: bool = False,
 ) -> tuple[tc.StreamAssembler, dict[str, torch.Tensor]]:
-    assembler = tc.StreamAssembler(manifest, spool_path=spool)
+    assembler = tc.StreamAssembler(manifest, spool_path=spool, measure=measure)
     opener = sl.StreamOpener(KEY, context(manifest))
     for chunk in chunks:
         assembler.add_sealed(opener, chunk)
@@ -240,12 +240,8 @@ def want_norm(t: torch.Tensor) -> float:
 def test_norms_measured_on_arrival(tmp_path: Path, spooled: bool, chunks: int) -> None:
     state = mixed_model(chunks)
     manifest, sealed = sealed_stream(state)
-    assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None,
-                                   measure=True)
-    opener = sl.StreamOpener(KEY, context(manifest))
-    for chunk in sealed:
-        assembler.add_sealed(opener, chunk)
-    assert same(assembler.finish(), state)
+    assembler, got = receive(manifest, sealed, tmp_path / "s" if spooled else None, True)
+    assert same(got, state)
     norms = assembler.norms
     # every floating tensor whose pieces hold whole elements; not integers, and not a
     # float32 tensor that starts 3 bytes after a multiple of 4
@@ -264,12 +260,7 @@ def test_nothing_measured_unless_asked() -> None:
 def test_a_non_finite_element_gives_a_non_finite_norm(bad: float) -> None:
     state = model(ASYNC_HASH_MIN_CHUNKS + 2)
     state["w"][37] = bad
-    manifest, sealed = sealed_stream(state)
-    assembler = tc.StreamAssembler(manifest, measure=True)
-    opener = sl.StreamOpener(KEY, context(manifest))
-    for chunk in sealed:
-        assembler.add_sealed(opener, chunk)
-    assembler.finish()
+    assembler, _ = receive(*sealed_stream(state), measure=True)
     assert not math.isfinite(assembler.norms["w"])
     assert math.isfinite(assembler.norms["b"])
 
@@ -278,12 +269,7 @@ def test_huge_finite_values_are_measured_in_float64() -> None:
     """float32 squares of 1e30 overflow; the piece is measured again in float64, so a
     huge but finite update keeps a finite (true) norm and is not taken for NaN/Inf."""
     state = {"w": torch.full((300,), 1e30)}
-    manifest, sealed = sealed_stream(state)
-    assembler = tc.StreamAssembler(manifest, measure=True)
-    opener = sl.StreamOpener(KEY, context(manifest))
-    for chunk in sealed:
-        assembler.add_sealed(opener, chunk)
-    assembler.finish()
+    assembler, _ = receive(*sealed_stream(state), measure=True)
     assert assembler.norms["w"] == pytest.approx(1e30 * math.sqrt(300), rel=1e-6)
 
 
