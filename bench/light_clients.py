@@ -144,12 +144,14 @@ class LightHospital:
     """One hospital on the loop: connect, Join, hold the task stream, answer tasks."""
 
     def __init__(self, name: str, server: str, tls: tuple[bytes, bytes, bytes], seed: int,
-                 keep_running: bool, max_failures: int = 50) -> None:
+                 keep_running: bool, max_failures: int = 50,
+                 fresh_transfers: bool = False) -> None:
         self.noop = NoopClient(name, server, tls, seed=seed, keep_running=keep_running)
         self.name = name
         self.server = server
         self._creds = channel_credentials(*tls)
         self.keep_running = keep_running
+        self.fresh_transfers = fresh_transfers
         self.max_failures = max_failures
         self.state = "new"
         self.heartbeats = 0
@@ -164,10 +166,7 @@ class LightHospital:
         rng = random.Random(self.name)
         delay = 1.0
         while self.failures <= self.max_failures:
-            # each hospital's own subchannel pool: its own TCP and TLS connection
-            channel = grpc.aio.secure_channel(
-                self.server, self._creds,
-                options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)])
+            channel = self._channel()
             try:
                 async with connecting:
                     await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
@@ -195,12 +194,40 @@ class LightHospital:
             await asyncio.sleep(rng.uniform(delay / 2, delay))
             delay = min(delay * 2, MAX_BACKOFF_S)
 
+    def _channel(self) -> grpc.aio.Channel:
+        """A channel with its own subchannel pool: its own TCP and TLS connection."""
+        return grpc.aio.secure_channel(
+            self.server, self._creds,
+            options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)])
+
+    def _bridge(self, channel: grpc.aio.Channel, loop: asyncio.AbstractEventLoop) -> None:
+        """ServerConnection's calls (duck-typed stubs) onto `channel`."""
+        conn = self.noop.conn
+        conn.coordinator = SyncStub(cpb_grpc.CoordinatorStub(channel), loop)  # type: ignore[assignment]
+        conn.aggregator = SyncStub(apb_grpc.AggregatorStub(channel), loop)  # type: ignore[assignment]
+
+    async def _handle(self, task: cpb.Task, channel: grpc.aio.Channel,
+                      loop: asyncio.AbstractEventLoop,
+                      pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        """Answer a task on a worker; with `fresh_transfers` its transfers go over a
+        connection of their own, closed after, so the task stream's connection never
+        carries a model (gRPC keeps a connection's read buffers grown to the largest
+        message it has received: bench.conn_memory --transfer)."""
+        if not self.fresh_transfers:
+            await loop.run_in_executor(pool, self.noop.handle, task)
+            return
+        apart = self._channel()
+        try:
+            self._bridge(apart, loop)
+            await loop.run_in_executor(pool, self.noop.handle, task)
+        finally:
+            self._bridge(channel, loop)
+            await apart.close(None)
+
     async def _join(self, channel: grpc.aio.Channel, loop: asyncio.AbstractEventLoop,
                     pool: concurrent.futures.ThreadPoolExecutor) -> tuple[tuple[str, str], ...]:
         conn = self.noop.conn
-        # duck-typed: the calls ServerConnection makes, on this hospital's aio channel
-        conn.coordinator = SyncStub(cpb_grpc.CoordinatorStub(channel), loop)  # type: ignore[assignment]
-        conn.aggregator = SyncStub(apb_grpc.AggregatorStub(channel), loop)  # type: ignore[assignment]
+        self._bridge(channel, loop)
         conn.session = None
         # metadata() joins (a new session, its key agreement and token) on the worker
         return await loop.run_in_executor(pool, conn.metadata)
@@ -222,7 +249,7 @@ class LightHospital:
                         self.finished = True
                         return
                 else:
-                    await loop.run_in_executor(pool, self.noop.handle, task)
+                    await self._handle(task, channel, loop, pool)
         finally:
             call.cancel()
 
@@ -252,7 +279,8 @@ def _write(path: Path | None, data: dict[str, Any]) -> None:
 
 
 async def run(server: str, work: Path, names: list[str], mode: str, rate: float,
-              keep_running: bool, timeout_s: float, status_file: Path | None) -> int:
+              keep_running: bool, timeout_s: float, status_file: Path | None,
+              fresh_transfers: bool = False) -> int:
     """Run the hospitals until SIGTERM/SIGINT, `timeout_s`, or every one is done."""
     from bench.common import client_tls
 
@@ -260,8 +288,8 @@ async def run(server: str, work: Path, names: list[str], mode: str, rate: float,
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    hospitals = [LightHospital(n, server, client_tls(work, n), seed=i, keep_running=keep_running)
-                 for i, n in enumerate(names)]
+    hospitals = [LightHospital(n, server, client_tls(work, n), seed=i, keep_running=keep_running,
+                               fresh_transfers=fresh_transfers) for i, n in enumerate(names)]
     connecting = asyncio.Semaphore(CONNECTING)
     pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="light")
     started = time.monotonic()
@@ -308,13 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, default="stream")
     p.add_argument("--rate", type=float, default=25.0, help="new connections per second")
     p.add_argument("--keep_running", action="store_true", help="ignore STOP tasks")
+    p.add_argument("--fresh_transfers", action="store_true",
+                   help="each task's transfers on a new connection, closed after")
     p.add_argument("--status_file", type=Path, help="counts, rewritten every second (JSON)")
     p.add_argument("--timeout_s", type=float, default=3600.0, help="give up after this long")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     names = [n for n in args.clients.split(",") if n]
     return asyncio.run(run(args.server, args.work, names, args.mode, max(args.rate, 0.1),
-                           args.keep_running, args.timeout_s, args.status_file))
+                           args.keep_running, args.timeout_s, args.status_file,
+                           args.fresh_transfers))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ class Clients:
     """The client processes of one measurement and the counts they report."""
 
     def __init__(self, procs: Procs, work: Path, server: BenchServer, names: list[str],
-                 tag: str, kind: str = "light", mode: str = "stream") -> None:
+                 tag: str, kind: str = "light", mode: str = "stream",
+                 fresh_transfers: bool = False) -> None:
         self.kind = kind
         self.procs: list[Any] = []
         self.status_files: list[Path] = []
@@ -87,7 +88,8 @@ class Clients:
                     ["-m", "bench.light_clients", "--server", server.target, "--work",
                      str(work), "--clients", ",".join(names[gi * per_proc:(gi + 1) * per_proc]),
                      "--mode", mode, "--rate", f"{LIGHT_RATE / groups:.2f}",
-                     "--status_file", str(status), "--timeout_s", "7200"],
+                     "--status_file", str(status), "--timeout_s", "7200",
+                     *(["--fresh_transfers"] if fresh_transfers else [])],
                     work / f"light-{tag}-{gi}.log", cwd=work))
             return
         per_proc = PER_PROC if len(names) <= 400 else 5 * PER_PROC  # bounds client memory
@@ -224,7 +226,7 @@ def rounds_memory(work: Path, clients: int, rounds: int, kind: str = "light") ->
 
 
 def capacity_point(work: Path, n: int, selected: int | None, rounds_after: int,
-                   kind: str = "light") -> dict[str, Any]:
+                   kind: str = "light", fresh_transfers: bool = False) -> dict[str, Any]:
     """Median round time once all n clients are connected; `selected` per round (None: all)."""
     procs = Procs()
     try:
@@ -239,7 +241,8 @@ def capacity_point(work: Path, n: int, selected: int | None, rounds_after: int,
                              log_level="WARNING")
         time.sleep(1.0)
         rss_before = rss(server.pid)
-        clients = Clients(procs, work, server, client_names(n), f"cap-{n}-{pick}", kind)
+        clients = Clients(procs, work, server, client_names(n), f"cap-{n}-{pick}", kind,
+                          fresh_transfers=fresh_transfers)
         started = time.monotonic()
         all_in = _wait_connected(server, n, 60 + n * 0.3)
         connect_s = time.monotonic() - started
@@ -411,7 +414,7 @@ def _breakdown_table(points: list[dict[str, Any]]) -> None:
 def run(quick: bool = False, clients: int = 100, ladder: Sequence[int] = LADDER,
         keep: bool = False, capacity_only: bool = False, kind: str = "light", reps: int = 1,
         breakdown: tuple[int, ...] = (), trace: bool = False,
-        rounds_after: int = 6) -> dict[str, Any]:
+        rounds_after: int = 6, fresh_transfers: bool = False) -> dict[str, Any]:
     rounds = 5 if quick else 10  # the target is on rounds 2..5; later ones show the trend
     ladder = sorted(set(ladder))
     if quick:
@@ -434,7 +437,7 @@ def run(quick: bool = False, clients: int = 100, ladder: Sequence[int] = LADDER,
             for n in ladder:
                 print(f"load: capacity n={n} ({kind}, rep {rep + 1}) ...", file=sys.stderr,
                       flush=True)
-                fixed = capacity_point(work, n, SELECTED, rounds_after, kind)
+                fixed = capacity_point(work, n, SELECTED, rounds_after, kind, fresh_transfers)
                 full = (capacity_point(work, n, None, rounds_after, kind)
                         if n <= 200 and not capacity_only else None)
                 cap.append((fixed, full))
@@ -519,12 +522,16 @@ def main(argv: list[str] | None = None) -> int:
                         "idle connection's server memory goes (comma-separated Ns)")
     p.add_argument("--trace", action="store_true",
                    help="with --breakdown, one more server with tracemalloc (Python heap)")
+    p.add_argument("--fresh_transfers", action="store_true",
+                   help="light hospitals move each task's model over a new connection, "
+                        "closed after (the task stream's connection carries no model)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     ladder = tuple(int(n) for n in args.ladder.split(",") if n.strip())
     breakdown = tuple(int(n) for n in args.breakdown.split(",") if n.strip())
     out = run(args.quick, args.clients, ladder, args.keep, args.capacity_only, args.kind,
-              max(1, args.reps), breakdown, args.trace, args.rounds_after)
+              max(1, args.reps), breakdown, args.trace, args.rounds_after,
+              args.fresh_transfers)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -1,16 +1,20 @@
 """bench.light_clients against the real server daemon on loopback: two light hospitals
 (one asyncio loop, real mTLS, Join, task stream) complete real rounds through the
-sealed transfers, and the process reports them and stops on SIGTERM."""
+sealed transfers (over the task stream's connection, or with --fresh_transfers over a
+connection of their own), and the process reports them and exits after the STOP."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.common import BenchServer, Procs, client_names, make_bench_pki, wait_for
 
 
-def test_light_hospitals_complete_rounds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fresh", [False, True], ids=["one-connection", "fresh-transfers"])
+def test_light_hospitals_complete_rounds(tmp_path: Path, fresh: bool) -> None:
     names = client_names(2)
     make_bench_pki(tmp_path, names)
     procs = Procs()
@@ -21,7 +25,8 @@ def test_light_hospitals_complete_rounds(tmp_path: Path) -> None:
         status = tmp_path / "light.json"
         clients = procs.start(["-m", "bench.light_clients", "--server", server.target,
                                "--work", str(tmp_path), "--clients", ",".join(names),
-                               "--status_file", str(status), "--timeout_s", "120"],
+                               "--status_file", str(status), "--timeout_s", "120",
+                               *(["--fresh_transfers"] if fresh else [])],
                               tmp_path / "light.log", cwd=tmp_path)
 
         def done() -> bool:
