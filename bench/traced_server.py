@@ -6,13 +6,16 @@ Why: to tell the server's per-connection memory held by Python objects (the serv
 bridge's per-call state, the task feed's generators) from gRPC's C core and the TLS
 library, which tracemalloc does not see. While the server runs, a file
 DIR/request-<tag> makes this process write DIR/trace-<tag>.json: the traced total
-and the top allocation sites by size (text, no pickle), then delete the request.
+and the top allocation sites by size (text, no pickle), then delete the request; a
+tag starting with "trim" also calls glibc's malloc_trim(0) first and records the RSS
+before and after it (what of the RSS is free heap glibc kept, not live memory).
 Tracing slows the server: round times from it are not comparable.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import threading
@@ -23,15 +26,28 @@ POLL_S = 0.2
 TOP = 40
 
 
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _answer(trace_dir: Path, stop: threading.Event) -> None:
     while not stop.wait(POLL_S):
         for request in trace_dir.glob("request-*"):
             tag = request.name.removeprefix("request-")
+            trimmed: dict[str, int] = {}
+            if tag.startswith("trim"):
+                trimmed["rss_before_trim"] = _rss()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                trimmed["rss_after_trim"] = _rss()
             # the snapshots' own memory (tracemalloc.py) is not the server's
             snapshot = tracemalloc.take_snapshot().filter_traces(
                 [tracemalloc.Filter(False, tracemalloc.__file__)])
             stats = snapshot.statistics("lineno")
-            out = {"traced": sum(s.size for s in stats),
+            out = {**trimmed, "traced": sum(s.size for s in stats),
                    "top": [{"where": str(s.traceback[0]), "bytes": s.size, "count": s.count}
                            for s in stats[:TOP]]}
             del snapshot, stats
