@@ -20,6 +20,7 @@ import torch
 
 from fl_core.constants import GCM_TAG_BYTES, RPC_TIMEOUT_S
 from fl_core.sealing import (
+    SealError,
     StreamContext,
     StreamOpener,
     StreamSealer,
@@ -32,6 +33,7 @@ from fl_core.sealing import (
 )
 from fl_core.stream_ids import download_stream_id, upload_stream_id
 from fl_core.tensor_codec import (
+    CodecError,
     StreamAssembler,
     TrailingDigests,
     build_manifest,
@@ -171,6 +173,9 @@ class ServerConnection:
         """The task's global model, verified against `expected` before any chunk is
         accepted and against every hash at the end; resumes a cut stream."""
         check_manifest(task.model_manifest, expected)
+        carried = self._carried_model(task, expected, on_progress)
+        if carried is not None:
+            return carried
         assembler: StreamAssembler | None = None
         opener: StreamOpener | None = None
         session_id = ""
@@ -226,6 +231,38 @@ class ServerConnection:
                             assembler.next_sequence if assembler else 0)
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
         raise TransferError("download failed after retries")
+
+    def _carried_model(self, task: cpb.Task,
+                       expected: Mapping[str, torch.Tensor] | tpb.TensorManifest,
+                       on_progress: ProgressFn | None) -> dict[str, torch.Tensor] | None:
+        """The small model the task carries (fl_server/model_stream.py), opened and
+        verified exactly as FetchModel's stream would be; None when there is none or it
+        cannot be used here (sealed for another session, a chunk that does not open,
+        a hash that does not match): the caller then fetches the model."""
+        if not task.model_chunks or self.session is None:
+            return None
+        stream_id = download_stream_id(task.job_id, task.round, task.task_id,
+                                       self.session.session_id)
+        if task.model_stream_id != stream_id:
+            return None
+        try:
+            assembler = StreamAssembler(task.model_manifest, expected=expected)
+            ctx = StreamContext(task.job_id, task.round, self.client_id, "down", stream_id,
+                                manifest_digest(task.model_manifest))
+            opener = StreamOpener(stream_key(self.session.secret, ctx), ctx)
+            for chunk in task.model_chunks:
+                assembler.add_sealed(opener, chunk)
+            opener.finish()
+            model = assembler.finish()
+        except (CodecError, SealError) as exc:
+            log.warning("the model carried by task %s is unusable (%s); fetching it",
+                        task.task_id, exc)
+            return None
+        self.bytes_received += task.model_manifest.total_bytes \
+            + len(task.model_chunks) * GCM_TAG_BYTES
+        if on_progress:
+            on_progress(task.model_manifest.chunk_count, task.model_manifest.chunk_count)
+        return model
 
     # upload -----------------------------------------------------------------------
     def submit_update(self, task: cpb.Task, state: Mapping[str, torch.Tensor],

@@ -212,3 +212,7 @@ REVOCATION_POLL_S: Final = 1.0
 # (default 700): one gRPC call allocates a few hundred container objects, so the
 # default collects every call or two (fl_core/gc_policy.py).
 GC_GEN0_THRESHOLD: Final = 20_000
+# A global model of at most this many bytes travels sealed inside its TRAIN/EVALUATE
+# task (fl_server/model_stream.py): one FetchModel call less per hospital a round. One
+# transfer chunk, so a task message stays far below gRPC's 4 MiB message limit.
+INLINE_MODEL_MAX_BYTES: Final = 1 << 20

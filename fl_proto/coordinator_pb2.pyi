@@ -216,7 +216,7 @@ class TrainConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., update_kind: _Optional[_Union[UpdateKind, str]] = ..., privacy: _Optional[_Union[PrivacyConfig, _Mapping]] = ..., seed: _Optional[int] = ..., strategy_settings: _Optional[_Mapping[str, float]] = ..., strategy: _Optional[str] = ..., job_sha256: _Optional[str] = ..., job_rounds: _Optional[int] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg", "reason", "job_state", "strategy", "final_metrics")
+    __slots__ = ("task_id", "kind", "job_id", "round", "model_type", "config", "deadline_unix_ms", "model_manifest", "secagg", "reason", "job_state", "strategy", "final_metrics", "model_stream_id", "model_chunks")
     class FinalMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,8 @@ class Task(_message.Message):
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     job_id: str
@@ -250,7 +252,9 @@ class Task(_message.Message):
     job_state: str
     strategy: str
     final_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ..., reason: _Optional[str] = ..., job_state: _Optional[str] = ..., strategy: _Optional[str] = ..., final_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model_stream_id: str
+    model_chunks: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.SealedChunk]
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., model_type: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_manifest: _Optional[_Union[_tensors_pb2.TensorManifest, _Mapping]] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggConfig, _Mapping]] = ..., reason: _Optional[str] = ..., job_state: _Optional[str] = ..., strategy: _Optional[str] = ..., final_metrics: _Optional[_Mapping[str, float]] = ..., model_stream_id: _Optional[str] = ..., model_chunks: _Optional[_Iterable[_Union[_tensors_pb2.SealedChunk, _Mapping]]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("task_id", "job_id", "round", "kind", "status", "reason", "metrics", "num_examples", "epsilon_round", "epsilon_total", "delta", "dp_enabled", "train_seconds")

@@ -29,13 +29,12 @@ from fl_core.sealing import (
     SealError,
     StreamContext,
     StreamOpener,
-    StreamSealer,
     manifest_digest,
     serialize_stream_message,
     stream_key,
     stream_message_parser,
 )
-from fl_core.stream_ids import download_stream_id, upload_stream_id
+from fl_core.stream_ids import upload_stream_id
 from fl_core.tensor_codec import (
     CodecError,
     IntegrityError,
@@ -52,6 +51,7 @@ from fl_server import audit
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, Session
 from fl_server.metrics import OBSERVED, RESUMED
+from fl_server.model_stream import download_sealer, model_version_for
 from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
 from fl_server.strategies.base import MeasuredUpdate
 from fl_server.validation import check_update_header
@@ -193,7 +193,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             else:
                 rs, task = self.engine.task_of(client_id, request.task_id)
                 job_id, round_no = rs.job_id, rs.round
-                wanted_version = rs.round - 1 if task.kind == cpb.TRAIN else rs.round
+                wanted_version = model_version_for(task, rs.round)
             model = self.engine.current_model()
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
@@ -205,10 +205,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         if request.resume_from >= count:
             abort(context, grpc.StatusCode.OUT_OF_RANGE,
                   f"resume_from {request.resume_from} is past the last chunk ({count - 1})")
-        stream_id = download_stream_id(job_id, round_no, task.task_id, session.session_id)
-        ctx = StreamContext(job_id, round_no, client_id, "down", stream_id,
-                            manifest_digest(model.manifest))
-        sealer = StreamSealer(stream_key(session.secret, ctx), ctx)
+        stream_id, sealer = download_sealer(session.secret, client_id, job_id, round_no,
+                                            task.task_id, session.session_id, model.manifest)
         yield apb.ModelStreamMessage(header=apb.ModelStreamHeader(
             job_id=job_id, round=round_no, stream_id=stream_id, manifest=model.manifest))
         start = int(request.resume_from)

@@ -31,6 +31,7 @@ from fl_server.clients import ClientRegistry, SessionConflict
 from fl_server.idle import Idle
 from fl_server.jobs import JobError, JobManager, job_info, model_file_bytes
 from fl_server.metrics import fill_status
+from fl_server.model_stream import with_model
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.secagg_round import SecAggServicer
 from fl_server.store import Job, Report, Store, state_sha256
@@ -153,8 +154,12 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
                 return False  # an unusable revocation list fails closed
 
         try:
-            yield from self.registry.task_stream(ident.client_id, self.heartbeat_s,
-                                                 still_allowed, peer=context.peer())
+            for item in self.registry.task_stream(ident.client_id, self.heartbeat_s,
+                                                  still_allowed, peer=context.peer()):
+                if isinstance(item, cpb.Task) and item.kind in (cpb.TRAIN, cpb.EVALUATE):
+                    item = with_model(item, self.engine, client_id,
+                                      self.registry.session(client_id, ident.session_id))
+                yield item
         finally:
             log_event(log, "task_stream_closed", client=ident.client_id)
 

@@ -154,8 +154,9 @@ class RoundEngine:
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         plain = {k: v.detach().contiguous() for k, v in state.items()}
         manifest = build_manifest(plain)
-        with self._cv:
-            self.model = ModelVersion(version, plain, manifest, state_sha256(plain))
+        model = ModelVersion(version, plain, manifest, state_sha256(plain))
+        with self._cv:  # hashed outside: task streams read the model under this lock
+            self.model = model
 
     def current_model(self) -> ModelVersion:
         with self._cv:
