@@ -30,7 +30,6 @@ the process writes its counts to `--status_file` (JSON).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -51,7 +50,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from bench.noop_client import NoopClient
+from bench.noop_client import NoopClient, client_parser, parse_client_args
 from fl_core.tls import channel_credentials, channel_options
 from fl_proto import aggregator_pb2_grpc as apb_grpc
 from fl_proto import coordinator_pb2 as cpb
@@ -327,22 +326,13 @@ async def run(server: str, work: Path, names: list[str], mode: str, rate: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.light_clients", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--server", required=True, help="host:port of the server")
-    p.add_argument("--work", type=Path, required=True,
-                   help="bench work dir holding sites/<name>/keys for every client")
-    p.add_argument("--clients", required=True, help="comma-separated client names")
+    p = client_parser("bench.light_clients", __doc__)
     p.add_argument("--mode", choices=MODES, default="stream")
     p.add_argument("--rate", type=float, default=25.0, help="new connections per second")
-    p.add_argument("--keep_running", action="store_true", help="ignore STOP tasks")
     p.add_argument("--fresh_transfers", action="store_true",
                    help="each task's transfers on a new connection, closed after")
     p.add_argument("--status_file", type=Path, help="counts, rewritten every second (JSON)")
-    p.add_argument("--timeout_s", type=float, default=3600.0, help="give up after this long")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    names = [n for n in args.clients.split(",") if n]
+    args, names = parse_client_args(p, argv)
     return asyncio.run(run(args.server, args.work, names, args.mode, max(args.rate, 0.1),
                            args.keep_running, args.timeout_s, args.status_file,
                            args.fresh_transfers))

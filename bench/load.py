@@ -1,11 +1,16 @@
 """Many clients against one server: idle cost per client, memory over rounds, capacity.
 
     python -m bench.load [--quick] [--clients 100] [--ladder 10,100,1000,5000]
+        [--kind light|threads] [--reps R] [--fresh_transfers] [--breakdown N [--trace]]
 
-All clients are no-op clients (bench.noop_client: real mTLS connections with sealing,
-each with its own certificate and channel) run as threads, 50 per process (250 above
-400 clients), in processes separate from the server; the model is small (100k float32
-parameters) so the numbers are about holding and driving connections, not moving bytes.
+All clients are no-op hospitals in processes separate from the server, each with its
+own certificate and mTLS connection, Join, task stream and sealed transfers; the model
+is small (100k float32 parameters) so the numbers are about holding and driving
+connections, not moving bytes. `--kind light` (default): bench.light_clients, up to
+1,250 hospitals on one asyncio loop per process; `--kind threads`: bench.noop_client,
+a thread and a synchronous channel per hospital (gRPC Python polls each such channel
+with a streaming call open on a thread of its own: thousands of them swamp the cores
+the server runs on).
 
 1. idle: a server that never starts a round (min_clients out of reach); server RSS
    before and after `--clients` clients have joined and opened their task streams,
@@ -16,11 +21,14 @@ parameters) so the numbers are about holding and driving connections, not moving
 3. capacity: N connected clients (the ladder: 10, 100, 1000, 5000) while every
    round selects 10 of them (--fraction 10/N), so the round's work is constant and
    only the number of connections held grows; the median round time once all N are
-   connected, against N = 10, and the server's RSS per connection above N = 10. The
-   server "holds" the largest N whose round time is under twice that of N = 10 (the
-   issue 16 target: 1.5x at 5,000, at most 100 KB per idle connection). A second
-   column selects all N (a full round's cost) up to 200. The server runs with its
-   default flags at every N: an idle task stream holds no thread (grpc.aio).
+   connected, against N = 10 (same client kind), the server's CPU per round, RSS per
+   connection above N = 10, threads, sockets and load. The issue 16 target: 1.5x at
+   5,000, at most 100 KB per idle connection. A second column selects all N (a full
+   round's cost) up to 200 (not with --capacity_only). The server runs with its default
+   flags at every N: an idle task stream holds no thread (grpc.aio).
+4. --breakdown N: where an idle connection's server memory goes: N light hospitals
+   that stop after TLS, after Join, or after opening the task stream, each against a
+   fresh server with no round; --trace adds a tracemalloc'd server (bench.traced_server).
 """
 
 from __future__ import annotations
@@ -102,7 +110,10 @@ class Clients:
                 time.sleep(STAGGER_S)  # thousands of TLS handshakes at once only measure the storm
 
     def counts(self) -> dict[str, Any]:
-        """The light processes' counts summed (states, reconnects, ...), their RSS."""
+        """The light processes' counts summed (states, reconnects, ...), their RSS
+        (thread clients report only their RSS)."""
+        if self.kind != "light":
+            return {"states": {}, "rss": sum(rss(p.pid) for p in self.procs if p.alive())}
         total: dict[str, Any] = {"states": {}, "reconnects": 0, "failures": 0, "tasks": 0,
                                  "heartbeats": 0, "threads": 0, "loop_lag_s": 0.0,
                                  "rss": sum(rss(p.pid) for p in self.procs if p.alive())}

@@ -193,20 +193,32 @@ def run_clients(server: str, work: Path, names: Sequence[str], model_type: str =
     return clients, threads
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.noop_client", description=__doc__,
+def client_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The flags every no-op client process takes (this one and bench.light_clients)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True, help="host:port of the server")
     p.add_argument("--work", type=Path, required=True,
                    help="bench work dir holding sites/<name>/keys for every client")
     p.add_argument("--clients", required=True, help="comma-separated client names")
-    p.add_argument("--model_type", default="sized")
     p.add_argument("--keep_running", action="store_true", help="ignore STOP tasks")
-    p.add_argument("--stats_file", type=Path, help="write per-task timings here at exit")
     p.add_argument("--timeout_s", type=float, default=3600.0, help="give up after this long")
+    return p
+
+
+def parse_client_args(p: argparse.ArgumentParser,
+                      argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed flags and the client names; logging set up for a client process."""
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    names = [n for n in args.clients.split(",") if n]
+    return args, [n for n in args.clients.split(",") if n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = client_parser("bench.noop_client", __doc__)
+    p.add_argument("--model_type", default="sized")
+    p.add_argument("--stats_file", type=Path, help="write per-task timings here at exit")
+    args, names = parse_client_args(p, argv)
     clients, threads = run_clients(args.server, args.work, names, args.model_type,
                                    args.keep_running)
     stopping = threading.Event()
