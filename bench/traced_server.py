@@ -8,13 +8,16 @@ library, which tracemalloc does not see. While the server runs, a file
 DIR/request-<tag> makes this process write DIR/trace-<tag>.json: the traced total
 and the top allocation sites by size (text, no pickle), then delete the request; a
 tag starting with "trim" also calls glibc's malloc_trim(0) first and records the RSS
-before and after it (what of the RSS is free heap glibc kept, not live memory).
+before and after it (what of the RSS is free heap glibc kept, not live memory). Every
+answer also counts the live torch tensors and their storages' bytes, and live
+per-call objects (CALL_TYPES).
 Tracing slows the server: round times from it are not comparable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import sys
@@ -23,6 +26,10 @@ import tracemalloc
 from pathlib import Path
 
 POLL_S = 0.2
+# per-call objects counted live: the serving bridge's and grpc.aio's (a call's C state
+# lives as long as its Python objects do)
+CALL_TYPES = ("ThreadContext", "_Run", "_Buffer", "Idle", "_ServicerContext", "RPCState",
+              "_SyncServicerContext")
 TOP = 40
 
 
@@ -32,6 +39,29 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _tensors() -> dict[str, int]:
+    """Live torch tensors and the bytes of their distinct storages (tracemalloc does
+    not see torch's allocations)."""
+    import gc
+
+    import torch
+
+    storages: dict[int, int] = {}
+    count = 0
+    calls: dict[str, int] = dict.fromkeys(CALL_TYPES, 0)
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in calls:
+            calls[name] += 1
+        if isinstance(obj, torch.Tensor):
+            count += 1
+            with contextlib.suppress(Exception):  # a tensor without storage (meta, sparse)
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return {"torch_tensors": count, "torch_storage_bytes": sum(storages.values()),
+            **{f"live_{k}": v for k, v in calls.items()}}
 
 
 def _answer(trace_dir: Path, stop: threading.Event) -> None:
@@ -47,7 +77,7 @@ def _answer(trace_dir: Path, stop: threading.Event) -> None:
             snapshot = tracemalloc.take_snapshot().filter_traces(
                 [tracemalloc.Filter(False, tracemalloc.__file__)])
             stats = snapshot.statistics("lineno")
-            out = {**trimmed, "traced": sum(s.size for s in stats),
+            out = {**trimmed, **_tensors(), "traced": sum(s.size for s in stats),
                    "top": [{"where": str(s.traceback[0]), "bytes": s.size, "count": s.count}
                            for s in stats[:TOP]]}
             del snapshot, stats
