@@ -214,5 +214,5 @@ REVOCATION_POLL_S: Final = 1.0
 GC_GEN0_THRESHOLD: Final = 20_000
 # A global model of at most this many bytes travels sealed inside its TRAIN/EVALUATE
 # task (fl_server/model_stream.py): one FetchModel call less per hospital a round. One
-# transfer chunk, so a task message stays far below gRPC's 4 MiB message limit.
+# transfer chunk: a task message stays far below MAX_MESSAGE_BYTES (8 MiB).
 INLINE_MODEL_MAX_BYTES: Final = 1 << 20
