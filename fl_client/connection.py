@@ -201,11 +201,8 @@ class ServerConnection:
                             raise TransferError("the model streamed is not the one the task"
                                                 " announced")
                         if assembler is None:
-                            assembler = StreamAssembler(header.manifest, expected=expected)
-                            ctx = StreamContext(task.job_id, task.round, self.client_id, "down",
-                                                header.stream_id,
-                                                manifest_digest(header.manifest))
-                            opener = StreamOpener(stream_key(self.session.secret, ctx), ctx)
+                            assembler, opener = self._download(task, header.stream_id,
+                                                               expected)
                             session_id = self.session.session_id
                         continue
                     if assembler is None or opener is None:
@@ -232,6 +229,17 @@ class ServerConnection:
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
         raise TransferError("download failed after retries")
 
+    def _download(self, task: cpb.Task, stream_id: str,
+                  expected: Mapping[str, torch.Tensor] | tpb.TensorManifest
+                  ) -> tuple[StreamAssembler, StreamOpener]:
+        """The assembler and opener of the task's download stream (`stream_id`, this
+        session's keys), FetchModel's or the one the task carries."""
+        assert self.session is not None
+        assembler = StreamAssembler(task.model_manifest, expected=expected)
+        ctx = StreamContext(task.job_id, task.round, self.client_id, "down", stream_id,
+                            manifest_digest(task.model_manifest))
+        return assembler, StreamOpener(stream_key(self.session.secret, ctx), ctx)
+
     def _carried_model(self, task: cpb.Task,
                        expected: Mapping[str, torch.Tensor] | tpb.TensorManifest,
                        on_progress: ProgressFn | None) -> dict[str, torch.Tensor] | None:
@@ -246,10 +254,7 @@ class ServerConnection:
         if task.model_stream_id != stream_id:
             return None
         try:
-            assembler = StreamAssembler(task.model_manifest, expected=expected)
-            ctx = StreamContext(task.job_id, task.round, self.client_id, "down", stream_id,
-                                manifest_digest(task.model_manifest))
-            opener = StreamOpener(stream_key(self.session.secret, ctx), ctx)
+            assembler, opener = self._download(task, stream_id, expected)
             for chunk in task.model_chunks:
                 assembler.add_sealed(opener, chunk)
             opener.finish()

@@ -426,7 +426,6 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                                  sha256=up.assembler.manifest.sha256)
 
 
-
 def add_to_server(service: AggregatorService, server: Any) -> None:
     """`apb_grpc.add_AggregatorServicer_to_server`, with the two transfer streams'
     chunks written and read directly (`fl_core.sealing`'s wire functions) instead of
