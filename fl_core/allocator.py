@@ -1,6 +1,7 @@
 """What the server and the simulation ask of the C library about memory: glibc's mmap
 threshold fixed, so large buffers are mapped on their own and given back to the system
-when freed; and a mapping's pages dropped once read (madvise MADV_DONTNEED).
+when freed; a mapping's pages dropped once read (madvise MADV_DONTNEED); the heaps'
+free pages handed back between rounds (malloc_trim).
 
 By default glibc raises its mmap threshold to the size of every large block freed (up
 to 32 MiB), so after the first model-sized buffer is freed every later one comes from
@@ -30,6 +31,19 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def release_free_heap() -> bool:
+    """Hand the free pages of every malloc heap back to the system (glibc's
+    malloc_trim(0)): True where something was released. Memory freed by many threads
+    stays in their heaps otherwise, resident, until reused."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False  # not glibc
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
 
 
 def _libc_madvise() -> Any:

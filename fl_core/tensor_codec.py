@@ -942,6 +942,12 @@ class StreamAssembler:
         return mmap.mmap(self._fd, self._total, access=mmap.ACCESS_COPY)
 
     def _release(self) -> None:
+        # The hasher's work is a method of this assembler: a reference cycle, which the
+        # daemons' collector (fl_core/gc_policy.py) reaches only every few rounds, so
+        # the scratch chunks (megabytes per stream) go here, not with the cycle.
+        self._hasher = None
+        self._scratch = []
+        self._scratch_free = []
         if self._view is not None:
             self._view.release()
             self._view = None

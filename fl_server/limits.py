@@ -147,8 +147,12 @@ class Watchdog:
 
     @staticmethod
     def finish(watch: _Watch) -> None:
+        # The heap keeps a finished watch until its last deadline comes (up to
+        # STREAM_IDLE_S): it must not keep the ended call's context (and its peer's
+        # certificate, metadata and buffers) alive that long.
         watch.done = True
         watch.expires = math.inf
+        watch.context = None
 
     def stop(self) -> None:
         with self._cv:
@@ -176,8 +180,11 @@ class Watchdog:
                         heapq.heappush(self._heap, _Entry(watch.expires, next(self._seq),
                                                           watch))
                     continue
+                context = watch.context
+                if context is None:  # finished while its entry was on its way out
+                    continue
                 watch.done = watch.fired = True
-            end_call(watch.context, grpc.StatusCode.DEADLINE_EXCEEDED, watch.what)
+            end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, watch.what)
 
 
 class CallLimits:

@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from fl_core.allocator import release_free_heap
+from fl_core.constants import TRIM_HEAP_MIN_MODEL_BYTES
 from fl_core.errors import Refusal
+from fl_core.gc_policy import collect_round_garbage
 from fl_core.logs import log_event
 from fl_core.secagg import MASKED_TENSOR, SecAggError
 from fl_core.tensor_codec import build_manifest
@@ -286,6 +289,7 @@ class RoundEngine:
                 if self.stop_event.is_set():
                     return
                 ok = self._attempt(round_no, attempt)
+                self._release_round_memory()
                 if ok:
                     break
             if not ok:
@@ -358,6 +362,16 @@ class RoundEngine:
         round_failed(self.job_id, rs.round, rs.attempt, reason)
         self.last_failure = reason
         return False
+
+    def _release_round_memory(self) -> None:
+        """An attempt's garbage goes with it: young reference cycles, and after a large
+        model's round the heaps' free pages (its chunk buffers, freed on many threads),
+        which would otherwise stay resident into the next round's peak (issue 16)."""
+        collect_round_garbage()
+        with self._cv:
+            model = self.model
+        if model is not None and model.manifest.total_bytes >= TRIM_HEAP_MIN_MODEL_BYTES:
+            release_free_heap()
 
     def _set_phase(self, phase: str, **fields: Any) -> None:
         with self._cv:

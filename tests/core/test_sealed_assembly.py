@@ -288,3 +288,42 @@ def test_norms_cover_the_chunks_a_resumed_spool_reads_back(tmp_path: Path) -> No
         second.add_sealed(opener, chunk)
     assert same(second.finish(), state)
     assert second.norms["w"] == pytest.approx(want_norm(state["w"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("ending", ["finish", "close", "failed finish"])
+@pytest.mark.parametrize("spooled", [True, False])
+def test_an_ended_stream_is_freed_without_the_collector(
+        tmp_path: Path, ending: str, spooled: bool) -> None:
+    """The daemons collect cycles only now and then (fl_core/gc_policy.py), so an
+    assembler must not stay in one once its stream ended: its scratch chunks and
+    hashing queue (megabytes per upload) went with the cycle, every round, for as long
+    as the collector waited (a 100 MB x 4 server grew ~20 MB a round)."""
+    import gc
+    import weakref
+
+    state = model(ASYNC_HASH_MIN_CHUNKS + 5)
+    manifest, sealed = sealed_stream(state, trailing=False)
+    if ending == "failed finish":
+        sealed = sealed[:-1]  # the stream stops short: finish() refuses it
+    gc.disable()
+    try:
+        assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None)
+        opener = sl.StreamOpener(KEY, context(manifest))
+        for chunk in sealed:
+            assembler.add_sealed(opener, chunk)
+        tensors: dict[str, torch.Tensor] = {}
+        if ending == "finish":
+            tensors = assembler.finish()
+        elif ending == "close":
+            assembler.close()
+        else:
+            with pytest.raises(tc.CodecError):
+                assembler.finish()
+            assembler.close()
+        ref = weakref.ref(assembler)
+        del assembler, opener
+        assert ref() is None  # freed by its last reference going, no collection
+    finally:
+        gc.enable()
+    if ending == "finish":
+        assert same(tensors, state)
