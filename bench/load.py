@@ -318,6 +318,7 @@ def _trace(trace_dir: Path, tag: str, timeout_s: float = 120.0) -> dict[str, Any
     raise TimeoutError(f"no tracemalloc snapshot {tag} after {timeout_s:.0f}s")
 
 
+BREAKDOWN_MODES = ("tls", "join", "stream")
 IDLE_WINDOW_S = 30.0  # one heartbeat interval (fl_core.constants.HEARTBEAT_INTERVAL_S)
 
 
@@ -425,7 +426,8 @@ def _breakdown_table(points: list[dict[str, Any]]) -> None:
 def run(quick: bool = False, clients: int = 100, ladder: Sequence[int] = LADDER,
         keep: bool = False, capacity_only: bool = False, kind: str = "light", reps: int = 1,
         breakdown: tuple[int, ...] = (), trace: bool = False,
-        rounds_after: int = 6, fresh_transfers: bool = False) -> dict[str, Any]:
+        rounds_after: int = 6, fresh_transfers: bool = False,
+        breakdown_modes: Sequence[str] = BREAKDOWN_MODES) -> dict[str, Any]:
     rounds = 5 if quick else 10  # the target is on rounds 2..5; later ones show the trend
     ladder = sorted(set(ladder))
     if quick:
@@ -443,7 +445,7 @@ def run(quick: bool = False, clients: int = 100, ladder: Sequence[int] = LADDER,
             print("load: rounds ...", file=sys.stderr, flush=True)
             out["rounds"] = rm = rounds_memory(work, clients, rounds, kind)
         caps = []
-        for rep in range(reps):
+        for rep in range(reps if ladder else 0):  # --ladder "": the breakdown alone
             cap = []
             for n in ladder:
                 print(f"load: capacity n={n} ({kind}, rep {rep + 1}) ...", file=sys.stderr,
@@ -456,7 +458,7 @@ def run(quick: bool = False, clients: int = 100, ladder: Sequence[int] = LADDER,
         out["capacity"] = caps
         points = []
         for n in breakdown:
-            for mode in ("tls", "join", "stream"):
+            for mode in breakdown_modes:
                 print(f"load: memory n={n} mode={mode} ...", file=sys.stderr, flush=True)
                 points.append(breakdown_point(work, n, mode))
             if trace:
@@ -531,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breakdown", default="",
                    help="N hospitals stopping after TLS, Join, the task stream: where an "
                         "idle connection's server memory goes (comma-separated Ns)")
+    p.add_argument("--breakdown_modes", default=",".join(BREAKDOWN_MODES),
+                   help="which of tls,join,stream --breakdown measures (each a fresh server;"
+                        " stream alone when iterating on the task stream's cost)")
     p.add_argument("--trace", action="store_true",
                    help="with --breakdown, one more server with tracemalloc (Python heap)")
     p.add_argument("--fresh_transfers", action="store_true",
@@ -540,9 +545,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ladder = tuple(int(n) for n in args.ladder.split(",") if n.strip())
     breakdown = tuple(int(n) for n in args.breakdown.split(",") if n.strip())
+    modes = tuple(m.strip() for m in args.breakdown_modes.split(",") if m.strip())
+    unknown = sorted(set(modes) - set(BREAKDOWN_MODES))
+    if unknown:
+        p.error(f"--breakdown_modes: unknown {', '.join(unknown)} (of {BREAKDOWN_MODES})")
     out = run(args.quick, args.clients, ladder, args.keep, args.capacity_only, args.kind,
               max(1, args.reps), breakdown, args.trace, args.rounds_after,
-              args.fresh_transfers)
+              args.fresh_transfers, modes)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
     return 0

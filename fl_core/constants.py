@@ -222,3 +222,9 @@ INLINE_MODEL_MAX_BYTES: Final = 1 << 20
 # (~30 MB at 100 MB x 4, issue 16 item 3). Below it a trim would cost more than it
 # gives back on the small round.
 TRIM_HEAP_MIN_MODEL_BYTES: Final = 16 << 20
+
+# --- issue 16 item 4 (memory helper) ---
+# Peer certificates the server remembers parsed (fl_server/auth.py), keyed by their
+# SHA-256: one per connected hospital, so above the number connected (5,000 in the
+# issue) lest every call of a hospital pushed out re-parse its certificate.
+PEER_CACHE: Final = 16_384

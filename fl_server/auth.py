@@ -12,18 +12,19 @@ inside the call, where ``context.auth_context()`` and ``context.abort`` exist.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from fl_core.constants import ROLE_ADMIN, ROLE_CLIENT
+from fl_core.constants import PEER_CACHE, ROLE_ADMIN, ROLE_CLIENT
 from fl_core.errors import Refusal, abort
 from fl_core.ratelimit import RefusalLog, peer_host
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
@@ -45,12 +46,13 @@ REFLECTION_METHODS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """The authenticated caller of one RPC.
 
-    `session_id` and `claims` come from the bearer token; both are empty for the
-    certificate-only (public) methods such as Join.
+    `session_id` comes from the bearer token; None for the certificate-only (public)
+    methods such as Join. Nothing more of the token is kept: a task stream holds its
+    Identity for days, on every connection (issue 16: memory per connection).
     """
 
     client_id: str
@@ -58,16 +60,13 @@ class Identity:
     cert_sha256: str
     serial: int
     session_id: str | None = None
-    claims: Mapping[str, Any] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
-    )
 
     @property
     def is_admin(self) -> bool:
         return self.role == ROLE_ADMIN
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Peer:
     client_id: str
     role: str
@@ -83,10 +82,38 @@ class _Refused(Exception):
         self.reason = reason
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_peer(pem: bytes) -> _Peer:
-    """Parse a peer certificate once per distinct PEM (clients reconnect with the same
-    certificate for months), so the per-call cost is a dictionary lookup."""
+class _PeerCache:
+    """Peer certificates parsed once per distinct PEM (clients reconnect with the same
+    certificate for months), so the per-call cost is a hash and a dictionary lookup.
+
+    Keyed by the PEM's SHA-256, not the PEM itself: one entry per connected hospital,
+    and the PEM (~1.2 KB) was most of an entry. Bounded (least recently used out)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, pem: bytes) -> _Peer:
+        key = hashlib.sha256(pem).digest()
+        with self._lock:
+            peer = self._peers.get(key)
+            if peer is not None:
+                self._peers.move_to_end(key)
+                return peer
+        peer = _read_peer(pem)  # raises AuthError: nothing remembered
+        with self._lock:
+            self._peers[key] = peer
+            while len(self._peers) > self._size:
+                self._peers.popitem(last=False)
+        return peer
+
+    def clear(self) -> None:
+        with self._lock:
+            self._peers.clear()
+
+
+def _read_peer(pem: bytes) -> _Peer:
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
@@ -96,6 +123,9 @@ def _parse_peer(pem: bytes) -> _Peer:
     if len(cns) != 1 or len(ous) != 1:
         raise AuthError("certificate must carry exactly one CN (client id) and one OU (role)")
     return _Peer(str(cns[0].value), str(ous[0].value), cert_sha256(pem), cert.serial_number)
+
+
+_parse_peer = _PeerCache(PEER_CACHE)
 
 
 class AuthenticatedContext:
@@ -167,6 +197,10 @@ class AuthInterceptor(WrappingInterceptor):
             # abort) when the call starts, before the service's generator is created.
             def checked(request: Any, context: grpc.ServicerContext) -> Any:
                 identity = self._check(context, method)
+                # the serving bridge's context forgets the certificate and token now
+                drop = getattr(context, "drop_credentials", None)
+                if drop is not None:
+                    drop()
                 return behavior(request, AuthenticatedContext(context, identity))
 
             return checked
@@ -208,7 +242,6 @@ class AuthInterceptor(WrappingInterceptor):
             raise _Refused(unauthenticated, str(exc)) from None
         if revoked:
             raise _Refused(unauthenticated, "certificate revoked", Refusal.CERT_REVOKED)
-        claims: Mapping[str, Any] = MappingProxyType({})
         session_id: str | None = None
         if method not in self._public:
             try:
@@ -227,7 +260,6 @@ class AuthInterceptor(WrappingInterceptor):
                 raise _Refused(unauthenticated, "token role does not match the certificate")
             sid = verified.get("sid")
             session_id = sid if isinstance(sid, str) else None
-            claims = MappingProxyType(verified)
         if method in self._admin and peer.role != ROLE_ADMIN:
             raise _Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -235,6 +267,4 @@ class AuthInterceptor(WrappingInterceptor):
                 f"{peer.role!r}",
                 Refusal.NOT_ADMIN,
             )
-        return Identity(
-            peer.client_id, peer.role, peer.cert_sha256, peer.serial, session_id, claims
-        )
+        return Identity(peer.client_id, peer.role, peer.cert_sha256, peer.serial, session_id)

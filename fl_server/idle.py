@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 from collections.abc import Callable
 
@@ -27,42 +28,51 @@ def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
         loop.call_soon_threadsafe(fn)
 
 
-class Idle:
-    """One wait of one stream: woken once, or timed out after `timeout_s`."""
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
-    __slots__ = ("_lock", "_notify", "_woken", "timeout_s")
+
+class Idle:
+    """One wait of one stream: woken once, or timed out after `timeout_s`.
+
+    Every idle hospital holds one for as long as it waits (issue 16: memory per
+    connection), so it is a flag under a lock: the event a plain thread blocks on
+    (`block`) is made only when one does."""
+
+    __slots__ = ("_event", "_lock", "_notify", "_woken", "timeout_s")
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = max(0.0, timeout_s)
         self._lock = threading.Lock()
-        self._woken = threading.Event()
+        self._woken = False
+        self._event: threading.Event | None = None
         self._notify: Callable[[], None] | None = None
 
     def wake(self) -> None:
         with self._lock:
-            self._woken.set()
+            self._woken = True
             notify, self._notify = self._notify, None
+            event = self._event
+        if event is not None:
+            event.set()
         if notify is not None:
             notify()
 
     @property
     def woken(self) -> bool:
-        return self._woken.is_set()
+        return self._woken
 
     async def wait(self) -> None:
         """Return on `wake()` or after the timeout, on the running event loop; a wake
         from another thread is passed to the loop, never run on it directly."""
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def finish() -> None:
-            if not done.done():
-                done.set_result(None)
-
+        done: asyncio.Future[None] = loop.create_future()
+        finish = functools.partial(_resolve, done)
         with self._lock:
-            if self._woken.is_set():
+            if self._woken:
                 return
-            self._notify = lambda: call_soon(loop, finish)
+            self._notify = functools.partial(call_soon, loop, finish)
         timer = loop.call_later(self.timeout_s, finish)
         try:
             await done
@@ -73,4 +83,10 @@ class Idle:
 
     def block(self) -> None:
         """The same wait for a plain thread (a generator consumed outside the server)."""
-        self._woken.wait(self.timeout_s)
+        with self._lock:
+            if self._woken:
+                return
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        event.wait(self.timeout_s)

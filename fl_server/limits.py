@@ -88,7 +88,7 @@ def end_call(context: Any, code: grpc.StatusCode, message: str) -> None:
     context.end(code, message)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Watch:
     """One stalled-stream timer: `expires` is when the call is ended unless the
     stream makes progress (math.inf while it is not waiting on the client)."""
@@ -102,7 +102,7 @@ class _Watch:
     seq: int = 0
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class _Entry:
     when: float
     seq: int
@@ -254,6 +254,8 @@ class CallLimits:
 
 class _Once:
     """A release that runs once, whichever of its two triggers comes first."""
+
+    __slots__ = ("_fn", "_lock")
 
     def __init__(self, fn: Callable[[], None]) -> None:
         self._fn: Callable[[], None] | None = fn

@@ -20,7 +20,6 @@ it keeps the thread for a stream's whole life, and its context for them has no
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import functools
 import logging
@@ -50,9 +49,20 @@ class CallEnded(grpc.RpcError):
     cancelled, or the server ended it); as gRPC's synchronous server does."""
 
 
+# What of the call's auth context is kept once the caller is authenticated: the refusal
+# audit (fl_server/audit.py) names the caller of a call that ends with an error by it.
+KEPT_AUTH_PROPERTIES = ("x509_common_name",)
+
+
 class ThreadContext:
     """The synchronous ServicerContext API over one grpc.aio call, for a handler that
-    runs on a worker thread while the call lives on the event loop."""
+    runs on a worker thread while the call lives on the event loop.
+
+    Slotted, like the bridge's other per-call objects: a connected hospital keeps one
+    of each for as long as its task stream is open (issue 16: memory per connection)."""
+
+    __slots__ = ("_aborted", "_auth", "_buffers", "_callbacks", "_context", "_deadline",
+                 "_lock", "_loop", "_metadata", "_peer", "_status")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any],
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -176,6 +186,16 @@ class ThreadContext:
     def invocation_metadata(self) -> Any:
         return self._metadata
 
+    def drop_credentials(self) -> None:
+        """Forget the peer's certificate and the call's metadata (its bearer token) once
+        the authentication interceptor has read them: a task stream lives for days and
+        nothing after the check reads them (the services read `context.identity`), but
+        they were a tenth of an idle connection's memory. The caller's common name
+        stays, for the refusal audit."""
+        auth = self._auth or {}
+        self._auth = {key: auth[key] for key in KEPT_AUTH_PROPERTIES if key in auth}
+        self._metadata = None
+
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
@@ -196,20 +216,53 @@ class _Buffer:
     job per `next()`) cost more than gRPC's synchronous server did per call. Here
     the loop reads ahead and the worker writes ahead, up to `limit` messages; a side
     is woken only when it is actually waiting (the loop through
-    call_soon_threadsafe, the thread through a condition)."""
+    call_soon_threadsafe, the thread through a lock it blocks on).
+
+    The thread side's waits are a lock made when a thread actually waits, not a
+    `threading.Condition` per buffer: an idle task stream keeps its outbox for days
+    and never waits on it, and a condition with its deque cost ~1 KB a connection."""
+
+    __slots__ = ("_items", "_limit", "_lock", "_loop", "_loop_waiter", "_waiters", "closed")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self._loop = loop
         self._limit = limit
-        self._items: collections.deque[Any] = collections.deque()
-        self._cv = threading.Condition(threading.Lock())
+        self._items: list[Any] = []  # at most `limit` (a few): pop(0) is cheap
+        self._lock = threading.Lock()
+        self._waiters: list[threading.Lock] | None = None  # threads blocked in put/take
         self._loop_waiter: asyncio.Future[None] | None = None
         self.closed = False
 
+    def _wait(self) -> None:
+        """Block the calling thread until the other side notifies; `_lock` is held on
+        entry and again on return, as a condition variable's wait."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        self._lock.release()
+        try:
+            waiter.acquire()
+        finally:
+            self._lock.acquire()
+
+    def _notify(self, every: bool = False) -> None:
+        """Wake one blocked thread (all with `every`); `_lock` held."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        if every:
+            self._waiters = None
+            for waiter in waiters:
+                waiter.release()
+        else:
+            waiters.pop(0).release()
+
     def close(self) -> None:
-        with self._cv:
+        with self._lock:
             self.closed = True
-            self._cv.notify_all()
+            self._notify(every=True)
             waiter, self._loop_waiter = self._loop_waiter, None
         if waiter is not None:
             _wake_soon(self._loop, waiter)
@@ -217,9 +270,9 @@ class _Buffer:
     # thread side
     def put(self, item: Any) -> bool:
         """Queue `item` for the loop (blocks while full); False once closed."""
-        with self._cv:
+        with self._lock:
             while len(self._items) >= self._limit and not self.closed:
-                self._cv.wait()
+                self._wait()
             if self.closed:
                 return False
             self._items.append(item)
@@ -230,12 +283,12 @@ class _Buffer:
 
     def take(self) -> Any:
         """The next item from the loop (blocks while empty); _END once closed."""
-        with self._cv:
+        with self._lock:
             while not self._items and not self.closed:
-                self._cv.wait()
+                self._wait()
             if not self._items:
                 return _END
-            item = self._items.popleft()
+            item = self._items.pop(0)
             waiter, self._loop_waiter = self._loop_waiter, None
         if waiter is not None:
             _wake_soon(self._loop, waiter)  # room again for a loop that was full
@@ -245,10 +298,10 @@ class _Buffer:
     async def get(self) -> Any:
         """The next item from the thread; _END once closed and drained."""
         while True:
-            with self._cv:
+            with self._lock:
                 if self._items:
-                    item = self._items.popleft()
-                    self._cv.notify()
+                    item = self._items.pop(0)
+                    self._notify()
                     return item
                 if self.closed:
                     return _END
@@ -258,12 +311,12 @@ class _Buffer:
     async def push(self, item: Any) -> bool:
         """Queue `item` for the thread, waiting while full; False once closed."""
         while True:
-            with self._cv:
+            with self._lock:
                 if self.closed:
                     return False
                 if len(self._items) < self._limit:
                     self._items.append(item)
-                    self._cv.notify()
+                    self._notify()
                     return True
                 waiter = self._loop_waiter = self._loop.create_future()
             await waiter
@@ -289,6 +342,8 @@ class _Raised:
 class _Requests(Iterator[Any]):
     """A client stream's messages as the synchronous iterator the handlers read; the
     loop reads them ahead into a buffer (`pump`)."""
+
+    __slots__ = ("_context", "_inbox")
 
     def __init__(self, context: ThreadContext, inbox: _Buffer) -> None:
         self._context = context
@@ -398,6 +453,9 @@ class _Run:
     the event loop (the generator's steps from then on do not block: idle.py). `stop`
     closes the generator once no step runs, on a worker (its `finally` may write the
     audit trail), unless it has already ended."""
+
+    __slots__ = ("_ended", "_lock", "_outbox", "_pool", "_responses", "_running", "_start",
+                 "_stopped")
 
     def __init__(self, start: Callable[[], Any], outbox: _Buffer,
                  pool: concurrent.futures.ThreadPoolExecutor) -> None:

@@ -167,12 +167,10 @@ class TokenService:
         self._active_stamp: tuple[int, int, int] | None = None
         self._active: tuple[str, ed25519.Ed25519PrivateKey] | None = None
         self._public: dict[str, tuple[tuple[int, int, int], ed25519.Ed25519PublicKey]] = {}
-        # (token, certificate) -> (claims, kid, key file stamp): a session presents one
-        # token on every call, so its signature and claims are checked once; a hit
-        # re-checks only what can change (the clock, the signing key file).
-        self._verified: OrderedDict[tuple[str, str],
-                                    tuple[dict[str, Any], str, tuple[int, int, int]]] = \
-            OrderedDict()
+        # SHA-256 of (token, certificate) -> what was verified (_Verified): a session
+        # presents one token on every call, so its signature and claims are checked
+        # once; a hit re-checks only what can change (the clock, the signing key file).
+        self._verified: OrderedDict[bytes, _Verified] = OrderedDict()
         self._signer()  # fail at start-up, not at the first Join
 
     @staticmethod
@@ -271,28 +269,27 @@ class TokenService:
         """
         if not token or len(token) > _MAX_TOKEN_BYTES:
             raise AuthError("token refused: empty or oversized")
-        key = (token, cert_sha256)
+        key = hashlib.sha256(f"{cert_sha256}\n{token}".encode()).digest()
         with self._lock:
             cached = self._verified.get(key)
             if cached is not None:
                 self._verified.move_to_end(key)
-        if cached is not None:
-            claims, kid, stamp = cached
-            if self._stamp(self._dir / f"{kid}.key") == stamp:
-                now = time.time()
-                if now >= claims["exp"] + JWT_LEEWAY_S:
-                    raise AuthError("token refused: expired")
-                if max(claims["nbf"], claims["iat"]) > now + JWT_LEEWAY_S:
-                    raise AuthError("token refused: not yet valid (nbf/iat in the future)")
-                return dict(claims)
+        if cached is not None and self._stamp(self._dir / f"{cached.kid}.key") == cached.stamp:
+            now = time.time()
+            if now >= cached.exp + JWT_LEEWAY_S:
+                raise AuthError("token refused: expired")
+            if max(cached.nbf, cached.iat) > now + JWT_LEEWAY_S:
+                raise AuthError("token refused: not yet valid (nbf/iat in the future)")
+            return cached.claims(cert_sha256)
         claims, kid = self._verify_fully(token, cert_sha256)
         stamp_now = self._stamp(self._dir / f"{kid}.key")
-        if stamp_now is not None and all(
-                isinstance(claims.get(k), int | float) for k in ("exp", "nbf", "iat")):
-            with self._lock:
-                self._verified[key] = (dict(claims), kid, stamp_now)
-                while len(self._verified) > VERIFIED_TOKEN_CACHE:
-                    self._verified.popitem(last=False)
+        if stamp_now is not None:
+            verified = _Verified.of(claims, kid, stamp_now)
+            if verified is not None:
+                with self._lock:
+                    self._verified[key] = verified
+                    while len(self._verified) > VERIFIED_TOKEN_CACHE:
+                        self._verified.popitem(last=False)
         return claims
 
     def _verify_fully(self, token: str, cert_sha256: str) -> tuple[dict[str, Any], str]:
@@ -338,6 +335,46 @@ class TokenService:
         if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("role"), str):
             raise AuthError("token refused: sub and role must be strings")
         return claims, kid
+
+
+class _Verified:
+    """A verified token as the cache keeps it: the claims' values, not their dict.
+
+    One per session (a connected hospital has one): the decoded claims dict with its
+    nested `cnf` and the token string as the key were ~1.6 KB of it (issue 16: memory
+    per connection). Only tokens of the shape `issue` makes are kept (exactly its
+    claims; issuer and audience are ours, `cnf` the verified certificate's), so the
+    claims rebuilt on a hit equal the ones decoded."""
+
+    __slots__ = ("exp", "iat", "jti", "kid", "nbf", "role", "sid", "stamp", "sub")
+
+    def __init__(self, claims: dict[str, Any], kid: str, stamp: tuple[int, int, int]) -> None:
+        self.exp, self.nbf, self.iat = claims["exp"], claims["nbf"], claims["iat"]
+        self.sub, self.role, self.jti = claims["sub"], claims["role"], claims["jti"]
+        self.sid = claims["sid"]
+        self.kid, self.stamp = kid, stamp
+
+    @classmethod
+    def of(cls, claims: dict[str, Any], kid: str,
+           stamp: tuple[int, int, int]) -> _Verified | None:
+        """The entry for `claims`, or None for a token not shaped as ours."""
+        if claims.keys() != _ISSUED_CLAIMS or claims["iss"] != JWT_ISSUER \
+                or claims["aud"] != JWT_AUDIENCE or len(claims["cnf"]) != 1:
+            return None
+        if not all(isinstance(claims[k], int | float) for k in ("exp", "nbf", "iat")):
+            return None
+        return cls(claims, kid, stamp)
+
+    def claims(self, cert_sha256: str) -> dict[str, Any]:
+        """A fresh dict each call: a caller changing it changes no later call."""
+        return {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": self.sub, "iat": self.iat,
+                "nbf": self.nbf, "exp": self.exp, "jti": self.jti, "sid": self.sid,
+                "role": self.role, "cnf": {"x5t#S256": cert_sha256}}
+
+
+# The claims `TokenService.issue` writes (a verified token's `cnf` is already checked).
+_ISSUED_CLAIMS = frozenset({"iss", "aud", "sub", "iat", "nbf", "exp", "jti", "sid", "role",
+                            "cnf"})
 
 
 def _valid_kid(kid: str) -> bool:

@@ -21,7 +21,7 @@ import pytest
 from fl_core.errors import abort, refusal_of
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.idle import Idle
-from fl_server.serving import AioServer
+from fl_server.serving import READ_AHEAD, WRITE_AHEAD, AioServer
 
 SERVICE = "test.Bridge"
 TIMEOUT = 20.0
@@ -89,6 +89,18 @@ class Feed:
             raise
         return b"never"
 
+    def many(self, request: bytes, context: Any) -> Iterator[bytes]:
+        """More messages than the write-ahead holds, all before any Idle: the worker
+        blocks while the outbox is full and is woken as the client takes them."""
+        for i in range(int(request)):
+            yield str(i).encode()
+
+    def slow_total(self, requests: Iterator[bytes], context: Any) -> bytes:
+        """Starts reading late (the loop's read-ahead fills and waits), then reads
+        faster than the client sends (the worker waits on an empty inbox)."""
+        time.sleep(0.3)
+        return b",".join(requests)
+
     def handlers(self) -> dict[str, Handler]:
         kw: dict[str, Any] = {"request_deserializer": _ident, "response_serializer": _ident}
         return {
@@ -97,6 +109,8 @@ class Feed:
             "Refuse": grpc.unary_unary_rpc_method_handler(self.refuse, **kw),
             "Total": grpc.stream_unary_rpc_method_handler(self.total, **kw),
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
+            "Many": grpc.unary_stream_rpc_method_handler(self.many, **kw),
+            "SlowTotal": grpc.stream_unary_rpc_method_handler(self.slow_total, **kw),
         }
 
 
@@ -211,6 +225,28 @@ def test_client_stream_is_read_in_order(served: Any) -> None:
     assert _call(channel, "su", "Total")(iter(chunks), timeout=TIMEOUT) == b"101111"
 
 
+def test_hand_offs_wait_while_full_or_empty_and_keep_order(served: Any) -> None:
+    """Both directions through the bounded hand-offs with each side waiting on the
+    other: a response stream 16x the write-ahead, read slowly at first; a client
+    stream 16x the read-ahead, read late, then sent slowly at the end."""
+    _feed, _, channel, _server = served
+    count = 16 * WRITE_AHEAD
+    stream = _call(channel, "us", "Many")(str(count).encode(), timeout=TIMEOUT)
+    got = [next(stream)]
+    time.sleep(0.3)  # the worker fills the outbox and waits for room
+    got.extend(stream)
+    assert got == [str(i).encode() for i in range(count)]
+
+    def requests() -> Iterator[bytes]:
+        for i in range(16 * READ_AHEAD):
+            if i >= 15 * READ_AHEAD:
+                time.sleep(0.02)  # the worker drains the inbox and waits for more
+            yield str(i).encode()
+
+    total = _call(channel, "su", "SlowTotal")(requests(), timeout=TIMEOUT)
+    assert total == b",".join(str(i).encode() for i in range(16 * READ_AHEAD))
+
+
 def test_ending_a_call_releases_a_blocked_reader(served: Any) -> None:
     """The stream watchdog's way: `end` from another thread; the client reads the
     code and message, and the handler's blocked read raises at once."""
@@ -283,3 +319,18 @@ def test_hospitals_beyond_the_worker_threads_stay_connected(tmp_path: Any) -> No
         for client in clients:
             client.close()
         fed.stop_all()
+
+
+def test_idle_blocks_a_plain_thread_until_woken_or_timed_out() -> None:
+    """Outside the server a generator's Idle is waited on by the thread itself."""
+    started = time.monotonic()
+    Idle(0.05).block()
+    assert 0.04 <= time.monotonic() - started < TIMEOUT
+    idle = Idle(TIMEOUT)
+    threading.Timer(0.1, idle.wake).start()
+    started = time.monotonic()
+    idle.block()
+    assert idle.woken and time.monotonic() - started < TIMEOUT / 2
+    started = time.monotonic()
+    idle.block()  # already woken: at once
+    assert time.monotonic() - started < 0.05
