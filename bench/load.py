@@ -277,6 +277,7 @@ def capacity_point(work: Path, n: int, selected: int | None, rounds_after: int,
         sockets = established(server.port)
         server_threads = threads_of(server.pid)
         server_rss, server_hwm = rss(server.pid), peak_rss(server.pid)
+        status_after = proc_status(server.pid)  # anonymous vs file-backed (mapped spools)
         counts = clients.counts()
         server.close()
         walls = [b - a for a, b in zip(times, times[1:], strict=False)]
@@ -285,7 +286,8 @@ def capacity_point(work: Path, n: int, selected: int | None, rounds_after: int,
                 "connected_rss": connected_rss, "connect_s": connect_s,
                 "rounds_measured": len(walls), "connected_at_end": still, "sockets": sockets,
                 "server_threads": server_threads, "server_rss": server_rss,
-                "server_hwm": server_hwm,
+                "server_hwm": server_hwm, "server_anon": status_after.get("RssAnon", 0),
+                "server_file": status_after.get("RssFile", 0),
                 "server_cpu_per_round": cpu / max(1, len(times)), "server_cores": cpu / window,
                 "load_connected": load_connected, "load_rounds": load_rounds,
                 "client_procs": len(clients.procs), "clients": counts}
@@ -363,6 +365,10 @@ def breakdown_point(work: Path, n: int, mode: str, trace: bool = False) -> dict[
             growth = [(t["where"], t["bytes"] - was.get(t["where"], 0), t["count"])
                       for t in traced_after["top"]]
             out["traced_top"] = sorted(growth, key=lambda g: -g[1])[:15]
+            # what of the RSS is free heap glibc keeps (handed back by malloc_trim)
+            trimmed = _trace(trace_dir, "trim")
+            out["rss_before_trim"] = trimmed["rss_before_trim"]
+            out["rss_after_trim"] = trimmed["rss_after_trim"]
         server.close()
         return out
     finally:
@@ -382,6 +388,7 @@ def _capacity_table(cap: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> 
         per_conn = ((fixed["connected_rss"] - base_rss) / (fixed["n"] - base_n) / 1e3
                     if fixed["n"] > base_n else float("nan"))
         own = (fixed["connected_rss"] - fixed["rss_before"]) / fixed["n"] / 1e3
+        after = (fixed["server_rss"] - fixed["rss_before"]) / fixed["n"] / 1e3
         clients = fixed["clients"]
         rows.append([fixed["n"], fixed["client_procs"], f"{fixed['round_wall_s']:.3f}",
                      f"{ratio:.2f}", f"{full['round_wall_s']:.3f}" if full else "-",
@@ -389,13 +396,15 @@ def _capacity_table(cap: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> 
                      f"{fixed['connected_at_end']} / {fixed['sockets']}",
                      fixed["server_threads"], f"{fixed['connected_rss'] / MB:.0f}",
                      "-" if per_conn != per_conn else f"{per_conn:.0f}", f"{own:.0f}",
+                     f"{after:.0f}",
                      f"{fixed['server_hwm'] / MB:.0f}", f"{fixed['connect_s']:.0f}",
                      f"{fixed['load_connected']:.1f} / {fixed['load_rounds']:.1f}",
                      clients.get("reconnects", "-")])
     print(table(["connected N", "client procs", f"round s, {SELECTED} selected", "vs N=10",
                  "round s, all N", "server CPU ms / round", "connected / sockets at end",
                  "server threads", "RSS all connected MB", f"KB / conn above N={base_n}",
-                 "KB / conn, same server", "VmHWM MB", "connect s", "load connected / rounds",
+                 "KB / conn, same server", "KB / conn after the timed rounds", "VmHWM MB",
+                 "connect s", "load connected / rounds",
                  "client reconnects"], rows))
     return int(holds)
 
@@ -417,6 +426,11 @@ def _breakdown_table(points: list[dict[str, Any]]) -> None:
                  "KB RSS / conn", "KB anon / conn", "KB Python heap / conn (tracemalloc)",
                  "server threads", "server CPU, idle", "load"], rows))
     for pt in points:
+        if "rss_after_trim" in pt:
+            freed = (pt["rss_before_trim"] - pt["rss_after_trim"]) / pt["n"] / 1e3
+            print(f"\n{pt['mode']} x {pt['n']} (traced): malloc_trim(0) after took RSS "
+                  f"{pt['rss_before_trim'] / MB:.0f} -> {pt['rss_after_trim'] / MB:.0f} MB "
+                  f"({freed:.1f} KB per connection was free heap)")
         if pt.get("traced_top"):
             print(f"\n{pt['mode']} x {pt['n']}: largest Python heap growth by site")
             for where, grew, count in pt["traced_top"][:10]:

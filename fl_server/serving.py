@@ -418,7 +418,8 @@ class _Bridge:
             context.attach(outbox)
             if streaming_in:
                 request = self._requests(context, aio_context)
-            run = _Run(lambda: behavior(request, context), outbox, self._pool)
+            # a partial, not a closure: the call's frame keeps no cells for days
+            run = _Run(functools.partial(behavior, request, context), outbox, self._pool)
             # Until the generator first yields an Idle its steps run on a worker (the
             # start authenticates, a download seals); after it, on the loop (idle.py).
             on_loop = False
