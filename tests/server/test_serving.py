@@ -10,8 +10,10 @@ fault suites, which now all run on this bridge.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +33,13 @@ def _ident(b: bytes) -> bytes:
     return b
 
 
+class Payload:
+    """A response a test can watch being freed (bytes take no weak reference)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 class Feed:
     """Handlers of a toy service, with what the tests need to see from inside."""
 
@@ -43,6 +52,7 @@ class Feed:
         self.reading = threading.Event()
         self.contexts: list[Any] = []
         self.step_threads: list[str] = []
+        self.sent: list[weakref.ref[Payload]] = []
 
     def wait(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
         """Idle until woken, then one message."""
@@ -101,6 +111,18 @@ class Feed:
         time.sleep(0.3)
         return b",".join(requests)
 
+    def carry(self, request: bytes, context: Any) -> Iterator[Payload | Idle]:
+        """One message (a task carrying its model), then idle until woken."""
+        payload = Payload(request)
+        self.sent.append(weakref.ref(payload))
+        yield payload
+        del payload
+        idle = Idle(60.0)
+        with self.lock:
+            self.idle.append(idle)
+        while not idle.woken:
+            yield idle
+
     def handlers(self) -> dict[str, Handler]:
         kw: dict[str, Any] = {"request_deserializer": _ident, "response_serializer": _ident}
         return {
@@ -111,6 +133,9 @@ class Feed:
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
             "Many": grpc.unary_stream_rpc_method_handler(self.many, **kw),
             "SlowTotal": grpc.stream_unary_rpc_method_handler(self.slow_total, **kw),
+            "Carry": grpc.unary_stream_rpc_method_handler(
+                self.carry, request_deserializer=_ident,
+                response_serializer=lambda p: p.data),
         }
 
 
@@ -245,6 +270,25 @@ def test_hand_offs_wait_while_full_or_empty_and_keep_order(served: Any) -> None:
 
     total = _call(channel, "su", "SlowTotal")(requests(), timeout=TIMEOUT)
     assert total == b",".join(str(i).encode() for i in range(16 * READ_AHEAD))
+
+
+def test_a_written_message_is_not_kept_while_the_stream_idles(served: Any) -> None:
+    """An idle task stream's next message is 30 s away: the one it wrote last (a
+    task with its model sealed in) must be freed once written, not held until then."""
+    feed, _, channel, _server = served
+    feed.idle.clear()
+    feed.sent.clear()
+    stream = _call(channel, "us", "Carry")(b"model" * 1000, timeout=TIMEOUT)
+    assert next(stream) == b"model" * 1000
+    _until(lambda: len(feed.idle) == 1, "the handler to wait")
+
+    def freed() -> bool:
+        gc.collect()
+        return feed.sent[0]() is None
+
+    _until(freed, "the written message to be freed while the stream idles")
+    feed.idle[0].wake()
+    assert list(stream) == []
 
 
 def test_ending_a_call_releases_a_blocked_reader(served: Any) -> None:
