@@ -228,3 +228,9 @@ TRIM_HEAP_MIN_MODEL_BYTES: Final = 16 << 20
 # SHA-256: one per connected hospital, so above the number connected (5,000 in the
 # issue) lest every call of a hospital pushed out re-parse its certificate.
 PEER_CACHE: Final = 16_384
+# --- issue 16 item 3 (lead): the global model read from its checkpoint ---
+# A global model of at least this many bytes is served from its checkpoint file once
+# written (fl_server/model_pages.py): page cache the kernel can reclaim, each tensor's
+# pages dropped once a reader has passed them, instead of a model of anonymous memory
+# held next to FedAvg's running sums all round (issue 16 item 3).
+MAPPED_MODEL_MIN_BYTES: Final = 16 << 20

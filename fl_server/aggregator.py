@@ -221,6 +221,9 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 yield msg
             OBSERVED.download(client_id, task.task_id, seq == count - 1,
                               len(plain) + GCM_TAG_BYTES, resumed=0 < start == seq)
+            if model.pages is not None:  # served from the checkpoint file: drop what was sent
+                sent = seq * model.manifest.chunk_size
+                model.pages.release_stream(sent, sent + len(plain))
         if final is not None:
             self.engine.final.fetched(client_id)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fl_core.allocator import release_free_heap
-from fl_core.constants import TRIM_HEAP_MIN_MODEL_BYTES
+from fl_core.constants import MAPPED_MODEL_MIN_BYTES, TRIM_HEAP_MIN_MODEL_BYTES
 from fl_core.errors import Refusal
 from fl_core.gc_policy import collect_round_garbage
 from fl_core.logs import log_event
@@ -38,7 +38,14 @@ from fl_server.config import ServerConfig
 from fl_server.faults import fault_point
 from fl_server.final_model import FinalDelivery, participants
 from fl_server.metrics import OBSERVED
-from fl_server.store import RoundSummary, Store, StoreError, state_sha256
+from fl_server.model_pages import MappedModel
+from fl_server.store import (
+    CHECKPOINT_MODEL_PREFIX,
+    RoundSummary,
+    Store,
+    StoreError,
+    state_sha256,
+)
 from fl_server.strategies import Strategy, StrategyError
 from fl_server.strategies.base import (
     accumulation_dtype,
@@ -72,6 +79,9 @@ class ModelVersion:
     state: dict[str, torch.Tensor]
     manifest: tpb.TensorManifest
     sha256: str
+    # set when `state` is read from the checkpoint file (model_pages.py): readers drop
+    # the pages they have passed
+    pages: MappedModel | None = None
 
 
 @dataclass
@@ -160,6 +170,29 @@ class RoundEngine:
         model = ModelVersion(version, plain, manifest, state_sha256(plain))
         with self._cv:  # hashed outside: task streams read the model under this lock
             self.model = model
+
+    def read_model_from_checkpoint(self) -> None:
+        """Serve the current model from its checkpoint file, once written, instead of
+        anonymous memory (fl_server/model_pages.py): the memory of a large model goes
+        back, the bytes stay on disk and in the page cache. A model below
+        MAPPED_MODEL_MIN_BYTES stays in memory; a checkpoint that does not hold the
+        model (it cannot, as written; a warning says so) leaves it in memory too."""
+        with self._cv:
+            model = self.model
+        if model is None or model.pages is not None \
+                or model.manifest.total_bytes < MAPPED_MODEL_MIN_BYTES:
+            return
+        try:
+            path = self.store.recorded_checkpoint(self.job_id, model.version)
+            pages = MappedModel(path, CHECKPOINT_MODEL_PREFIX, model.manifest)
+        except (OSError, ValueError, StoreError) as exc:
+            log_event(log, "model_kept_in_memory", logging.WARNING, job=self.job_id,
+                      round=model.version, reason=str(exc)[:300])
+            return
+        mapped = ModelVersion(model.version, pages.state, model.manifest, model.sha256, pages)
+        with self._cv:
+            if self.model is model:
+                self.model = mapped
 
     def current_model(self) -> ModelVersion:
         with self._cv:
@@ -485,7 +518,8 @@ class RoundEngine:
             self.last_failure = "not enough clients connected"
             return False
         model = self.current_model()
-        self.strategy.begin_round(model.state)
+        self.strategy.begin_round(
+            model.state, release=model.pages.release if model.pages is not None else None)
         self._set_phase("distribute", attempt=attempt, selected=",".join(selected))
         rs = self._open_round(round_no, attempt, cpb.TRAIN, selected, self.cfg.round_deadline_s)
         self._set_phase("train")
@@ -551,6 +585,7 @@ class RoundEngine:
                                  for cid, info in rs.accepted.items()}})
         self.store.complete_round(self.job_id, round_no, summary, model.state,
                                   self.strategy.export_state(), model_sha256=model.sha256)
+        self.read_model_from_checkpoint()
         round_completed(self.job_id, round_no, seconds, len(selected), len(rs.accepted),
                         rs.failed, model.sha256)
         with self._cv:
@@ -586,8 +621,10 @@ class RoundEngine:
         if factor > 0 and self._rollback is not None:
             # a round moves the model by a fraction of its size; a step larger than
             # `factor` times the whole model (at least 1) is no training result
-            step = step_norm(state, self._rollback[0].state)
-            base = max(1.0, update_norm(self._rollback[0].state))
+            old = self._rollback[0]
+            release = old.pages.release if old.pages is not None else None
+            step = step_norm(state, old.state, release)
+            base = max(1.0, update_norm(old.state, release))
             if not math.isfinite(step) or step > factor * base:
                 return (f"the round moved the model by {step:.3g}, more than"
                         f" {factor:g} x its norm ({base:.3g})")
@@ -662,7 +699,8 @@ def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
             + zlib.crc32(client_id.encode()) % 997) & 0xFFFFFFFF
 
 
-def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> float:
+def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor],
+              release_old: Callable[[str], None] | None = None) -> float:
     """L2 norm of new - old over the floating tensors. One difference of one tensor at
     a time in its accumulation dtype (float32 for float32: no copy of either side),
     float64 only where that overflows: in float64 it held three 32 MiB copies per
@@ -675,6 +713,8 @@ def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) 
         norm = tensor_norm(t.to(dtype) - old[name].to(dtype))
         if not math.isfinite(norm):  # the difference itself overflowed
             norm = float(torch.linalg.vector_norm(t.double() - old[name].double()))
+        if release_old is not None:
+            release_old(name)
         total += norm * norm
     return math.sqrt(total)
 

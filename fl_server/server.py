@@ -369,6 +369,7 @@ class ServerApp:
                              train_config(cfg, task, strategy.client_config(), job),
                              eval_dataset)
         engine.set_model(last, state)
+        engine.read_model_from_checkpoint()
         if cfg.secure_aggregation:
             engine.secure = SecureAggregation(
                 SecAggSettings(cfg.secagg_threshold, cfg.secagg_bits, cfg.secagg_clip,

@@ -46,6 +46,8 @@ FINAL_JOB_STATES = ("completed", "failed", "cancelled", "aborted")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROUND_FILE = re.compile(r"round_(\d+)\.safetensors")
 _MODEL_PREFIX = "model/"
+# where a checkpoint holds the model's tensors (fl_server/model_pages.py maps them)
+CHECKPOINT_MODEL_PREFIX = _MODEL_PREFIX
 _STRATEGY_PREFIX = "strategy/"
 
 _SCHEMA = """
@@ -526,6 +528,21 @@ class Store:
                         f"(only the last {self.keep_checkpoints} and round 0 are kept)"
                     )
         return self._read_checkpoint(self.state_dir / relative, job_id, round, expected_sha)
+
+    def recorded_checkpoint(self, job_id: str, round: int) -> Path:
+        """The checkpoint file recorded for a round (0: the initial model), as written:
+        not re-verified (load_checkpoint does that)."""
+        with self._lock:
+            if round == 0:
+                relative = self._job_row(job_id)[8]
+            else:
+                rows = self._conn.execute(
+                    "SELECT checkpoint FROM rounds WHERE job_id=? AND round=? AND"
+                    " state='completed'", (job_id, round)).fetchall()
+                relative = rows[0][0] if rows else None
+        if relative is None:
+            raise CheckpointError(f"job {job_id!r} round {round} has no checkpoint on record")
+        return self.state_dir / str(relative)
 
     def checkpoint_path(self, job_id: str, round: int) -> Path:
         return self.checkpoint_dir / job_id / f"round_{round:06d}.safetensors"

@@ -191,6 +191,7 @@ class Strategy(ABC):
         self._client_ids: list[str] = []
         self._examples: list[int] = []
         self._release: Callable[[str], None] = _keep
+        self._release_global: Callable[[str], None] = _keep
 
     # ----------------------------------------------------------------- public API
     @property
@@ -202,9 +203,15 @@ class Strategy(ABC):
         """Extra training configuration the clients need (none for most strategies)."""
         return {}
 
-    def begin_round(self, global_state: Mapping[str, torch.Tensor]) -> None:
-        """Starts a round against ``global_state`` (held by reference, not copied)."""
+    def begin_round(self, global_state: Mapping[str, torch.Tensor],
+                    release: Callable[[str], None] | None = None) -> None:
+        """Starts a round against ``global_state`` (held by reference, not copied).
+
+        ``release(name)`` is called once ``finish_round`` has read the global tensor
+        ``name``: the server serves a large model from its checkpoint file and drops
+        each tensor's pages once read (fl_server/model_pages.py)."""
         with self._lock:
+            self._release_global = release or _keep
             state: dict[str, torch.Tensor] = {}
             for name, tensor in global_state.items():
                 if not isinstance(tensor, torch.Tensor):
@@ -262,9 +269,11 @@ class Strategy(ABC):
                 for name, g in global_state.items():
                     if not g.is_floating_point():
                         new_state[name] = g.clone()
+                        self._release_global(name)
                         continue
                     s = step.pop(name)
                     s.add_(g)
+                    self._release_global(name)
                     if not all_finite(s):
                         raise StrategyError(
                             f"{self.name}: aggregated tensor {name!r} is not finite "
@@ -275,6 +284,7 @@ class Strategy(ABC):
                 return new_state
             finally:
                 self._global = None
+                self._release_global = _keep
                 self._client_ids = []
                 self._examples = []
                 self._on_end()
