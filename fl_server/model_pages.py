@@ -61,7 +61,12 @@ class MappedModel:
         header_len = int.from_bytes(self._map[:8], "little")
         if not 0 < header_len <= min(_HEADER_MAX, size - 8):
             raise MappedModelError(f"checkpoint {path} has a bad header length")
-        header = json.loads(self._map[8 : 8 + header_len])
+        try:
+            header = json.loads(self._map[8 : 8 + header_len])
+        except (UnicodeDecodeError, ValueError):
+            raise MappedModelError(f"checkpoint {path} has no readable header") from None
+        if not isinstance(header, dict):
+            raise MappedModelError(f"checkpoint {path} has no readable header")
         base = 8 + header_len
         self.state: dict[str, torch.Tensor] = {}
         self._spans: list[tuple[int, int]] = []  # per tensor, manifest order: file [lo, hi)
@@ -74,7 +79,11 @@ class MappedModel:
                     or list(entry.get("shape", ())) != list(spec.shape):
                 raise MappedModelError(
                     f"checkpoint {path}: tensor {spec.name!r} is not the model's")
-            lo, hi = (base + int(x) for x in entry["data_offsets"])
+            try:
+                lo, hi = (base + int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise MappedModelError(
+                    f"checkpoint {path}: tensor {spec.name!r} has no data offsets") from None
             if hi - lo != spec.byte_length or not base <= lo <= hi <= size:
                 raise MappedModelError(
                     f"checkpoint {path}: tensor {spec.name!r} has the wrong length")

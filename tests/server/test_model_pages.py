@@ -108,6 +108,13 @@ def test_a_checkpoint_that_is_not_the_model_is_refused(tmp_path: Path) -> None:
     garbage.write_bytes((10**12).to_bytes(8, "little") + b"{}")
     with pytest.raises(MappedModelError, match="header length"):
         MappedModel(garbage, CHECKPOINT_MODEL_PREFIX, build_manifest(state))
+    for header in (b"[1, 2]", b"\xff{", json.dumps(
+            {CHECKPOINT_MODEL_PREFIX + n: {"dtype": "F32", "shape": list(t.shape)}
+             for n, t in state.items()}).encode()):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(MappedModelError):  # never a KeyError out of the daemon
+            MappedModel(bad, CHECKPOINT_MODEL_PREFIX, build_manifest(state))
 
 
 def test_the_daemon_serves_a_large_model_from_its_checkpoint(tmp_path: Path) -> None:
