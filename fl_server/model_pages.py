@@ -71,6 +71,7 @@ class MappedModel:
         self.state: dict[str, torch.Tensor] = {}
         self._spans: list[tuple[int, int]] = []  # per tensor, manifest order: file [lo, hi)
         self._ends: list[int] = []  # per tensor: where its bytes end in the model's stream
+        self._index: dict[str, int] = {}  # name -> its place in _spans and _ends
         stream = 0
         for spec in manifest.tensors:
             entry = header.get(prefix + spec.name)
@@ -88,6 +89,7 @@ class MappedModel:
                 raise MappedModelError(
                     f"checkpoint {path}: tensor {spec.name!r} has the wrong length")
             self.state[spec.name] = self._view(lo, spec.byte_length, dtype, tuple(spec.shape))
+            self._index[spec.name] = len(self._spans)
             self._spans.append((lo, hi))
             stream += spec.byte_length
             self._ends.append(stream)
@@ -104,8 +106,7 @@ class MappedModel:
 
     def release(self, name: str) -> None:
         """Drop the resident pages of tensor `name` (a reader has passed it)."""
-        index = list(self.state).index(name)
-        self._drop(*self._spans[index])
+        self._drop(*self._spans[self._index[name]])
 
     def release_stream(self, lo: int, hi: int) -> None:
         """Drop the pages of every tensor whose bytes end in (lo, hi] of the model's
