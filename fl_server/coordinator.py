@@ -224,7 +224,10 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
             job = jobs.submit(request.job_toml, ident.client_id)
         except JobError as exc:
             abort(context, getattr(grpc.StatusCode, exc.code), str(exc), "BAD_JOB")
+        # The job may have started since `submit` returned: the queue first, then the job's
+        # state as it is now, so the reply never shows a started job as queued
         queue = jobs.queue()
+        job = self.store.get_job(job.job_id) or job
         return job_info(self.store, job, queue)
 
     def ListJobs(self, request: cpb.ListJobsRequest,

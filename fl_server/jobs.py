@@ -386,9 +386,13 @@ def job_info(store: Store, job: Job, queue: list[Job] | None = None) -> cpb.JobI
         if row.state == "completed" and row.model_sha256:
             sha = row.model_sha256
             break
+    # The queue and the job are read one after the other while the job manager runs on:
+    # a job may start (or be queued) in between, so a queued job missing from the queue
+    # snapshot has no position rather than failing the call.
     position = 0
     if queue is not None and job.state == "queued":
-        position = 1 + [j.job_id for j in queue].index(job.job_id)
+        ids = [j.job_id for j in queue]
+        position = 1 + ids.index(job.job_id) if job.job_id in ids else 0
     return cpb.JobInfo(job_id=job.job_id, model_type=job.model_type, strategy=job.strategy,
                        state=job.state, total_rounds=job.total_rounds,
                        completed_rounds=completed, created_unix_ms=int(job.created * 1000),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fl_server.config import ConfigError, ServerConfig
-from fl_server.jobs import job_config, parse_job_file
+from fl_server.jobs import job_config, job_info, parse_job_file
 from fl_server.store import Store
 
 
@@ -77,3 +77,21 @@ def test_a_version_1_database_is_migrated_with_its_jobs(tmp_path: Path) -> None:
             ("old", 3, "")
         store.create_job("new", "ecg", "fedavg", {}, 1, state="queued", job_sha256="f" * 64)
         assert store.next_queued().job_sha256 == "f" * 64  # type: ignore[union-attr]
+
+
+def test_a_job_that_left_the_queue_between_two_reads_is_listed_not_an_error(
+        tmp_path: Path) -> None:
+    """The admin calls read the queue and a job one after the other while the job manager
+    runs: a job seen as queued but started (or queued after the snapshot) in between has no
+    position, instead of failing the call (CI saw SubmitJob fail with UNKNOWN)."""
+    with Store(tmp_path) as store:
+        store.create_job("a", "ecg", "fedavg", {}, 2, state="queued")
+        store.create_job("b", "ecg", "fedavg", {}, 2, state="queued")
+        queued = store.jobs(("queued",))
+        seen_as_queued = store.get_job("b")
+        assert seen_as_queued is not None
+        assert job_info(store, seen_as_queued, queued).queue_position == 2
+        assert job_info(store, seen_as_queued, queued[:1]).queue_position == 0
+        store.set_job_state("b", "running")
+        now = store.get_job("b")
+        assert now is not None and job_info(store, now, queued).state == "running"
