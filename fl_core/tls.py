@@ -20,6 +20,7 @@ from fl_core.constants import (
     KEEPALIVE_TIMEOUT_MS,
     MAX_MESSAGE_BYTES,
     MIN_PING_INTERVAL_MS,
+    TLS_FRAME_BYTES,
 )
 
 __all__ = [
@@ -44,6 +45,8 @@ ChannelOption = tuple[str, int | str]
 # server park tens of MB per stream in gRPC's buffers (8 concurrent 100 MB uploads:
 # server peak RSS 1.4-1.6 GB with it, ~1 GB without); throughput is unchanged, since
 # the window still covers a whole 1 MiB chunk message.
+# TLS frames of TLS_FRAME_BYTES: smaller buffers held by every idle connection, at no
+# measured cost to transfer speed (see the constant).
 SERVER_OPTIONS: list[ChannelOption] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -53,6 +56,7 @@ SERVER_OPTIONS: list[ChannelOption] = [
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.tsi.max_frame_size", TLS_FRAME_BYTES),
 ]
 
 

@@ -31,7 +31,7 @@ class SessionConflict(Exception):
         self.peer = peer
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     session_id: str
     client_id: str
@@ -39,7 +39,7 @@ class Session:
     created: float
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientEntry:
     client_id: str
     num_examples: int = 0
