@@ -381,11 +381,7 @@ class JobManager:
 def job_info(store: Store, job: Job, queue: list[Job] | None = None) -> cpb.JobInfo:
     """A job as the admin CLI lists it."""
     completed = store.last_completed_round(job.job_id)
-    sha = ""
-    for row in reversed(store.rounds(job.job_id)):
-        if row.state == "completed" and row.model_sha256:
-            sha = row.model_sha256
-            break
+    sha = store.last_model_sha256(job.job_id)
     # The queue and the job are read one after the other while the job manager runs on:
     # a job may start (or be queued) in between, so a queued job missing from the queue
     # snapshot has no position rather than failing the call.

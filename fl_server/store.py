@@ -499,6 +499,16 @@ class Store:
         )
         return int(rows[0][0] or 0)
 
+    def last_model_sha256(self, job_id: str) -> str:
+        """The hash of the latest recorded model ("" before the first), read from that one
+        row: listing a job must not cost a parse of every round it has run."""
+        rows = self._query(
+            "SELECT model_sha256 FROM rounds WHERE job_id=? AND state='completed'"
+            " AND model_sha256 IS NOT NULL AND model_sha256 != '' ORDER BY round DESC LIMIT 1",
+            (job_id,),
+        )
+        return str(rows[0][0]) if rows else ""
+
     def last_round(self, job_id: str) -> int:
         """The latest round recorded in any state; the next round is this plus one."""
         rows = self._query("SELECT MAX(round) FROM rounds WHERE job_id=?", (job_id,))

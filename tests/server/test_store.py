@@ -120,6 +120,7 @@ def test_tied_and_non_contiguous_tensors_are_saved(store: Store) -> None:
 
 def test_rounds_are_recorded_exactly_once(store: Store) -> None:
     new_job(store)
+    assert store.last_model_sha256("job1") == ""
     store.complete_round("job1", 1, SUMMARY, model_state(1), {})
     path = store.checkpoint_path("job1", 1)
     before = path.read_bytes()
@@ -144,6 +145,10 @@ def test_rounds_are_recorded_exactly_once(store: Store) -> None:
         (4, "completed"),
     ]
     assert store.last_completed_round("job1") == 4
+    assert store.last_model_sha256("job1") == state_sha256(model_state(4))
+    store.record_failed_round("job1", 5, SUMMARY, reason="no quorum")
+    assert store.last_model_sha256("job1") == state_sha256(model_state(4)), \
+        "a failed round after it has no model: the last model stays round 4's"
     with pytest.raises(CheckpointError, match="no completed round 2"):
         store.load_checkpoint("job1", 2)
     with pytest.raises(StoreError, match="unknown job 'nope'"):
