@@ -22,7 +22,7 @@ import grpc
 import torch
 
 from fl_core.allocator import can_drop_pages, drop_pages, fix_mmap_threshold
-from fl_core.constants import GCM_TAG_BYTES, SERVER_MMAP_THRESHOLD_BYTES
+from fl_core.constants import GCM_TAG_BYTES, SERVER_MMAP_THRESHOLD_BYTES, UPLOAD_BUSY_WAIT_S
 from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
@@ -249,7 +249,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                   "an update stream must start with its header", "BAD_HEADER")
         header = first.header
         up = self._open_upload(client_id, session, header, context)
-        if not up.lock.acquire(blocking=False):
+        if not up.lock.acquire(timeout=UPLOAD_BUSY_WAIT_S):
             abort(context, grpc.StatusCode.ABORTED,
                   "another stream is already sending this upload", "BUSY")
         try:

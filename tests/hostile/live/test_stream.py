@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from fl_core.constants import MAX_MESSAGE_BYTES
+from fl_core.constants import MAX_MESSAGE_BYTES, UPLOAD_BUSY_WAIT_S
 from fl_core.stream_ids import upload_stream_id
 from fl_proto import aggregator_pb2 as apb
 from tests.hostile.kit import (
@@ -151,6 +151,58 @@ def test_stream_replayed_from_an_earlier_round(arena: Arena, evil: HostileClient
         moved = [other_stream(c, fresh.header.stream_id) for c in captured.chunks]
         refusal = refused(lambda: evil.submit([fresh.messages()[0], *moved]))
         assert (refusal.code, refusal.detail_code) == (INVALID, "SEAL_INVALID"), refusal
+
+
+def test_a_second_stream_for_an_upload_in_flight_is_busy_and_a_resume_after_it_is_not(
+        arena: Arena, evil: HostileClient) -> None:
+    """Two streams for one upload. The second, sent while the first still holds the
+    upload, is refused BUSY once it has waited UPLOAD_BUSY_WAIT_S for it. When the first
+    has been refused (it ended before its final chunk), a resume sent at once is let in
+    and completes the update: the refusal reaches the client while the server is still
+    unwinding that stream's handler, and the wait covers it (CI once saw BUSY here)."""
+    with arena.frozen_round(evil) as frozen:
+        up = upload(evil, frozen)
+        resumed = apb.UpdateStreamMessage()  # the header of a resume from chunk 1
+        resumed.CopyFrom(up.messages()[0])
+        resumed.header.resume_from = 1
+        release = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def held() -> Iterator[apb.UpdateStreamMessage]:
+            yield up.messages()[0]
+            yield up.chunks[0]
+            release.wait(ROUND_DEADLINE_S)
+
+        def send() -> None:
+            outcome["first"] = refused(lambda: evil.submit(held()))
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the server has taken the first chunk
+                try:
+                    if evil.aggregator.UploadStatus(
+                            apb.UploadStatusRequest(stream_id=up.header.stream_id),
+                            metadata=evil.metadata(), timeout=5).next_sequence == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the first stream never reached the server")
+            started = time.monotonic()
+            busy = refused(lambda: evil.submit([resumed, *up.chunks[1:]]))
+            assert (busy.code, busy.detail_code) == (grpc.StatusCode.ABORTED, "BUSY"), busy
+            assert time.monotonic() - started >= 0.9 * UPLOAD_BUSY_WAIT_S
+        finally:
+            release.set()
+            sender.join(timeout=30)
+        first = outcome["first"]
+        assert getattr(first, "detail_code", None) == "TRUNCATED", first
+        receipt = evil.submit([resumed, *up.chunks[1:]])
+        assert receipt.chunks_received == len(up.chunks)
+        frozen.evil_accepted = True
 
 
 def test_stalled_stream_slowloris(arena: Arena, evil: HostileClient) -> None:
