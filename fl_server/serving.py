@@ -49,6 +49,14 @@ class CallEnded(grpc.RpcError):
     cancelled, or the server ended it); as gRPC's synchronous server does."""
 
 
+class Refused(Exception):  # noqa: N818 - named for what happened, as grpc's AbortError
+    """What a handler's `context.abort` raises. The status is recorded and sent once the
+    handler has unwound, as gRPC's synchronous server does: its `finally` blocks (an
+    upload's lock, a spool file, the refusal audit, the call limits) are done before the
+    client can see the refusal and call again. Sent at once, a client retrying straight
+    away met the refused call's upload still held (BUSY in CI)."""
+
+
 # What of the call's auth context is kept once the caller is authenticated: the refusal
 # audit (fl_server/audit.py) names the caller of a call that ends with an error by it.
 KEPT_AUTH_PROPERTIES = ("x509_common_name",)
@@ -85,12 +93,16 @@ class ThreadContext:
     # ending the call -----------------------------------------------------------
     async def _abort(self, code: grpc.StatusCode, details: str,
                      trailing: tuple[Any, ...]) -> BaseException:
-        """Send the status; returns the exception gRPC wants the handler to raise."""
+        """Send the status; returns the exception gRPC wants the handler to raise. A
+        refusal the handler recorded but has not yet unwound from (it may be blocked
+        writing to a client that reads nothing) is the status sent, now."""
         with self._lock:
-            if self._aborted is not None:
+            if self._aborted is not None and not isinstance(self._aborted, Refused):
                 return self._aborted
             if self._callbacks is None:  # the handler is done: gRPC owns the call now
                 return CallEnded("the call had already ended")
+            if self._status is not None and isinstance(self._aborted, Refused):
+                code, details, trailing = self._status
             self._status = (code, details, trailing)
         try:
             await self._context.abort(code, details, trailing)
@@ -109,13 +121,32 @@ class ThreadContext:
 
     def abort(self, code: grpc.StatusCode, details: str = "",
               trailing_metadata: tuple[Any, ...] = ()) -> None:
-        """End the call with `code`; raises (as the synchronous API does), so the
-        handler stops here."""
-        if self._aborted is not None:
-            raise self._aborted
-        future = asyncio.run_coroutine_threadsafe(
-            self._abort(code, details, tuple(trailing_metadata)), self._loop)
-        raise future.result()
+        """End the call with `code`; raises `Refused` (as the synchronous API raises), so
+        the handler stops here. The status goes out once the handler has returned
+        (`send_refusal`); reads of the call's messages fail from now on."""
+        with self._lock:
+            if self._aborted is not None:
+                raise self._aborted
+            if self._callbacks is None or self._status is not None:
+                raise CallEnded("the call had already ended")  # or is being ended
+            self._status = (code, details, tuple(trailing_metadata))
+            error = self._aborted = Refused(details)
+        # The buffers stay open until the call ends: this thread is the handler's, and
+        # whatever it writes before the refusal (a stream's messages) still goes out.
+        raise error
+
+    async def send_refusal(self) -> None:
+        """Send the status a handler's `abort` recorded, if it did (raises gRPC's
+        AbortError, as aio's own abort does); on the loop, after the handler."""
+        if not isinstance(self._aborted, Refused) or self._status is None:
+            return
+        code, details, trailing = self._status
+        try:
+            await self._context.abort(code, details, trailing)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - the client has gone: nobody to answer
+            raise asyncio.CancelledError from None
 
     def abort_with_status(self, status: Any) -> None:
         self.abort(status.code, status.details, tuple(status.trailing_metadata or ()))
@@ -350,6 +381,8 @@ class _Requests(Iterator[Any]):
         self._inbox = inbox
 
     def __next__(self) -> Any:
+        if self._context._aborted is not None:  # refused, or ended: no more messages
+            raise self._context._aborted
         item = self._inbox.take()
         if item is _EOF:
             if self._context._aborted is not None:
@@ -400,14 +433,21 @@ class _Bridge:
     def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool) -> Any:
         async def call(request: Any, aio_context: Any) -> Any:
             context = ThreadContext(aio_context, self._loop)
+            result = None
             try:
                 if streaming_in:
                     request = self._requests(context, aio_context)
-                return await self._loop.run_in_executor(self._pool, behavior, request, context)
+                result = await self._loop.run_in_executor(self._pool, behavior, request,
+                                                          context)
+            except Refused:
+                pass  # sent below, once the call's end-of-call callbacks have run
             except CallEnded:
                 raise asyncio.CancelledError from None  # nobody is left to answer
             finally:
                 context.finish()
+            # also when a handler caught its own abort and returned: the refusal stands
+            await context.send_refusal()
+            return result
 
         return call
 
@@ -434,12 +474,15 @@ class _Bridge:
                 while True:
                     item = run.step_here() if on_loop else await outbox.get()
                     if item is _END:
-                        if context._aborted is not None:
+                        if context._aborted is not None \
+                                and not isinstance(context._aborted, Refused):
                             raise context._aborted
-                        return
+                        break
                     if isinstance(item, _Raised):
                         if isinstance(item.error, CallEnded):
                             return
+                        if isinstance(item.error, Refused):
+                            break
                         raise item.error
                     if isinstance(item, Idle):
                         await item.wait()
@@ -450,6 +493,7 @@ class _Bridge:
             finally:
                 context.finish()
                 run.stop()
+            await context.send_refusal()  # the handler ended: its abort, if it refused
 
         return call
 

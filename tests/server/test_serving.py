@@ -53,6 +53,7 @@ class Feed:
         self.contexts: list[Any] = []
         self.step_threads: list[str] = []
         self.sent: list[weakref.ref[Payload]] = []
+        self.unwound = threading.Event()
 
     def wait(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
         """Idle until woken, then one message."""
@@ -85,6 +86,29 @@ class Feed:
     def refuse(self, request: bytes, context: Any) -> bytes:
         abort(context, grpc.StatusCode.FAILED_PRECONDITION, "not now: " + request.decode(),
               "NOT_NOW", "request")
+
+    def refuse_slowly(self, request: bytes, context: Any) -> bytes:
+        """Refuses, then unwinds slowly (an upload's lock, a spool file, the audit)."""
+        self.unwound.clear()
+        try:
+            if request == b"swallow":  # a handler that catches its own abort
+                try:
+                    abort(context, grpc.StatusCode.FAILED_PRECONDITION, "swallowed")
+                except Exception:  # noqa: BLE001 - the test's point
+                    return b"answered anyway"
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "refused slowly")
+        finally:
+            time.sleep(0.3)
+            self.unwound.set()
+
+    def refuse_streaming(self, request: bytes, context: Any) -> Iterator[bytes]:
+        self.unwound.clear()
+        try:
+            yield b"first"
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "refused mid-stream")
+        finally:
+            time.sleep(0.3)
+            self.unwound.set()
 
     def total(self, requests: Iterator[bytes], context: Any) -> bytes:
         return str(sum(len(r) for r in requests)).encode()
@@ -129,6 +153,9 @@ class Feed:
             "Wait": grpc.unary_stream_rpc_method_handler(self.wait, **kw),
             "Steps": grpc.unary_stream_rpc_method_handler(self.steps, **kw),
             "Refuse": grpc.unary_unary_rpc_method_handler(self.refuse, **kw),
+            "RefuseSlowly": grpc.unary_unary_rpc_method_handler(self.refuse_slowly, **kw),
+            "RefuseStreaming": grpc.unary_stream_rpc_method_handler(self.refuse_streaming,
+                                                                    **kw),
             "Total": grpc.stream_unary_rpc_method_handler(self.total, **kw),
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
             "Many": grpc.unary_stream_rpc_method_handler(self.many, **kw),
@@ -242,6 +269,28 @@ def test_abort_sends_code_message_and_rich_status(served: Any) -> None:
     _until(lambda: any(m.endswith("/Refuse") for m, _, _ in recorder.seen), "the record")
     method, code, details = [r for r in recorder.seen if r[0].endswith("/Refuse")][-1]
     assert code == grpc.StatusCode.FAILED_PRECONDITION and details == "not now: x"
+
+
+@pytest.mark.parametrize(("kind", "name", "request_", "details"), [
+    ("uu", "RefuseSlowly", b"x", "refused slowly"),
+    ("uu", "RefuseSlowly", b"swallow", "swallowed"),
+    ("us", "RefuseStreaming", b"x", "refused mid-stream"),
+])
+def test_a_refusal_reaches_the_client_after_the_handler_has_unwound(
+        served: Any, kind: str, name: str, request_: bytes, details: str) -> None:
+    """As under gRPC's synchronous server: a client that calls again the moment it is
+    refused must find the refused call's `finally` done (CI saw an upload still held),
+    and a handler that catches its own abort still ends the call refused."""
+    feed, _, channel, _ = served
+    call = _call(channel, kind, name)
+    with pytest.raises(grpc.RpcError) as info:
+        out = call(request_, timeout=TIMEOUT)
+        if kind == "us":
+            assert next(out) == b"first"
+            next(out)
+    assert feed.unwound.is_set(), "the refusal arrived before the handler had unwound"
+    assert (info.value.code(), info.value.details()) == (  # type: ignore[attr-defined]
+        grpc.StatusCode.FAILED_PRECONDITION, details)
 
 
 def test_client_stream_is_read_in_order(served: Any) -> None:
