@@ -241,8 +241,8 @@ MAPPED_MODEL_MIN_BYTES: Final = 16 << 20
 # of 256 MiB ran at the same speed either way (bench.transfer, BENCHMARKS.md).
 TLS_FRAME_BYTES: Final = 8192
 # A new stream for an upload that another stream still holds waits this long for it
-# before it is refused BUSY. A refused or broken stream's refusal reaches the client
-# while its handler is still unwinding (the status is sent first), so a client that
-# resumes or retries at once would otherwise be told BUSY by a stream that is already
-# over; a truly concurrent second sender still gets BUSY, 2 s later.
+# before it is refused BUSY. A hospital whose stream broke resumes on a new one, often
+# before the server has seen the old one end (its read fails a moment later), and
+# would otherwise be told BUSY by a stream that is already over; a truly concurrent
+# second sender still gets BUSY, 2 s later.
 UPLOAD_BUSY_WAIT_S: Final = 2.0

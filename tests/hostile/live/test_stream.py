@@ -158,8 +158,8 @@ def test_a_second_stream_for_an_upload_in_flight_is_busy_and_a_resume_after_it_i
     """Two streams for one upload. The second, sent while the first still holds the
     upload, is refused BUSY once it has waited UPLOAD_BUSY_WAIT_S for it. When the first
     has been refused (it ended before its final chunk), a resume sent at once is let in
-    and completes the update: the refusal reaches the client while the server is still
-    unwinding that stream's handler, and the wait covers it (CI once saw BUSY here)."""
+    and completes the update: the refusal reaches the client only once the server has
+    let go of the upload (CI once saw BUSY in the replay case above)."""
     with arena.frozen_round(evil) as frozen:
         up = upload(evil, frozen)
         resumed = apb.UpdateStreamMessage()  # the header of a resume from chunk 1
