@@ -135,6 +135,11 @@ class ThreadContext:
         # whatever it writes before the refusal (a stream's messages) still goes out.
         raise error
 
+    @property
+    def refused(self) -> bool:
+        """The handler aborted and its status has not been sent yet."""
+        return isinstance(self._aborted, Refused)
+
     async def send_refusal(self) -> None:
         """Send the status a handler's `abort` recorded, if it did (raises gRPC's
         AbortError, as aio's own abort does); on the loop, after the handler."""
@@ -446,7 +451,8 @@ class _Bridge:
             finally:
                 context.finish()
             # also when a handler caught its own abort and returned: the refusal stands
-            await context.send_refusal()
+            if context.refused:
+                await context.send_refusal()
             return result
 
         return call
@@ -493,7 +499,8 @@ class _Bridge:
             finally:
                 context.finish()
                 run.stop()
-            await context.send_refusal()  # the handler ended: its abort, if it refused
+            if context.refused:  # the handler ended: its abort goes out now
+                await context.send_refusal()
 
         return call
 
