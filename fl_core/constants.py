@@ -246,3 +246,8 @@ TLS_FRAME_BYTES: Final = 8192
 # would otherwise be told BUSY by a stream that is already over; a truly concurrent
 # second sender still gets BUSY, 2 s later.
 UPLOAD_BUSY_WAIT_S: Final = 2.0
+# Decoded round metrics the store keeps for Status, bounded by their JSON text: a round's
+# metrics carry a summary per hospital, so an entry count (4,096 before) could hold ~1 GB
+# with thousands of hospitals a round; this keeps every round of a small federation and
+# the latest of a large one (the rest are decoded again when asked).
+METRICS_CACHE_BYTES: Final = 16 << 20

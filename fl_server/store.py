@@ -16,7 +16,6 @@ sequence atomic with respect to other callers.
 from __future__ import annotations
 
 import errno
-import functools
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from fl_core.constants import METRICS_CACHE_BYTES
 
 SCHEMA_VERSION = 2  # 2: jobs.job_sha256 (issue 15); version 1 databases are migrated
 DB_NAME = "server.db"
@@ -873,12 +875,49 @@ def _run_atomically(conn: sqlite3.Connection, statements: list[str]) -> None:
         raise
 
 
-@functools.lru_cache(maxsize=4096)
+class DecodedMetrics:
+    """Recorded rounds' metrics, decoded once: Status lists every round of the job each
+    time it is asked, and a job of months has thousands. Bounded by the JSON text held,
+    not by entries: a round's metrics carry a summary per hospital (METRICS_CACHE_BYTES).
+    The decoded dicts are shared: callers copy before changing them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max = max_bytes
+        self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def text_bytes(self) -> int:
+        return self._bytes
+
+    def get(self, text: str) -> dict[str, Any]:
+        with self._lock:
+            hit = self._items.get(text)
+            if hit is not None:
+                self._items.move_to_end(text)
+                return hit
+        decoded: dict[str, Any] = json.loads(text)
+        if len(text) > self._max:
+            return decoded  # larger than the whole cache: decoded each time it is asked
+        with self._lock:
+            if text not in self._items:
+                self._items[text] = decoded
+                self._bytes += len(text)
+                while self._bytes > self._max:
+                    old, _ = self._items.popitem(last=False)
+                    self._bytes -= len(old)
+        return decoded
+
+
+_metrics_cache = DecodedMetrics(METRICS_CACHE_BYTES)
+
+
 def _metrics(text: str) -> dict[str, Any]:
-    """A recorded round's metrics, decoded once: Status lists every round of the job
-    each time it is asked, and a job of months has thousands."""
-    metrics: dict[str, Any] = json.loads(text)
-    return metrics
+    return _metrics_cache.get(text)
 
 
 def _round(r: tuple[Any, ...]) -> RoundRecord:

@@ -6,6 +6,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ import torch
 import fl_server.store as store_mod
 from fl_server.store import (
     CheckpointError,
+    DecodedMetrics,
     Report,
     RoundAlreadyRecorded,
     RoundSummary,
@@ -494,3 +496,20 @@ def test_database_write_failure_records_nothing(store: Store) -> None:
     assert [e.kind for e in store.events("job1")].count("round_completed") == 1
     store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # the retry succeeds
     assert_same(store.load_checkpoint("job1", 2)[0], model_state(2))
+
+
+def test_decoded_round_metrics_are_kept_within_a_budget_of_json_text() -> None:
+    """Status decodes every round's metrics each time it is asked, so they are kept
+    decoded; a round's metrics carry a summary per hospital, so what is kept is bounded
+    by its size, not by a count of rounds (thousands of hospitals a round)."""
+    cache = DecodedMetrics(max_bytes=100)
+    texts = [json.dumps({"round": i, "loss": 0.5}) for i in range(8)]  # 25 bytes each
+    first = cache.get(texts[0])
+    assert first == {"round": 0, "loss": 0.5} and cache.get(texts[0]) is first
+    for text in texts[1:]:
+        assert cache.get(text) == json.loads(text)
+    assert cache.text_bytes <= 100 and len(cache) == 100 // len(texts[0])  # the latest fit
+    assert cache.get(texts[0]) is not first  # evicted, decoded again
+    huge = json.dumps({"clients": {f"h{i}": {"loss": 0.1} for i in range(20)}})
+    assert len(huge) > 100 and cache.get(huge) == json.loads(huge)
+    assert huge not in cache._items and cache.text_bytes <= 100  # too large to keep
