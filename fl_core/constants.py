@@ -249,5 +249,6 @@ UPLOAD_BUSY_WAIT_S: Final = 2.0
 # Decoded round metrics the store keeps for Status, bounded by their JSON text: a round's
 # metrics carry a summary per hospital, so an entry count (4,096 before) could hold ~1 GB
 # with thousands of hospitals a round; this keeps every round of a small federation and
-# the latest of a large one (the rest are decoded again when asked).
+# the latest of a large one (the rest are decoded again when asked). Decoded, the same
+# metrics take a few times their text's size in Python objects.
 METRICS_CACHE_BYTES: Final = 16 << 20
