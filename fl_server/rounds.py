@@ -83,6 +83,11 @@ class ModelVersion:
     # the pages they have passed
     pages: MappedModel | None = None
 
+    @property
+    def release(self) -> Callable[[str], None] | None:
+        """What a reader calls with each tensor's name once past it (None: in memory)."""
+        return self.pages.release if self.pages is not None else None
+
 
 @dataclass
 class ReportFigures:
@@ -518,8 +523,7 @@ class RoundEngine:
             self.last_failure = "not enough clients connected"
             return False
         model = self.current_model()
-        self.strategy.begin_round(
-            model.state, release=model.pages.release if model.pages is not None else None)
+        self.strategy.begin_round(model.state, release=model.release)
         self._set_phase("distribute", attempt=attempt, selected=",".join(selected))
         rs = self._open_round(round_no, attempt, cpb.TRAIN, selected, self.cfg.round_deadline_s)
         self._set_phase("train")
@@ -622,9 +626,8 @@ class RoundEngine:
             # a round moves the model by a fraction of its size; a step larger than
             # `factor` times the whole model (at least 1) is no training result
             old = self._rollback[0]
-            release = old.pages.release if old.pages is not None else None
-            step = step_norm(state, old.state, release)
-            base = max(1.0, update_norm(old.state, release))
+            step = step_norm(state, old.state, old.release)
+            base = max(1.0, update_norm(old.state, old.release))
             if not math.isfinite(step) or step > factor * base:
                 return (f"the round moved the model by {step:.3g}, more than"
                         f" {factor:g} x its norm ({base:.3g})")

@@ -520,6 +520,16 @@ class Store:
         self, job_id: str, round: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(model state, strategy state) of a recorded round, verified against the database."""
+        expected_sha, relative = self._checkpoint_record(job_id, round)
+        return self._read_checkpoint(self.state_dir / relative, job_id, round, expected_sha)
+
+    def recorded_checkpoint(self, job_id: str, round: int) -> Path:
+        """The checkpoint file recorded for a round (0: the initial model), as written:
+        not re-verified (load_checkpoint does that)."""
+        return self.state_dir / self._checkpoint_record(job_id, round)[1]
+
+    def _checkpoint_record(self, job_id: str, round: int) -> tuple[str, str]:
+        """(model SHA-256, checkpoint path relative to the state directory) on record."""
         with self._lock:
             if round == 0:
                 job = self._job_row(job_id)
@@ -539,22 +549,7 @@ class Store:
                         f"the checkpoint of job {job_id!r} round {round} was pruned "
                         f"(only the last {self.keep_checkpoints} and round 0 are kept)"
                     )
-        return self._read_checkpoint(self.state_dir / relative, job_id, round, expected_sha)
-
-    def recorded_checkpoint(self, job_id: str, round: int) -> Path:
-        """The checkpoint file recorded for a round (0: the initial model), as written:
-        not re-verified (load_checkpoint does that)."""
-        with self._lock:
-            if round == 0:
-                relative = self._job_row(job_id)[8]
-            else:
-                rows = self._conn.execute(
-                    "SELECT checkpoint FROM rounds WHERE job_id=? AND round=? AND"
-                    " state='completed'", (job_id, round)).fetchall()
-                relative = rows[0][0] if rows else None
-        if relative is None:
-            raise CheckpointError(f"job {job_id!r} round {round} has no checkpoint on record")
-        return self.state_dir / str(relative)
+        return str(expected_sha), str(relative)
 
     def checkpoint_path(self, job_id: str, round: int) -> Path:
         return self.checkpoint_dir / job_id / f"round_{round:06d}.safetensors"
