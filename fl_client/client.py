@@ -63,6 +63,7 @@ from fl_core.constants import (
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.secagg import SecAggError
 from fl_core.statelock import StateLock, StateLockError
+from fl_core.tensor_codec import digest_name
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
 from fl_proto import coordinator_pb2 as cpb
@@ -547,20 +548,23 @@ class ClientDaemon:
         try:
             state = self._fetch(task, study)
             check_global_model(state)
-            if model_sha256(state) != sha:
-                raise TransferError("the final model does not match its announced SHA-256")
+            digest = int(task.model_manifest.digest)
+            if model_sha256(state, digest) != sha:
+                raise TransferError("the final model does not match its announced"
+                                    f" {digest_name(digest)}")
             metrics = evaluate_state(study.task, state, study.test_set, self.device)
             path = save_final_model(self.state_dir, task.job_id, task.round,
                                     study.model_type, state, self.ledger,
                                     {k: float(v) for k, v in metrics.items() if _is_number(v)},
                                     strategy=task.strategy,
-                                    server_metrics=dict(task.final_metrics))
+                                    server_metrics=dict(task.final_metrics),
+                                    wire_digest=(digest, sha))
         except (TransferError, TaskRefused, ValueError, OSError) as exc:
             log_event(log, "final_model_failed", logging.WARNING, job=task.job_id,
                       reason=str(exc)[:300])
             return
         log_event(log, "final_model_saved", job=task.job_id, round=task.round,
-                  path=str(path), sha256=sha)
+                  path=str(path), digest=f"{digest_name(digest)}:{sha}")
 
     def _evaluate(self, task: cpb.Task, study: Study) -> None:
         """Evaluate the job's global model, under the hospital's evaluation policy

@@ -33,12 +33,14 @@ from fl_core.sealing import (
 )
 from fl_core.stream_ids import download_stream_id, upload_stream_id
 from fl_core.tensor_codec import (
+    EXTRA_DIGESTS,
     CodecError,
     StreamAssembler,
     TrailingDigests,
     build_manifest,
     check_manifest,
     iter_chunks,
+    preferred_digest,
 )
 from fl_core.tls import channel_credentials, channel_options, target
 from fl_proto import aggregator_pb2 as apb
@@ -83,6 +85,9 @@ class SessionInfo:
     secret: bytes
     job_id: str
     client_id: str
+    # what this session's uploads are hashed with: the fast digest when the server
+    # declared it checks it, else SHA-256 (tensors.proto Digest)
+    upload_digest: int = 0
 
 
 class ServerConnection:
@@ -108,6 +113,10 @@ class ServerConnection:
         # last Join, the model types of the server's running and queued jobs
         self.studies: dict[str, int] = {model_type: num_examples}
         self.job_model_types: list[str] = []
+        # the digest algorithms declared at Join besides SHA-256: the server then hashes
+        # this hospital's models with the fastest (an empty tuple: as a client from
+        # before the choice, SHA-256 only)
+        self.digests: tuple[tpb.Digest, ...] = EXTRA_DIGESTS
         self.bytes_sent = 0
         self.bytes_received = 0
         self.resumes = 0
@@ -134,7 +143,8 @@ class ServerConnection:
                             replace_session=self.replace_session,
                             epsilon_budget=self.epsilon_budget,
                             studies=[cpb.ServedStudy(model_type=k, num_examples=v)
-                                     for k, v in self.studies.items()]),
+                                     for k, v in self.studies.items()],
+                            digests=self.digests),
             timeout=RPC_TIMEOUT_S)
         self.job_model_types = list(reply.job_model_types)
         self.replace_session = False  # displace the other daemon once, not at every renewal
@@ -146,7 +156,7 @@ class ServerConnection:
                                 reply.session_id)
         self.session = SessionInfo(reply.session_id, reply.token,
                                    float(reply.token_expires_unix), secret, reply.job_id,
-                                   reply.client_id)
+                                   reply.client_id, preferred_digest(reply.digests))
         log.info("joined job=%s session=%s", reply.job_id, reply.session_id[:8])
         return self.session
 
@@ -280,9 +290,8 @@ class ServerConnection:
         The digests trail the data (issue 16): the first chunk leaves at once while
         the model is hashed on other threads, and the final chunk carries the digests.
         """
-        manifest = build_manifest(state, digests=False)
-        digests = TrailingDigests(state)
-        count = manifest.chunk_count
+        manifest: tpb.TensorManifest | None = None
+        digests: TrailingDigests | None = None
         resume_from = 0
         session_id = ""
         for attempt in range(TRANSFER_ATTEMPTS):
@@ -291,6 +300,14 @@ class ServerConnection:
             if session_id and session_id != self.session.session_id:
                 resume_from = 0  # new session, new keys, new stream
             session_id = self.session.session_id
+            if manifest is None or manifest.digest != self.session.upload_digest:
+                # hashed with what this session's server checks (a re-join may have
+                # reached a server of another version)
+                manifest = build_manifest(state, digests=False,
+                                          digest=self.session.upload_digest)
+                digests = TrailingDigests(state, manifest.digest)
+            assert digests is not None
+            count = manifest.chunk_count
             stream_id = upload_stream_id(task.job_id, task.round, task.task_id, session_id)
             ctx = StreamContext(task.job_id, task.round, self.client_id, "up", stream_id,
                                 manifest_digest(manifest))

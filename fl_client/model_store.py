@@ -32,7 +32,8 @@ from safetensors.torch import save
 
 from fl_client.privacy_ledger import PrivacyLedger
 from fl_core.identity import write_public
-from fl_core.tensor_codec import build_manifest
+from fl_core.tensor_codec import build_manifest, digest_name
+from fl_proto import tensors_pb2 as tpb
 
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
@@ -45,10 +46,11 @@ class ModelFileError(ValueError):
     """A model file that cannot be used (missing, not safetensors, no model type)."""
 
 
-def model_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """The model's SHA-256 as the wire names it: the manifest digest over each
-    tensor's SHA-256 in order (what the STOP task announced)."""
-    return bytes(build_manifest(dict(state)).sha256).hex()
+def model_sha256(state: Mapping[str, torch.Tensor], digest: int = tpb.SHA256) -> str:
+    """The model's digest as the wire names it: the manifest digest over each tensor's
+    digest in order (what the STOP task announced), with `digest` (tensors.proto
+    Digest; the card's `sha256` is always SHA-256's)."""
+    return bytes(build_manifest(dict(state), digest=digest).sha256).hex()
 
 
 def model_dir(state_dir: Path, job_id: str) -> Path:
@@ -57,20 +59,27 @@ def model_dir(state_dir: Path, job_id: str) -> Path:
     return Path(state_dir) / "models" / job_id
 
 
-def has_model(state_dir: Path, job_id: str, sha256: str) -> bool:
-    """True when the job's model with this SHA-256 is already stored (a repeated STOP)."""
+def has_model(state_dir: Path, job_id: str, digest: str) -> bool:
+    """True when the job's model with this digest (as announced: SHA-256, or the
+    card's `wire_digest`) is already stored (a repeated STOP)."""
     try:
         card = json.loads((model_dir(state_dir, job_id) / CARD_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(card, dict) and card.get("sha256") == sha256
+    if not isinstance(card, dict):
+        return False
+    wire = card.get("wire_digest")
+    return card.get("sha256") == digest or (isinstance(wire, dict)
+                                            and wire.get("value") == digest)
 
 
 def save_final_model(state_dir: Path, job_id: str, rounds: int, model_type: str,
                      state: Mapping[str, torch.Tensor], ledger: PrivacyLedger,
                      local_metrics: Mapping[str, float], strategy: str = "",
-                     server_metrics: Mapping[str, float] | None = None) -> Path:
-    """Write the model and its card; returns the model file's path."""
+                     server_metrics: Mapping[str, float] | None = None,
+                     wire_digest: tuple[int, str] | None = None) -> Path:
+    """Write the model and its card; returns the model file's path. `wire_digest`:
+    (algorithm, hex) as the server announced the model, when not SHA-256."""
     folder = model_dir(state_dir, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -86,6 +95,8 @@ def save_final_model(state_dir: Path, job_id: str, rounds: int, model_type: str,
         "model_type": model_type,
         "sha256": model_sha256(tensors),
         "file_sha256": hashlib.sha256(data).hexdigest(),
+        **({"wire_digest": {"algorithm": digest_name(wire_digest[0]), "value": wire_digest[1]}}
+           if wire_digest is not None and wire_digest[0] != tpb.SHA256 else {}),
         "client_id": ledger.client_id,
         "received_unix": time.time(),
         "strategy": strategy,

@@ -117,7 +117,7 @@ class ModelBytes(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., file_sha256: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version", "previous_session_id", "replace_session", "epsilon_budget", "studies")
+    __slots__ = ("x25519_public_key", "model_type", "num_examples", "client_version", "previous_session_id", "replace_session", "epsilon_budget", "studies", "digests")
     X25519_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class JoinRequest(_message.Message):
     REPLACE_SESSION_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     STUDIES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     x25519_public_key: bytes
     model_type: str
     num_examples: int
@@ -134,10 +135,11 @@ class JoinRequest(_message.Message):
     replace_session: bool
     epsilon_budget: float
     studies: _containers.RepeatedCompositeFieldContainer[ServedStudy]
-    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., previous_session_id: _Optional[str] = ..., replace_session: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ..., studies: _Optional[_Iterable[_Union[ServedStudy, _Mapping]]] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[_tensors_pb2.Digest]
+    def __init__(self, x25519_public_key: _Optional[bytes] = ..., model_type: _Optional[str] = ..., num_examples: _Optional[int] = ..., client_version: _Optional[str] = ..., previous_session_id: _Optional[str] = ..., replace_session: _Optional[bool] = ..., epsilon_budget: _Optional[float] = ..., studies: _Optional[_Iterable[_Union[ServedStudy, _Mapping]]] = ..., digests: _Optional[_Iterable[_Union[_tensors_pb2.Digest, str]]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session_id", "token", "token_expires_unix", "server_x25519_public_key", "job_id", "model_type", "client_id", "job_model_types")
+    __slots__ = ("session_id", "token", "token_expires_unix", "server_x25519_public_key", "job_id", "model_type", "client_id", "job_model_types", "digests")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +148,7 @@ class JoinReply(_message.Message):
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_MODEL_TYPES_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token: str
     token_expires_unix: int
@@ -154,7 +157,8 @@ class JoinReply(_message.Message):
     model_type: str
     client_id: str
     job_model_types: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., token_expires_unix: _Optional[int] = ..., server_x25519_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., client_id: _Optional[str] = ..., job_model_types: _Optional[_Iterable[str]] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[_tensors_pb2.Digest]
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., token_expires_unix: _Optional[int] = ..., server_x25519_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ..., model_type: _Optional[str] = ..., client_id: _Optional[str] = ..., job_model_types: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[_tensors_pb2.Digest, str]]] = ...) -> None: ...
 
 class TaskStreamRequest(_message.Message):
     __slots__ = ("session_id",)

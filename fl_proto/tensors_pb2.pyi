@@ -20,6 +20,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT8: _ClassVar[DType]
     UINT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+
+class Digest(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHA256: _ClassVar[Digest]
+    BLAKE3: _ClassVar[Digest]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -31,6 +36,8 @@ INT16: DType
 INT8: DType
 UINT8: DType
 BOOL: DType
+SHA256: Digest
+BLAKE3: Digest
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length", "sha256")
@@ -47,20 +54,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class TensorManifest(_message.Message):
-    __slots__ = ("tensors", "total_bytes", "sha256", "chunk_size", "chunk_count", "digests_trail")
+    __slots__ = ("tensors", "total_bytes", "sha256", "chunk_size", "chunk_count", "digests_trail", "digest")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_TRAIL_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
     sha256: bytes
     chunk_size: int
     chunk_count: int
     digests_trail: bool
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., digests_trail: _Optional[bool] = ...) -> None: ...
+    digest: Digest
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., digests_trail: _Optional[bool] = ..., digest: _Optional[_Union[Digest, str]] = ...) -> None: ...
 
 class SealedChunk(_message.Message):
     __slots__ = ("stream_id", "sequence", "final", "ciphertext", "tensor_digests")

@@ -201,16 +201,18 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 or request.job_id != job_id:
             abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                   f"task {task.task_id} needs the model of job {job_id} round {round_no}")
-        count = model.manifest.chunk_count
+        # the task's manifest: the model's, hashed with this hospital's digest algorithm
+        manifest = task.model_manifest
+        count = manifest.chunk_count
         if request.resume_from >= count:
             abort(context, grpc.StatusCode.OUT_OF_RANGE,
                   f"resume_from {request.resume_from} is past the last chunk ({count - 1})")
         stream_id, sealer = download_sealer(session.secret, client_id, job_id, round_no,
-                                            task.task_id, session.session_id, model.manifest)
+                                            task.task_id, session.session_id, manifest)
         yield apb.ModelStreamMessage(header=apb.ModelStreamHeader(
-            job_id=job_id, round=round_no, stream_id=stream_id, manifest=model.manifest))
+            job_id=job_id, round=round_no, stream_id=stream_id, manifest=manifest))
         start = int(request.resume_from)
-        for seq, plain in enumerate(iter_chunks(model.state, model.manifest, start=start),
+        for seq, plain in enumerate(iter_chunks(model.state, manifest, start=start),
                                     start=start):
             if self.wire_chunks:  # serialised here, the ciphertext copied once
                 yield sealer.seal_message(seq, plain, seq == count - 1)
@@ -222,7 +224,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             OBSERVED.download(client_id, task.task_id, seq == count - 1,
                               len(plain) + GCM_TAG_BYTES, resumed=0 < start == seq)
             if model.pages is not None:  # served from the checkpoint file: drop what was sent
-                sent = seq * model.manifest.chunk_size
+                sent = seq * manifest.chunk_size
                 model.pages.release_stream(sent, sent + len(plain))
         if final is not None:
             self.engine.final.fetched(client_id)

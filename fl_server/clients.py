@@ -53,6 +53,9 @@ class ClientEntry:
     last_reason: str = ""
     stream_peer: str = ""
     stream_since: float = 0.0
+    # the digest algorithm of the model manifests this hospital is sent: SHA-256 unless
+    # its Join declared a faster one this server has (tensors.proto Digest)
+    digest: int = 0
     # model type -> training examples, for each study the hospital serves (issue 15);
     # empty for a client that declared only one (its num_examples above)
     studies: dict[str, int] = field(default_factory=dict)
@@ -120,7 +123,7 @@ class ClientRegistry:
                     session_id: str | None = None, *, previous_session_id: str = "",
                     replace: bool = False, grace_s: float = SESSION_TAKEOVER_GRACE_S,
                     epsilon_budget: float = 0.0,
-                    studies: dict[str, int] | None = None) -> Session:
+                    studies: dict[str, int] | None = None, digest: int = 0) -> Session:
         """A new session for `client_id`, refused (SessionConflict) while another process
         of the same identity holds a live task stream.
 
@@ -151,6 +154,7 @@ class ClientRegistry:
                 entry.epsilon_budget = epsilon_budget
             entry.num_examples = num_examples
             entry.studies = dict(studies or {})
+            entry.digest = digest
             entry.last_seen = time.time()
             entry.sessions[session.session_id] = session
             while len(entry.sessions) > self.MAX_SESSIONS_PER_CLIENT:
@@ -304,6 +308,12 @@ class ClientRegistry:
             entry.last_reason = reason
             if epsilon_total is not None:
                 entry.epsilon_total = epsilon_total
+
+    def digest_of(self, client_id: str) -> int:
+        """The digest algorithm of the manifests `client_id` checks (0: SHA-256)."""
+        with self._lock:
+            entry = self._clients.get(client_id)
+            return entry.digest if entry is not None else 0
 
     def num_examples(self, client_id: str) -> int:
         with self._lock:

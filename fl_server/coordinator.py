@@ -21,6 +21,7 @@ from fl_core.constants import DOWNLOAD_CHUNK_BYTES, HEARTBEAT_INTERVAL_S, ROLE_C
 from fl_core.errors import Refusal, abort
 from fl_core.logs import log_event
 from fl_core.sealing import SealError, generate_keypair, session_secret
+from fl_core.tensor_codec import EXTRA_DIGESTS, preferred_digest
 from fl_models.registry import TASK_NAMES
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import coordinator_pb2_grpc as cpb_grpc
@@ -96,7 +97,7 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
                                       session_id=session_id,
                                       previous_session_id=request.previous_session_id,
                                       replace=request.replace_session, epsilon_budget=budget,
-                                      studies=studies)
+                                      studies=studies, digest=preferred_digest(request.digests))
         except SessionConflict as exc:
             log_event(log, "join_refused", logging.WARNING, client=ident.client_id,
                       peer=context.peer(), live_peer=exc.peer, reason="identity already live")
@@ -114,7 +115,7 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         return cpb.JoinReply(session_id=session_id, token=token, token_expires_unix=expires,
                              server_x25519_public_key=public_bytes, job_id=self.engine.job_id,
                              model_type=self.engine.cfg.model_type, client_id=ident.client_id,
-                             job_model_types=job_types)
+                             job_model_types=job_types, digests=EXTRA_DIGESTS)
 
     def _job_model_types(self) -> list[str]:
         """The running job's model type first, then the queued jobs' (no repeats)."""

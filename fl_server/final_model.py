@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
@@ -70,14 +70,17 @@ class FinalDelivery:
             self._strategy = strategy
             self._store = store
 
-    def open(self, job_id: str, round_no: int, manifest: tpb.TensorManifest,
+    def open(self, job_id: str, round_no: int,
+             manifest: tpb.TensorManifest | Callable[[str], tpb.TensorManifest],
              clients: set[str]) -> None:
-        """Offer the model of ``round_no`` (the job's last) to ``clients``."""
+        """Offer the model of ``round_no`` (the job's last) to ``clients``; ``manifest``
+        is the model's, or what gives each hospital's (its digest algorithm)."""
+        manifest_of = manifest if callable(manifest) else (lambda _cid: manifest)
         figures = final_metrics(self._store, job_id) if self._store is not None else {}
         with self._lock:
             self._tasks = {
                 cid: cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id,
-                              round=round_no, model_manifest=manifest,
+                              round=round_no, model_manifest=manifest_of(cid),
                               model_type=self._model_type, job_state="completed",
                               strategy=self._strategy, final_metrics=figures)
                 for cid in clients}

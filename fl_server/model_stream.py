@@ -41,14 +41,16 @@ def download_sealer(secret: bytes, client_id: str, job_id: str, round_no: int, t
 
 def seal_into_task(task: cpb.Task, model: ModelVersion, client_id: str,
                    session: Session) -> cpb.Task:
-    """A copy of `task` carrying `model` sealed for `session` (FetchModel's chunks)."""
+    """A copy of `task` carrying `model` sealed for `session` (FetchModel's chunks,
+    under the manifest the task announced: the model's, in the hospital's digest)."""
     carried = cpb.Task()
     carried.CopyFrom(task)
+    manifest = task.model_manifest
     stream_id, sealer = download_sealer(session.secret, client_id, task.job_id, task.round,
-                                        task.task_id, session.session_id, model.manifest)
+                                        task.task_id, session.session_id, manifest)
     carried.model_stream_id = stream_id
-    count = model.manifest.chunk_count
-    for seq, plain in enumerate(iter_chunks(model.state, model.manifest)):
+    count = manifest.chunk_count
+    for seq, plain in enumerate(iter_chunks(model.state, manifest)):
         sealer.seal_into(carried.model_chunks.add(), seq, plain, seq == count - 1)
         OBSERVED.download(client_id, task.task_id, seq == count - 1,
                           len(plain) + GCM_TAG_BYTES, resumed=False)

@@ -29,7 +29,7 @@ from fl_core.errors import Refusal
 from fl_core.gc_policy import collect_round_garbage
 from fl_core.logs import log_event
 from fl_core.secagg import MASKED_TENSOR, SecAggError
-from fl_core.tensor_codec import build_manifest
+from fl_core.tensor_codec import FAST_DIGEST, build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.audit import round_completed, round_failed
@@ -71,9 +71,16 @@ class RoundRefusal(Exception):
         self.reason = str(reason)
 
 
+_OTHER_MANIFESTS = threading.Lock()
+
+
 @dataclass
 class ModelVersion:
-    """The global model as served to clients: one copy, shared by every download."""
+    """The global model as served to clients: one copy, shared by every download.
+
+    `manifest` is hashed with FAST_DIGEST; a hospital that did not declare it at Join
+    (a client from before) gets a SHA-256 manifest of the same model, made the first
+    time one is asked for and kept with the version (`manifest_for`)."""
 
     version: int
     state: dict[str, torch.Tensor]
@@ -82,11 +89,25 @@ class ModelVersion:
     # set when `state` is read from the checkpoint file (model_pages.py): readers drop
     # the pages they have passed
     pages: MappedModel | None = None
+    others: dict[int, tpb.TensorManifest] = field(default_factory=dict)
 
     @property
     def release(self) -> Callable[[str], None] | None:
         """What a reader calls with each tensor's name once past it (None: in memory)."""
         return self.pages.release if self.pages is not None else None
+
+    def manifest_for(self, digest: int) -> tpb.TensorManifest:
+        """The model's manifest hashed with `digest` (tensors.proto Digest)."""
+        if digest == self.manifest.digest:
+            return self.manifest
+        with _OTHER_MANIFESTS:
+            other = self.others.get(digest)
+            if other is None:
+                other = build_manifest(self.state, self.manifest.chunk_size, digest=digest)
+                if self.pages is not None:  # hashing read every page of the model
+                    self.pages.release_all()
+                self.others[digest] = other
+            return other
 
 
 @dataclass
@@ -171,7 +192,7 @@ class RoundEngine:
     # model --------------------------------------------------------------------
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         plain = {k: v.detach().contiguous() for k, v in state.items()}
-        manifest = build_manifest(plain)
+        manifest = build_manifest(plain, digest=FAST_DIGEST)
         model = ModelVersion(version, plain, manifest, state_sha256(plain))
         with self._cv:  # hashed outside: task streams read the model under this lock
             self.model = model
@@ -194,7 +215,8 @@ class RoundEngine:
             log_event(log, "model_kept_in_memory", logging.WARNING, job=self.job_id,
                       round=model.version, reason=str(exc)[:300])
             return
-        mapped = ModelVersion(model.version, pages.state, model.manifest, model.sha256, pages)
+        mapped = ModelVersion(model.version, pages.state, model.manifest, model.sha256, pages,
+                              model.others)
         with self._cv:
             if self.model is model:
                 self.model = mapped
@@ -449,7 +471,7 @@ class RoundEngine:
             tasks[cid] = cpb.Task(
                 task_id=uuid.uuid4().hex, kind=kind, job_id=self.job_id, round=round_no,
                 model_type=self.cfg.model_type, config=config, deadline_unix_ms=deadline_ms,
-                model_manifest=model.manifest)
+                model_manifest=model.manifest_for(self.registry.digest_of(cid)))
         rs = RoundState(self.job_id, round_no, attempt, kind, clients, tasks,
                         time.monotonic() + deadline_s)
         if kind == cpb.TRAIN and self.secure is not None:
@@ -668,7 +690,8 @@ class RoundEngine:
     def _broadcast_stop(self) -> None:
         if self.job_state == "completed":  # its hospitals fetch the final model (final_model.py)
             model = self.current_model()
-            self.final.open(self.job_id, model.version, model.manifest,
+            self.final.open(self.job_id, model.version,
+                            lambda cid: model.manifest_for(self.registry.digest_of(cid)),
                             participants(self.store, self.job_id))
         self.registry.broadcast(lambda cid: self.final.stop_task(cid, self.job_id, self.round))
 

@@ -20,6 +20,7 @@ from fl_client.model_store import (
 )
 from fl_client.privacy_ledger import PrivacyLedger
 from fl_models.registry import get_task
+from fl_proto import tensors_pb2 as tpb
 
 DELTA = 1e-5
 
@@ -58,6 +59,25 @@ def test_round_trip_order_hash_and_card(
     with pytest.raises(ValueError, match="not usable"):
         save_final_model(root / "state", "../x", 1, "breast_cancer", state,
                          PrivacyLedger(root / "state", "hospital_1", 10.0, DELTA), {})
+
+
+def test_a_model_announced_with_blake3_is_known_by_that_digest(
+        stored: tuple[Path, Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+    """The card keeps the SHA-256 it always had, and the digest the server announced
+    (wire_digest), so a repeated STOP naming the model by BLAKE3 finds it stored."""
+    _, _, state = stored
+    announced = model_sha256(state, tpb.BLAKE3)
+    assert announced != model_sha256(state)
+    ledger = PrivacyLedger(tmp_path, "hospital_1", 10.0, DELTA)
+    path = save_final_model(tmp_path, "job-2", 3, "breast_cancer", state, ledger, {},
+                            wire_digest=(tpb.BLAKE3, announced))
+    card = json.loads((path.parent / CARD_FILE).read_text())
+    assert card["sha256"] == model_sha256(state)
+    assert card["wire_digest"] == {"algorithm": "BLAKE3", "value": announced}
+    assert has_model(tmp_path, "job-2", announced)
+    assert has_model(tmp_path, "job-2", card["sha256"])
+    assert not has_model(tmp_path, "job-2", model_sha256({k: v + 1 for k, v in state.items()},
+                                                         tpb.BLAKE3))
 
 
 def test_predict_scores_with_the_tasks_evaluate(

@@ -20,7 +20,7 @@ import torch
 import fl_client.connection as connection_module
 from fl_client.connection import ServerConnection
 from fl_core.stream_ids import upload_stream_id
-from fl_core.tensor_codec import build_manifest
+from fl_core.tensor_codec import FAST_DIGEST, build_manifest
 from fl_core.tls import channel_credentials, channel_options
 from fl_demo.launcher import Federation
 from fl_proto import aggregator_pb2 as apb
@@ -137,6 +137,7 @@ def test_connection_cut_mid_upload_resumes_from_the_last_acknowledged_chunk(
         state = deterministic_delta(task.model_manifest, task.round, 0)
 
         assert conn.session is not None
+        digest = conn.session.upload_digest
         stream_id = upload_stream_id(task.job_id, task.round, task.task_id,
                                      conn.session.session_id)
         direct = grpc.secure_channel(f"127.0.0.1:{port}",
@@ -168,7 +169,9 @@ def test_connection_cut_mid_upload_resumes_from_the_last_acknowledged_chunk(
     finally:
         conn.close()
         proxy.close()
-    manifest = build_manifest(state, chunk_size=chunk_size)
+    # hashed with what the server declared it checks (BLAKE3 for this build)
+    assert digest == FAST_DIGEST
+    manifest = build_manifest(state, chunk_size=chunk_size, digest=digest)
     count = manifest.chunk_count
     assert count >= 30 and proxy.cuts == 1 and conn.resumes == 1
     assert receipt.chunks_received == count and receipt.sha256 == manifest.sha256

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import torch
 
+from fl_core.tensor_codec import build_manifest
 from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
 from fl_server.config import ServerConfig
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.store import RoundSummary
@@ -33,6 +35,7 @@ class FakeRegistry:
         self.cv = threading.Condition()
         self.pending: dict[str, cpb.Task] = {}
         self.stops = 0
+        self.digests: dict[str, int] = {}  # what each hospital declared at Join
 
     def wait_for_connected(self, minimum: int, timeout_s: float,
                            stop: threading.Event) -> list[str]:
@@ -40,6 +43,9 @@ class FakeRegistry:
 
     def connected(self) -> list[str]:
         return list(self._connected)
+
+    def digest_of(self, client_id: str) -> int:
+        return self.digests.get(client_id, 0)  # 0: declared no digest but SHA-256
 
     def assign(self, client_id: str, task: cpb.Task) -> None:
         with self.cv:
@@ -150,6 +156,26 @@ def test_a_round_averages_by_examples_and_records_once() -> None:
     assert (summary.selected, summary.reported, summary.failed) == (3, 3, 0)
     assert summary.metrics["wait_seconds"] >= 0 and summary.seconds >= 0
     assert registry.stops == 1  # the hospitals are told the job ended
+
+
+def test_each_hospital_is_sent_the_models_manifest_in_its_own_digest() -> None:
+    """A hospital that declared BLAKE3 gets the model's BLAKE3 manifest, one from before
+    its SHA-256 manifest: the same model, each digest its algorithm's own; the SHA-256
+    one is made once per model version."""
+    engine, registry, _ = make_engine(["fast", "old"])
+    registry.digests["fast"] = tpb.BLAKE3
+    thread = run_in_thread(engine)
+    fast = registry.wait_task("fast", cpb.TRAIN, 1)
+    old = registry.wait_task("old", cpb.TRAIN, 1)
+    chunk = fast.model_manifest.chunk_size
+    assert fast.model_manifest == build_manifest(GLOBAL, chunk, digest=tpb.BLAKE3)
+    assert old.model_manifest == build_manifest(GLOBAL, chunk, digest=tpb.SHA256)
+    model = engine.current_model()
+    assert model.manifest_for(tpb.SHA256) is model.manifest_for(tpb.SHA256)
+    send(engine, registry, "fast", 1, 1.0, 10, 0.5)
+    send(engine, registry, "old", 1, 1.0, 10, 0.5)
+    thread.join(TIMEOUT_S)
+    assert engine.job_state == "completed"
 
 
 def test_robust_strategies_average_metrics_with_equal_weights() -> None:
