@@ -1,9 +1,10 @@
 """Aggregator service: the global model down, updates up, as sealed chunk streams.
 
 Downloads are sealed on the fly from the one in-memory global model (no copy per
-client). Uploads are opened chunk by chunk into a spool file on disk; only a
-complete, verified, finite update reaches the strategy, so a client cut off
-mid-stream has no effect on the round and can resume where the server stopped.
+client). Uploads are opened chunk by chunk into a spool file on disk (a small
+one-chunk upload into memory, within a budget); only a complete, verified, finite
+update reaches the strategy, so a client cut off mid-stream has no effect on the
+round and can resume where the server stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import grpc
 import torch
 
 from fl_core.allocator import can_drop_pages, drop_pages, fix_mmap_threshold
-from fl_core.constants import GCM_TAG_BYTES, SERVER_MMAP_THRESHOLD_BYTES, UPLOAD_BUSY_WAIT_S
+from fl_core.constants import (
+    GCM_TAG_BYTES,
+    SERVER_MMAP_THRESHOLD_BYTES,
+    UPLOAD_BUSY_WAIT_S,
+    UPLOAD_MEMORY_BUDGET_BYTES,
+    UPLOAD_MEMORY_MAX_BYTES,
+)
 from fl_core.errors import abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
@@ -72,9 +79,10 @@ class Upload:
     manifest: tpb.TensorManifest
     assembler: StreamAssembler
     opener: StreamOpener
-    spool_path: Path
+    spool_path: Path | None  # None: received into memory (a small one-chunk upload)
     lock: threading.Lock
     context: Any = None
+    memory: int = 0  # bytes of the in-memory budget it holds until discarded
 
 
 class _DeltaView(Mapping[str, torch.Tensor]):
@@ -150,6 +158,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             stale.unlink(missing_ok=True)
         self._uploads: dict[str, Upload] = {}
         self._lock = threading.Lock()
+        self._memory_held = 0  # bytes of uploads received into memory (_memory_for)
         # Completed uploads are mapped, checked and folded one at a time: a mapped
         # spool is a whole model of resident pages once checked, and uploads that
         # finish together would otherwise each hold one while queueing for the fold.
@@ -178,7 +187,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         for up in uploads:
             if up.context is not None:
                 up.context.cancel()
-            up.spool_path.unlink(missing_ok=True)
+            self._discard(up)
 
     # FetchModel ------------------------------------------------------------------
     def FetchModel(self, request: apb.FetchModelRequest, context: grpc.ServicerContext
@@ -307,26 +316,55 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                   exc.code, getattr(exc, "field", ""))
         ctx = StreamContext(rs.job_id, rs.round, client_id, "up", expected_id,
                             manifest_digest(header.manifest))
-        spool = self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
+        memory = self._memory_for(header.manifest)
+        spool = None if memory else \
+            self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
         try:
             # measured as it arrives: the finiteness check and the norms need no
             # second read of the update
             assembler = StreamAssembler(header.manifest, expected=expected,
                                         spool_path=spool, measure=True)
         except CodecError as exc:
+            self._release_memory(memory)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
                   exc.code, getattr(exc, "field", ""))
         up = Upload(client_id, header.task_id, rs, header.manifest, assembler,
-                    StreamOpener(stream_key(session.secret, ctx), ctx), spool, threading.Lock())
+                    StreamOpener(stream_key(session.secret, ctx), ctx), spool, threading.Lock(),
+                    memory=memory)
         with self._lock:
             self._uploads[expected_id] = up
         return up
+
+    def _memory_for(self, manifest: tpb.TensorManifest) -> int:
+        """Bytes of the in-memory budget taken for an upload of `manifest`; 0: spool it."""
+        size = int(manifest.total_bytes)
+        if manifest.chunk_count != 1 or not 0 < size <= UPLOAD_MEMORY_MAX_BYTES:
+            return 0
+        with self._lock:
+            if self._memory_held + size > UPLOAD_MEMORY_BUDGET_BYTES:
+                return 0
+            self._memory_held += size
+        return size
+
+    def _release_memory(self, size: int) -> None:
+        if size:
+            with self._lock:
+                self._memory_held -= size
+
+    def _discard(self, up: Upload) -> None:
+        """The upload's storage is no longer needed here: its spool file goes (a mapping
+        of it lives on while a strategy holds the tensors), its memory leaves the budget."""
+        if up.spool_path is not None:
+            up.spool_path.unlink(missing_ok=True)
+        with self._lock:
+            size, up.memory = up.memory, 0
+            self._memory_held -= size
 
     def _drop(self, up: Upload, stream_id: str) -> None:
         with self._lock:
             if self._uploads.get(stream_id) is up:
                 del self._uploads[stream_id]
-        up.spool_path.unlink(missing_ok=True)
+        self._discard(up)
 
     def _receive(self, up: Upload, header: apb.UpdateStreamHeader,
                  messages: Iterator[apb.UpdateStreamMessage],
@@ -383,7 +421,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 self._drop(up, stream_id)
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update refused: {exc}",
                       getattr(exc, "code", "INTEGRITY"))
-            pages = _SpoolPages(tensors)
+            # (an upload in memory has no pages that could be dropped and read back)
+            pages = _SpoolPages(tensors if up.spool_path is not None else {})
             norms = up.assembler.norms
             bad = None
             for name, tensor in tensors.items():  # a tensor's pages at a time
@@ -410,14 +449,14 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                                           delta, int(header.num_examples), metrics,
                                           pages.release)
             except RoundRefusal as refusal:
-                up.spool_path.unlink(missing_ok=True)
+                self._discard(up)
                 abort_refusal(context, refusal)
             finally:
                 if self.engine.strategy.streaming:
                     del tensors, delta
         # Unlinked now even when a non-streaming strategy still reads the update: its
         # mapping keeps the data until the strategy lets go, and nothing is left behind.
-        up.spool_path.unlink(missing_ok=True)
+        self._discard(up)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
         audit.update_accepted(up.client_id, header.round, up.manifest.total_bytes, metrics)
         # DEBUG: a line per hospital per round is the hot path's cost; the round summary

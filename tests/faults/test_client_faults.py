@@ -17,7 +17,6 @@ import grpc
 import pytest
 import torch
 
-import fl_client.connection as connection_module
 from fl_client.connection import ServerConnection
 from fl_core.stream_ids import upload_stream_id
 from fl_core.tensor_codec import FAST_DIGEST, build_manifest
@@ -30,6 +29,7 @@ from tests.faults.proxy import CutProxy
 from tests.hostile.kit import (
     ScriptedClient,
     checkpoint_state,
+    chunked_uploads,
     deterministic_delta,
     env_with_repo,
     read_jobs,
@@ -118,8 +118,7 @@ class CountingConnection(ServerConnection):
 def test_connection_cut_mid_upload_resumes_from_the_last_acknowledged_chunk(
         fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
     chunk_size = 8  # tiny chunks: even the 62-parameter breast_cancer model is 31 of them
-    monkeypatch.setattr(connection_module, "build_manifest",
-                        lambda state, **kw: build_manifest(state, chunk_size=chunk_size, **kw))
+    chunked_uploads(monkeypatch, chunk_size)
     port = fed.start_server([*FLAGS, "--rounds", "1", "--min_clients", "1",
                              "--round_deadline_s", "60", "--exit_when_done",
                              "--final_model_grace_s", "2"])

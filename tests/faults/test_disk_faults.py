@@ -24,6 +24,7 @@ from fl_demo.launcher import Federation
 from tests.hostile.kit import (
     ScriptedClient,
     checkpoint_sha,
+    chunked_uploads,
     read_jobs,
     read_rounds,
     scripted_clients,
@@ -127,13 +128,15 @@ def test_checkpoint_write_fails(fed: Federation, fault: str) -> None:
             assert checkpoint_sha(state, job_id, 3) == rounds[2].model_sha256
 
 
-def test_disk_full_while_receiving_an_upload(fed: Federation) -> None:
+def test_disk_full_while_receiving_an_upload(fed: Federation,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The upload spool's disk fills up mid-round: the upload is refused as the
     server's storage problem (RESOURCE_EXHAUSTED, dropped so it cannot resume into a
     half-hashed state), the server keeps serving, and once space is freed the client's
     retry goes through and the round completes with its update applied exactly once."""
     state = fed.workdir / "server_state"
     spool = state / "spool"
+    chunked_uploads(monkeypatch, 64)  # a one-chunk upload would not touch the disk
     with mounted("tmpfs", spool):
         fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done",
                              "--final_model_grace_s", "2"])
@@ -157,6 +160,37 @@ def test_disk_full_while_receiving_an_upload(fed: Federation) -> None:
             assert status.job_state == "running" and not status.rounds
             filler.unlink()  # the operator frees space; the client's next try succeeds
             assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
+    (job_id, job_state), = read_jobs(state)
+    (row,) = read_rounds(state, job_id)
+    assert job_state == "completed" and row.accepted == {"hospital_1"}
+    assert len(client.receipts) == 1
+
+
+def test_a_small_one_chunk_upload_is_received_in_memory(fed: Federation) -> None:
+    """A small model's update is one chunk: the server receives it into memory, not a
+    spool file (issue 16 item 2), so with the spool's disk full it is still taken, and
+    the round completes with it applied exactly once."""
+    state = fed.workdir / "server_state"
+    spool = state / "spool"
+    with mounted("tmpfs", spool):
+        fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done",
+                          "--final_model_grace_s", "2"])
+        holding, hold = threading.Event(), threading.Event()
+
+        def before_submit(round_no: int) -> None:
+            holding.set()
+            hold.wait(120)
+
+        client = ScriptedClient(lambda: fed.port, site_identity(fed.workdir, "hospital_1"),
+                                "hospital_1", 0, before_submit=before_submit)
+        with scripted_clients([client]):
+            assert holding.wait(60)
+            filler = fill(spool)
+            hold.set()
+            assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
+            filler.unlink()
+    assert client.errors == [], client.errors
+    assert "upload_spool_failed" not in (fed.log_dir / "server.log").read_text()
     (job_id, job_state), = read_jobs(state)
     (row,) = read_rounds(state, job_id)
     assert job_state == "completed" and row.accepted == {"hospital_1"}

@@ -509,6 +509,16 @@ class HostileClient(ServerConnection):
 # --------------------------------------------------------------------------- scripted
 
 
+def chunked_uploads(monkeypatch: Any, chunk_size: int) -> None:
+    """Make this process's clients cut their uploads into `chunk_size`-byte chunks:
+    the 62-parameter model in several, so the server spools it (a one-chunk upload is
+    received in memory) and a stream can be cut and resumed mid-way."""
+    import fl_client.connection as connection_module
+
+    monkeypatch.setattr(connection_module, "build_manifest",
+                        lambda state, **kw: build_manifest(state, chunk_size=chunk_size, **kw))
+
+
 def deterministic_delta(manifest: tpb.TensorManifest, round_no: int, index: int
                         ) -> dict[str, torch.Tensor]:
     """An update that depends only on the round and the client: small dyadic values,

@@ -16,6 +16,7 @@ from tests.dp_reference import StepAccountant
 from tests.hostile.kit import (
     ScriptedClient,
     checkpoint_state,
+    chunked_uploads,
     deterministic_delta,
     read_jobs,
     read_rounds,
@@ -74,7 +75,7 @@ def test_two_hospitals_two_rounds(federation: Federation, breast_cancer_data: Pa
 
 
 def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
-        federation: Federation) -> None:
+        federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
     """A non-streaming strategy keeps updates memory-mapped from their spool files;
     the files are unlinked at once (the mapping outlives them), so none pile up.
 
@@ -84,6 +85,7 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
     already deleted, while the round is still open. Each round's model then moves
     by exactly the coordinate-wise median of the three deltas."""
     fed = federation
+    chunked_uploads(monkeypatch, 64)  # several chunks: spooled, not received in memory
     port = fed.start_server(["--min_clients", "3", "--round_deadline_s", "90",
                              "--wait_for_clients_s", "60", "--exit_when_done",
                              "--final_model_grace_s", "2",  # scripted clients never fetch
