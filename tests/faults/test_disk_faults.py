@@ -128,50 +128,12 @@ def test_checkpoint_write_fails(fed: Federation, fault: str) -> None:
             assert checkpoint_sha(state, job_id, 3) == rounds[2].model_sha256
 
 
-def test_disk_full_while_receiving_an_upload(fed: Federation,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upload spool's disk fills up mid-round: the upload is refused as the
-    server's storage problem (RESOURCE_EXHAUSTED, dropped so it cannot resume into a
-    half-hashed state), the server keeps serving, and once space is freed the client's
-    retry goes through and the round completes with its update applied exactly once."""
-    state = fed.workdir / "server_state"
-    spool = state / "spool"
-    chunked_uploads(monkeypatch, 64)  # a one-chunk upload would not touch the disk
-    with mounted("tmpfs", spool):
-        fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done",
-                             "--final_model_grace_s", "2"])
-        holding, hold = threading.Event(), threading.Event()
-
-        def before_submit(round_no: int) -> None:
-            holding.set()
-            hold.wait(120)
-
-        client = ScriptedClient(lambda: fed.port, site_identity(fed.workdir, "hospital_1"),
-                                "hospital_1", 0, before_submit=before_submit)
-        with scripted_clients([client]):
-            assert holding.wait(60)
-            filler = fill(spool)
-            hold.set()
-            wait_for(lambda: any("RESOURCE_EXHAUSTED" in e for e in client.errors), 60,
-                     "the refused upload")
-            assert any("disk full" in e for e in client.errors), client.errors
-            assert "upload_spool_failed" in (fed.log_dir / "server.log").read_text()
-            status = fed.status()
-            assert status.job_state == "running" and not status.rounds
-            filler.unlink()  # the operator frees space; the client's next try succeeds
-            assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
-    (job_id, job_state), = read_jobs(state)
-    (row,) = read_rounds(state, job_id)
-    assert job_state == "completed" and row.accepted == {"hospital_1"}
-    assert len(client.receipts) == 1
-
-
-def test_a_small_one_chunk_upload_is_received_in_memory(fed: Federation) -> None:
-    """A small model's update is one chunk: the server receives it into memory, not a
-    spool file (issue 16 item 2), so with the spool's disk full it is still taken, and
-    the round completes with it applied exactly once."""
-    state = fed.workdir / "server_state"
-    spool = state / "spool"
+@contextlib.contextmanager
+def spool_full_when_uploading(fed: Federation) -> Iterator[tuple[ScriptedClient, Path]]:
+    """A one-round server whose spool folder is a 1 MiB tmpfs, and one scripted
+    hospital held just before its upload until that tmpfs is full; yields the client
+    (its upload now under way) and the file that fills the disk."""
+    spool = fed.workdir / "server_state" / "spool"
     with mounted("tmpfs", spool):
         fed.start_server(["--rounds", "1", *FLAGS[2:], "--exit_when_done",
                           "--final_model_grace_s", "2"])
@@ -187,11 +149,44 @@ def test_a_small_one_chunk_upload_is_received_in_memory(fed: Federation) -> None
             assert holding.wait(60)
             filler = fill(spool)
             hold.set()
-            assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
-            filler.unlink()
-    assert client.errors == [], client.errors
-    assert "upload_spool_failed" not in (fed.log_dir / "server.log").read_text()
-    (job_id, job_state), = read_jobs(state)
-    (row,) = read_rounds(state, job_id)
+            try:
+                yield client, filler
+            finally:
+                filler.unlink(missing_ok=True)
+
+
+def assert_completed_once(fed: Federation, client: ScriptedClient) -> None:
+    (job_id, job_state), = read_jobs(fed.workdir / "server_state")
+    (row,) = read_rounds(fed.workdir / "server_state", job_id)
     assert job_state == "completed" and row.accepted == {"hospital_1"}
     assert len(client.receipts) == 1
+
+
+def test_disk_full_while_receiving_an_upload(fed: Federation,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload spool's disk fills up mid-round: the upload is refused as the
+    server's storage problem (RESOURCE_EXHAUSTED, dropped so it cannot resume into a
+    half-hashed state), the server keeps serving, and once space is freed the client's
+    retry goes through and the round completes with its update applied exactly once."""
+    chunked_uploads(monkeypatch, 64)  # a one-chunk upload would not touch the disk
+    with spool_full_when_uploading(fed) as (client, filler):
+        wait_for(lambda: any("RESOURCE_EXHAUSTED" in e for e in client.errors), 60,
+                 "the refused upload")
+        assert any("disk full" in e for e in client.errors), client.errors
+        assert "upload_spool_failed" in (fed.log_dir / "server.log").read_text()
+        status = fed.status()
+        assert status.job_state == "running" and not status.rounds
+        filler.unlink()  # the operator frees space; the client's next try succeeds
+        assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
+    assert_completed_once(fed, client)
+
+
+def test_a_small_one_chunk_upload_is_received_in_memory(fed: Federation) -> None:
+    """A small model's update is one chunk: the server receives it into memory, not a
+    spool file (issue 16 item 2), so with the spool's disk full it is still taken, and
+    the round completes with it applied exactly once."""
+    with spool_full_when_uploading(fed) as (client, _):
+        assert fed.wait_server(timeout_s=120) == 0, fed.tail("server.log")
+    assert client.errors == [], client.errors
+    assert "upload_spool_failed" not in (fed.log_dir / "server.log").read_text()
+    assert_completed_once(fed, client)
