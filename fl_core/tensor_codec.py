@@ -46,6 +46,7 @@ from fl_core.constants import (
     CHUNK_SIZE,
     GCM_TAG_BYTES,
     HASH_THREADS,
+    HEAP_STREAM_MAX_BYTES,
     MAX_MESSAGE_BYTES,
     PARALLEL_HASH_MIN_BYTES,
     SPOOL_SCRATCH_CHUNKS,
@@ -122,6 +123,7 @@ def _new_hash(algorithm: int) -> Any:
         raise ManifestInvalid(MANIFEST_INVALID, f"unknown digest algorithm {algorithm}",
                               "digest")
     return make()
+
 
 _DTYPES: dict[torch.dtype, tensors_pb2.DType] = {
     torch.float32: tensors_pb2.FLOAT32,
@@ -1077,10 +1079,12 @@ def _anonymous_buffer(size: int) -> mmap.mmap | bytearray:
     """Memory for a whole stream, its pages committed in one go.
 
     Populating the mapping up front costs about half of what faulting each page in
-    as chunks land does, and no zero-fill pass is needed (unlike a bytearray).
+    as chunks land does, and no zero-fill pass is needed (unlike a bytearray). A
+    small stream's buffer comes from the heap instead (HEAP_STREAM_MAX_BYTES): the
+    mapping's system calls cost far more than zeroing a few hundred KB.
     """
-    if size == 0:
-        return bytearray()
+    if size <= HEAP_STREAM_MAX_BYTES:
+        return bytearray(size)
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if populate:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
