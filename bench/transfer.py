@@ -11,7 +11,8 @@ state dict of `--mib` MiB three ways:
   mtls    the same raw handlers over mutual TLS (the project's credentials/options)
   sealed  the real path: fl_client.connection.ServerConnection (Join, key agreement,
           fetch_model / submit_update) against the real fl_server AggregatorService,
-          CoordinatorService and AuthInterceptor: manifest + SHA-256s, AES-256-GCM
+          CoordinatorService and AuthInterceptor: manifest + digests (BLAKE3, as
+          negotiated at Join), AES-256-GCM
           STREAM sealing, mTLS, the server's spool file and finiteness check
 
 For `sealed` the server process is the real ServerApp; only its round engine loop is
@@ -277,7 +278,10 @@ def client(args: argparse.Namespace) -> int:
                 results.append({"run": run, "variant": variant, "dir": "download",
                                 "seconds": s, "rss_growth": grow, "cpu": cpu})
                 t0 = time.perf_counter()
-                build_manifest(state)
+                # what hashing the update before its first byte would take (its digests
+                # trail the data instead), in the digest this session uploads with
+                assert conn.session is not None
+                build_manifest(state, digest=conn.session.upload_digest)
                 manifest_s = time.perf_counter() - t0
                 s, grow, _, cpu = _measure(lambda t=task: conn.submit_update(t, state, 100, {}),
                                            server_pid)
