@@ -48,6 +48,7 @@ from fl_client.task_policy import (
     LocalPolicy,
     TaskRefused,
     check_global_model,
+    model_id,
     noisy_accuracy,
     round_metrics,
     training_config,
@@ -463,7 +464,7 @@ class ClientDaemon:
             self._report(task, cpb.FAILED, reason=f"secure aggregation: {exc}"[:1000])
             return
         warning = self.evaluations.trained(task.job_id, task.round,
-                                           task.model_manifest.sha256.hex())
+                                           model_id(task.model_manifest))
         if warning:
             log_event(log, "evaluations_stopped", logging.WARNING, job=task.job_id,
                       reason=warning)
@@ -575,7 +576,7 @@ class ClientDaemon:
         examples = len(study.test_set)
         sigma = self.args.eval_noise_multiplier
         try:
-            self.evaluations.admit(task.job_id, task.round, task.model_manifest.sha256.hex(),
+            self.evaluations.admit(task.job_id, task.round, model_id(task.model_manifest),
                                    examples)
             state = self._fetch(task, study)
             check_global_model(state)

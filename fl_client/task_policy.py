@@ -39,7 +39,9 @@ from fl_core.constants import (
     MAX_LOCAL_EPOCHS,
     METRIC_DECIMALS,
 )
+from fl_core.tensor_codec import digest_name
 from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
 
 
 class TaskRefused(Exception):
@@ -147,6 +149,16 @@ class _JobEvaluations:
     distrust: str = ""
 
 
+def model_id(manifest: tpb.TensorManifest) -> str:
+    """How the policy names a global model: its announced digest, with the algorithm
+    (tensors.proto Digest), since one model has a different digest in each."""
+    return f"{digest_name(manifest.digest)}:{bytes(manifest.sha256).hex()}"
+
+
+def _algorithm(model: str) -> str:
+    return model.rpartition(":")[0]
+
+
 class EvaluationPolicy:
     """Which EVALUATE tasks the hospital answers.
 
@@ -155,7 +167,9 @@ class EvaluationPolicy:
     TRAIN (round r's new aggregate, which round r+1's TRAIN task must then distribute;
     if it brings another model, the server evaluated something it never distributed
     and this hospital stops evaluating for that job). A hospital not selected for
-    round r+1 cannot check, and lets it pass. At most `max_per_job` evaluations per
+    round r+1 cannot check, and lets it pass; nor can one whose server named the two
+    models with different digest algorithms (`model_id`: a server of another version
+    after a restart mid-job). At most `max_per_job` evaluations per
     job, and none on a test split smaller than `min_examples`.
     """
 
@@ -176,6 +190,7 @@ class EvaluationPolicy:
         job.trained_since_eval = True
         warning = None
         if job.unconfirmed is not None and job.unconfirmed[0] + 1 == round_no \
+                and _algorithm(job.unconfirmed[1]) == _algorithm(model_sha256) \
                 and job.unconfirmed[1] != model_sha256:
             job.distrust = (f"the server had this hospital evaluate model"
                             f" {job.unconfirmed[1][:16]} in round {job.unconfirmed[0]} and"

@@ -13,11 +13,13 @@ from fl_client.task_policy import (
     LocalPolicy,
     TaskRefused,
     check_global_model,
+    model_id,
     noisy_accuracy,
     round_metrics,
     training_config,
 )
 from fl_proto import coordinator_pb2 as cpb
+from fl_proto import tensors_pb2 as tpb
 
 OWN_DELTA = 1e-5
 
@@ -114,6 +116,23 @@ def test_only_distributed_models_are_evaluated() -> None:
     policy.admit("job", 2, "m2", 50)
     # a hospital not selected for round 3 cannot check round 2's aggregate: no alarm
     assert policy.trained("job", 4, "m3") is None
+
+
+def test_models_named_in_two_digest_algorithms_are_not_compared() -> None:
+    """After a server restart into another version mid-job, round r's evaluated model
+    and round r+1's TRAIN model come named in different algorithms: the same model
+    would look like another one, so the policy cannot judge, as for a hospital not
+    selected; within one algorithm a different model still stops evaluations."""
+    policy = EvaluationPolicy(max_per_job=10, min_examples=20)
+    sha = tpb.TensorManifest(sha256=b"\x01" * 32)
+    fast = tpb.TensorManifest(sha256=b"\x02" * 32, digest=tpb.BLAKE3)
+    assert model_id(sha) == "SHA-256:" + "01" * 32 and model_id(fast).startswith("BLAKE3:")
+    policy.trained("job", 1, model_id(sha))
+    policy.admit("job", 1, "SHA-256:" + "aa" * 32, 50)  # round 1's new aggregate
+    assert policy.trained("job", 2, model_id(fast)) is None
+    policy.admit("job", 2, model_id(fast), 50)
+    policy.admit("job", 2, "BLAKE3:" + "bb" * 32, 50)  # round 2's new aggregate
+    assert policy.trained("job", 3, "BLAKE3:" + "cc" * 32)  # same algorithm: distrust
 
 
 def test_a_server_that_evaluates_what_it_never_distributes_loses_evaluations() -> None:
