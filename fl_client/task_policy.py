@@ -182,24 +182,24 @@ class EvaluationPolicy:
     def _job(self, job_id: str) -> _JobEvaluations:
         return self._jobs.setdefault(job_id, _JobEvaluations())
 
-    def trained(self, job_id: str, round_no: int, model_sha256: str) -> str | None:
+    def trained(self, job_id: str, round_no: int, model: str) -> str | None:
         """Note a global model fetched for TRAIN; returns a warning when it shows the
         server evaluated a model it did not then distribute."""
         job = self._job(job_id)
-        job.trained.add(model_sha256)
+        job.trained.add(model)
         job.trained_since_eval = True
         warning = None
         if job.unconfirmed is not None and job.unconfirmed[0] + 1 == round_no \
-                and _algorithm(job.unconfirmed[1]) == _algorithm(model_sha256) \
-                and job.unconfirmed[1] != model_sha256:
+                and _algorithm(job.unconfirmed[1]) == _algorithm(model) \
+                and job.unconfirmed[1] != model:
             job.distrust = (f"the server had this hospital evaluate model"
-                            f" {job.unconfirmed[1][:16]} in round {job.unconfirmed[0]} and"
-                            f" then distributed {model_sha256[:16]} for round {round_no}")
+                            f" {job.unconfirmed[1][:24]} in round {job.unconfirmed[0]} and"
+                            f" then distributed {model[:24]} for round {round_no}")
             warning = job.distrust
         job.unconfirmed = None
         return warning
 
-    def admit(self, job_id: str, round_no: int, model_sha256: str, test_examples: int) -> None:
+    def admit(self, job_id: str, round_no: int, model: str, test_examples: int) -> None:
         """Raise TaskRefused unless this evaluation may run (and count it)."""
         job = self._job(job_id)
         if job.distrust:
@@ -211,11 +211,11 @@ class EvaluationPolicy:
         if job.count >= self.max_per_job:
             raise TaskRefused(f"evaluation refused: {job.count} evaluations already made for"
                               f" job {job_id} (at most {self.max_per_job})")
-        if model_sha256 not in job.trained:
+        if model not in job.trained:
             if not job.trained_since_eval:
                 raise TaskRefused("evaluation refused: the model is not one this job has"
                                   " distributed as its global model")
-            job.unconfirmed = (round_no, model_sha256)  # round r+1's TRAIN must bring it
+            job.unconfirmed = (round_no, model)  # round r+1's TRAIN must bring it
             job.trained_since_eval = False
         job.count += 1
 
