@@ -66,7 +66,6 @@ __all__ = [
     "StreamAssembler",
     "StreamOrderError",
     "TrailingDigests",
-    "DIGESTS",
     "EXTRA_DIGESTS",
     "FAST_DIGEST",
     "build_manifest",
@@ -95,16 +94,15 @@ _HASH_PIECE = 4 << 20
 # sends towards a peer that checks it too. BLAKE3 runs on one thread per hash: the
 # tensors of a model are already hashed in parallel, and a receiver's hashing is one
 # of several stages sharing the cores.
-_HASHES: dict[tensors_pb2.Digest, Callable[[], Any]] = {
-    tensors_pb2.SHA256: hashlib.sha256,
-    tensors_pb2.BLAKE3: lambda: blake3.blake3(max_threads=1),
+# Each algorithm: (its name in messages, a new hash object).
+_ALGORITHMS: dict[tensors_pb2.Digest, tuple[str, Callable[[], Any]]] = {
+    tensors_pb2.SHA256: ("SHA-256", hashlib.sha256),
+    tensors_pb2.BLAKE3: ("BLAKE3", lambda: blake3.blake3(max_threads=1)),
 }
-_DIGEST_NAMES: dict[int, str] = {tensors_pb2.SHA256: "SHA-256", tensors_pb2.BLAKE3: "BLAKE3"}
-DIGESTS: tuple[tensors_pb2.Digest, ...] = tuple(_HASHES)
 FAST_DIGEST: tensors_pb2.Digest = tensors_pb2.BLAKE3
 # What a peer is told this build checks besides SHA-256 (Join's `digests`).
 EXTRA_DIGESTS: tuple[tensors_pb2.Digest, ...] = tuple(
-    d for d in DIGESTS if d != tensors_pb2.SHA256)
+    d for d in _ALGORITHMS if d != tensors_pb2.SHA256)
 
 
 def preferred_digest(peer_checks: Iterable[int]) -> tensors_pb2.Digest:
@@ -114,15 +112,16 @@ def preferred_digest(peer_checks: Iterable[int]) -> tensors_pb2.Digest:
 
 
 def digest_name(algorithm: int) -> str:
-    return _DIGEST_NAMES.get(algorithm, f"digest #{algorithm}")
+    known = _ALGORITHMS.get(algorithm)  # type: ignore[call-overload]
+    return known[0] if known is not None else f"digest #{algorithm}"
 
 
 def _new_hash(algorithm: int) -> Any:
-    make = _HASHES.get(algorithm)  # type: ignore[call-overload]
-    if make is None:
+    known = _ALGORITHMS.get(algorithm)  # type: ignore[call-overload]
+    if known is None:
         raise ManifestInvalid(MANIFEST_INVALID, f"unknown digest algorithm {algorithm}",
                               "digest")
-    return make()
+    return known[1]()
 
 
 _DTYPES: dict[torch.dtype, tensors_pb2.DType] = {

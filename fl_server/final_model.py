@@ -71,11 +71,9 @@ class FinalDelivery:
             self._store = store
 
     def open(self, job_id: str, round_no: int,
-             manifest: tpb.TensorManifest | Callable[[str], tpb.TensorManifest],
-             clients: set[str]) -> None:
-        """Offer the model of ``round_no`` (the job's last) to ``clients``; ``manifest``
-        is the model's, or what gives each hospital's (its digest algorithm)."""
-        manifest_of = manifest if callable(manifest) else (lambda _cid: manifest)
+             manifest_of: Callable[[str], tpb.TensorManifest], clients: set[str]) -> None:
+        """Offer the model of ``round_no`` (the job's last) to ``clients``;
+        ``manifest_of(client)`` is the model's manifest in that hospital's digest."""
         figures = final_metrics(self._store, job_id) if self._store is not None else {}
         with self._lock:
             self._tasks = {

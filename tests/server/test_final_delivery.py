@@ -14,7 +14,7 @@ def test_only_participants_get_the_model_and_only_connected_ones_are_awaited() -
     assert not final.awaited(["h1"])  # nothing offered yet
     assert not final.stop_task("h1", "job", 3).HasField("model_manifest")
     manifest = build_manifest({"w": torch.ones(3)})
-    final.open("job", 3, manifest, {"h1", "h2"})
+    final.open("job", 3, lambda _client: manifest, {"h1", "h2"})
     offered = final.stop_task("h1", "job", 3)
     assert offered.kind == cpb.STOP and (offered.job_id, offered.round) == ("job", 3)
     assert offered.model_manifest == manifest
