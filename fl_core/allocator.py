@@ -8,7 +8,12 @@ to 32 MiB), so after the first model-sized buffer is freed every later one comes
 a per-thread heap that keeps the memory once it is freed, and small objects kept
 between two such buffers pin the holes they leave. The server (fl_server/aggregator.py)
 and the simulation's driver (fl_sim/engine.py) each fix the threshold at the size that
-suits their buffers (fl_core/constants.py says which and why)."""
+suits their buffers (fl_core/constants.py says which and why).
+
+A fixed mmap threshold also freezes glibc's trim threshold at its initial 128 KiB: a
+freed buffer above that size at the top of a thread's heap is handed back at once, and
+the next one faults its pages in again and has them zeroed. The server raises it
+(`fix_trim_threshold`) and gives its heaps back between rounds instead."""
 
 from __future__ import annotations
 
@@ -16,21 +21,32 @@ import ctypes
 import mmap
 from typing import Any
 
-_M_MMAP_THRESHOLD = -3  # mallopt()'s parameter number (malloc.h)
+_M_TRIM_THRESHOLD = -1  # mallopt()'s parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _madvise: Any = None  # libc's madvise once looked up; False where there is none
 
 
-def fix_mmap_threshold(threshold_bytes: int) -> bool:
-    """Allocations of at least ``threshold_bytes`` get their own mapping, whatever
-    was freed before; True where it took effect (False without glibc)."""
+def _mallopt(parameter: int, value: int) -> bool:
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False  # not glibc: its allocator has its own policy
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    return bool(mallopt(parameter, value))
+
+
+def fix_mmap_threshold(threshold_bytes: int) -> bool:
+    """Allocations of at least ``threshold_bytes`` get their own mapping, whatever
+    was freed before; True where it took effect (False without glibc)."""
+    return _mallopt(_M_MMAP_THRESHOLD, threshold_bytes)
+
+
+def fix_trim_threshold(threshold_bytes: int) -> bool:
+    """A heap keeps up to ``threshold_bytes`` free at its top before handing pages back
+    to the system; True where it took effect (False without glibc)."""
+    return _mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
 
 
 def release_free_heap() -> bool:

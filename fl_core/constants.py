@@ -202,6 +202,11 @@ MAX_UNSENT_STOPS: Final = 4
 # server CPU for 20 MB less). The simulation's driver: glibc's own initial 128 KiB,
 # kept fixed, so each update-sized buffer from Ray is unmapped when freed.
 SERVER_MMAP_THRESHOLD_BYTES: Final = 4 << 20
+# ... and its trim threshold, which a fixed mmap threshold leaves at 128 KiB: every
+# 0.4-1 MiB message or chunk buffer freed at the top of a worker's heap was handed back
+# and faulted in again by the next (100k x 10: ~100,000 minor faults in 5 s of rounds,
+# 10x fewer at 8 MiB). The heaps are still given back between rounds (malloc_trim).
+SERVER_TRIM_THRESHOLD_BYTES: Final = 8 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
 
 # grpc.aio server (issue 16 item 4). An idle task stream holds no thread, so open

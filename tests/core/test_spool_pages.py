@@ -6,6 +6,9 @@ is measured without float64 copies of both models."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import resource
 import threading
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from fl_core import tensor_codec as tc
-from fl_core.allocator import can_drop_pages
+from fl_core.allocator import can_drop_pages, fix_trim_threshold
 from fl_server.aggregator import _SpoolPages, return_freed_tensors_to_the_os
 from fl_server.rounds import step_norm
 from fl_server.strategies import make_strategy
@@ -103,6 +106,41 @@ def test_freed_model_tensors_leave_the_process() -> None:
     for w in workers:
         w.join(60)
     assert rss("RssAnon") - before < 16 * MiB
+
+
+def test_freed_message_buffers_are_reused_without_faulting_their_pages_in_again() -> None:
+    """With the server's allocator policy, a worker that takes and frees one chunk-sized
+    buffer after another (every upload's and download's messages) reuses the same
+    pages; with only the mmap threshold fixed, glibc's trim threshold stayed at 128 KiB
+    and each freed buffer's pages went back to the system, to be faulted in and zeroed
+    again by the next (~256 minor faults per 1 MiB buffer). glibc's own start value
+    first: a process that has freed a large mapping already has a higher one."""
+    if not fix_trim_threshold(128 << 10) or not return_freed_tensors_to_the_os():
+        pytest.skip("not glibc")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    faults: list[int] = []
+
+    def churn() -> None:
+        def minor_faults() -> int:
+            return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+        buffers = 100
+        libc.free(libc.malloc(MiB))  # the thread's heap, once
+        start = minor_faults()
+        for _ in range(buffers):
+            address = libc.malloc(MiB)
+            ctypes.memset(address, 1, MiB)
+            libc.free(address)
+        faults.append(minor_faults() - start)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    worker.join(60)
+    pages_per_buffer = MiB // mmap.PAGESIZE
+    assert faults and faults[0] < 10 * pages_per_buffer, faults  # ~1, not ~100, buffers
 
 
 def test_step_norm_matches_float64_without_copies() -> None:
