@@ -273,7 +273,9 @@ class BenchServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def status(self, timeout_s: float = 30.0) -> Any:
+    def status(self, timeout_s: float = 30.0, rounds_after: int = 0) -> Any:
+        """The server's Status; `rounds_after` as in StatusRequest (a poll that reads
+        only the job's state passes the job's last round: no rounds are sent)."""
         import grpc
 
         from fl_core.tls import channel_credentials, channel_options
@@ -287,7 +289,8 @@ class BenchServer:
                                         (keys / "clients" / "operator.key").read_bytes())
             self._channel = grpc.secure_channel(self.target, creds, options=channel_options())
             self._stub = cpb_grpc.CoordinatorStub(self._channel)
-        return self._stub.Status(cpb.StatusRequest(), timeout=timeout_s)
+        return self._stub.Status(cpb.StatusRequest(rounds_after=rounds_after),
+                                 timeout=timeout_s)
 
     def close(self) -> None:
         if self._channel is not None:

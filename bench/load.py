@@ -208,7 +208,7 @@ def rounds_memory(work: Path, clients: int, rounds: int, kind: str = "light") ->
         deadline = time.monotonic() + 300 + rounds * 60
         state = ""
         while time.monotonic() < deadline:
-            state = server.status().job_state
+            state = server.status(rounds_after=rounds).job_state
             if state in ("completed", "failed"):
                 break
             time.sleep(0.3)

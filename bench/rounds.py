@@ -138,7 +138,7 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
         server_cpu: list[tuple[float, float]] = []
         while time.monotonic() < deadline:
             server_cpu.append((time.time(), cpu_seconds(server.pid)))
-            status = server.status()
+            status = server.status(rounds_after=sc.rounds)
             state = status.job_state
             if state in ("completed", "failed"):
                 break

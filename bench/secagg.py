@@ -247,7 +247,7 @@ def _round_walls(work: Path, params: int, clients: int, rounds: int, per_proc: i
                 work / f"noop-{tag}-{gi}.log", cwd=work)
         deadline = time.monotonic() + 300 + rounds * params * 4 / 1e6 * 2
         while time.monotonic() < deadline:
-            state = server.status().job_state
+            state = server.status(rounds_after=rounds).job_state
             if state in ("completed", "failed"):
                 break
             time.sleep(0.2)

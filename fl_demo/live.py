@@ -77,8 +77,9 @@ class StatusWatcher:
     def poll(self) -> list[RoundRow]:
         """New rounds since the last call (empty when the server did not answer)."""
         try:
-            reply: cpb.StatusReply = self.stub.Status(cpb.StatusRequest(),
-                                                      timeout=STATUS_TIMEOUT_S)
+            # only rounds not yet released: a recorded round never changes
+            reply: cpb.StatusReply = self.stub.Status(
+                cpb.StatusRequest(rounds_after=self._next_round - 1), timeout=STATUS_TIMEOUT_S)
         except grpc.RpcError as exc:
             self.last_error = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
             return []

@@ -304,10 +304,12 @@ class ReportReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "rounds_after")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_AFTER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    rounds_after: int
+    def __init__(self, job_id: _Optional[str] = ..., rounds_after: _Optional[int] = ...) -> None: ...
 
 class ClientStatus(_message.Message):
     __slots__ = ("client_id", "connected", "last_seen_unix_ms", "num_examples", "epsilon_total", "last_report_status", "last_report_reason", "epsilon_budget_left", "phase", "upload_chunks_done", "upload_chunks_total", "updates_accepted", "refusals", "epsilon_budget", "selected")

@@ -35,7 +35,7 @@ from fl_server.metrics import fill_status
 from fl_server.model_stream import with_model
 from fl_server.rounds import RoundEngine, RoundRefusal
 from fl_server.secagg_round import SecAggServicer
-from fl_server.store import Job, Report, Store, state_sha256
+from fl_server.store import Job, Report, RoundRecord, Store, state_sha256
 from fl_server.tokens import AuthError, RevocationList, TokenService
 from fl_server.validation import MAX_EPSILON, check_join, check_report
 
@@ -207,9 +207,9 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
                 abort(context, grpc.StatusCode.NOT_FOUND,
                       f"no job {request.job_id[:128]!r} on this server (fl-admin list)",
                       "UNKNOWN_JOB", "job_id")
-            reply = build_job_status(job, self.registry, self.store)
+            reply = build_job_status(job, self.registry, self.store, request.rounds_after)
         else:
-            reply = build_status(self.engine, self.registry, self.store)
+            reply = build_status(self.engine, self.registry, self.store, request.rounds_after)
         if self.jobs is not None:
             queue = self.jobs.queue()
             reply.queue.extend(job_info(self.store, j, queue) for j in queue)
@@ -281,28 +281,30 @@ class CoordinatorService(SecAggServicer, cpb_grpc.CoordinatorServicer):
         return self.jobs
 
 
-def build_job_status(job: Job, registry: ClientRegistry, store: Store) -> cpb.StatusReply:
+def build_job_status(job: Job, registry: ClientRegistry, store: Store,
+                     rounds_after: int = 0) -> cpb.StatusReply:
     """Status of a job that is not the one being served (queued or ended): from the store."""
     reply = cpb.StatusReply(job_id=job.job_id, model_type=job.model_type,
                             strategy=job.strategy, round=store.last_completed_round(job.job_id),
                             total_rounds=job.total_rounds, phase=job.state,
-                            job_state=job.state, now_unix_ms=int(time.time() * 1000))
+                            job_state=job.state, now_unix_ms=int(time.time() * 1000),
+                            model_sha256=store.last_model_sha256(job.job_id))
     _add_clients(reply, registry)
-    _add_rounds(reply, store, job.job_id)
-    if reply.rounds:
-        reply.model_sha256 = reply.rounds[-1].model_sha256
+    _add_rounds(reply, store.rounds(job.job_id, rounds_after))
     return reply
 
 
-def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store) -> cpb.StatusReply:
+def build_status(engine: RoundEngine, registry: ClientRegistry, store: Store,
+                 rounds_after: int = 0) -> cpb.StatusReply:
     fields: dict[str, Any] = engine.status_fields()
     reply = cpb.StatusReply(
         job_id=engine.job_id, model_type=engine.cfg.model_type, strategy=engine.cfg.strategy,
         round=fields["round"], total_rounds=engine.cfg.rounds, phase=fields["phase"],
         job_state=fields["job_state"], model_sha256=fields["model_sha256"])
     _add_clients(reply, registry)
-    _add_rounds(reply, store, engine.job_id)
-    fill_status(reply, engine, store)
+    rows = store.rounds(engine.job_id, rounds_after)
+    _add_rounds(reply, rows)
+    fill_status(reply, engine, rows)
     return reply
 
 
@@ -320,8 +322,8 @@ def _add_clients(reply: cpb.StatusReply, registry: ClientRegistry) -> None:
                                                if entry.epsilon_budget else 0.0))
 
 
-def _add_rounds(reply: cpb.StatusReply, store: Store, job_id: str) -> None:
-    for row in store.rounds(job_id):
+def _add_rounds(reply: cpb.StatusReply, rows: list[RoundRecord]) -> None:
+    for row in rows:
         summary = reply.rounds.add(
             round=row.round, state=row.state, selected=row.selected, reported=row.reported,
             failed=row.failed, seconds=row.seconds, model_sha256=row.model_sha256 or "",

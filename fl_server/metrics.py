@@ -35,7 +35,7 @@ from fl_proto import coordinator_pb2 as cpb
 if TYPE_CHECKING:
     from fl_server.clients import ClientRegistry
     from fl_server.rounds import RoundEngine
-    from fl_server.store import Store
+    from fl_server.store import RoundRecord
 
 log = logging.getLogger("fl_server.metrics")
 
@@ -173,8 +173,10 @@ def client_phase(rs: Any, client_id: str, transfer: _Transfer | None) -> str:
     return "selected"
 
 
-def fill_status(reply: cpb.StatusReply, engine: RoundEngine, store: Store) -> None:
-    """Add the dashboard's fields (ClientStatus/StatusReply/RoundSummary 20-29)."""
+def fill_status(reply: cpb.StatusReply, engine: RoundEngine,
+                rounds: list[RoundRecord]) -> None:
+    """Add the dashboard's fields (ClientStatus/StatusReply/RoundSummary 20-29);
+    `rounds` are the records the reply's rounds were made from."""
     from fl_server.audit import recent_events
 
     reply.now_unix_ms = int(time.time() * 1000)
@@ -193,7 +195,7 @@ def fill_status(reply: cpb.StatusReply, engine: RoundEngine, store: Store) -> No
         client.refusals = h.refusals
         client.epsilon_budget = declared.get(client.client_id) or h.epsilon_budget
         client.selected = rs is not None and rs.open and client.client_id in rs.selected
-    per_round = {row.round: row.metrics.get("clients") for row in store.rounds(engine.job_id)}
+    per_round = {row.round: row.metrics.get("clients") for row in rounds}
     for summary in reply.rounds:
         clients = per_round.get(summary.round)
         if isinstance(clients, dict):

@@ -488,9 +488,11 @@ class Store:
                 self._insert_event(conn, job_id, "round_failed", {"round": round, "reason": reason})
             return self._round_record(job_id, round)
 
-    def rounds(self, job_id: str) -> list[RoundRecord]:
+    def rounds(self, job_id: str, after: int = 0) -> list[RoundRecord]:
+        """The job's recorded rounds numbered above `after`, in order."""
         rows = self._query(
-            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE job_id=? ORDER BY round", (job_id,)
+            f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE job_id=? AND round>? ORDER BY round",
+            (job_id, after),
         )
         return [_round(r) for r in rows]
 

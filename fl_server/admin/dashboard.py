@@ -51,6 +51,44 @@ def status_json(reply: cpb.StatusReply) -> dict[str, Any]:
                          always_print_fields_with_no_presence=True)
 
 
+class HeldRounds:
+    """The recorded rounds the feed has already received, so each Status call asks only
+    for newer ones (`rounds_after`): a recorded round never changes, and a job that
+    has run for months would otherwise send all its rounds every tick."""
+
+    def __init__(self) -> None:
+        self._job_id: str | None = None
+        self._held = cpb.StatusReply()  # only its `rounds`
+
+    def request(self) -> cpb.StatusRequest:
+        held = self._held.rounds
+        return cpb.StatusRequest(rounds_after=held[-1].round if held else 0)
+
+    def complete(self, request: cpb.StatusRequest,
+                 reply: cpb.StatusReply) -> cpb.StatusReply | None:
+        """`reply` with every round held before it; None when it cannot be completed:
+        the server now serves another job, or sent rounds the feed holds (a server from
+        before `rounds_after` sends them all; one whose state was restored from an older
+        copy records them again). The caller asks again from round 0."""
+        if request.rounds_after:
+            if reply.job_id != self._job_id \
+                    or (reply.rounds and reply.rounds[0].round <= request.rounds_after):
+                self._job_id = None
+                del self._held.rounds[:]
+                return None
+        else:
+            self._job_id = reply.job_id
+            del self._held.rounds[:]
+        self._held.rounds.extend(reply.rounds)
+        if not request.rounds_after:
+            return reply
+        full = cpb.StatusReply()
+        full.CopyFrom(reply)
+        del full.rounds[:]
+        full.rounds.extend(self._held.rounds)
+        return full
+
+
 class StatusFeed:
     """Calls Status every `refresh_s` on one channel; pages wait for the next snapshot."""
 
@@ -62,6 +100,7 @@ class StatusFeed:
                                          "status": None}
         self.version = 0
         self.stop = threading.Event()
+        self._rounds = HeldRounds()
         self._thread = threading.Thread(target=self._run, name="status-feed", daemon=True)
 
     def start(self) -> None:
@@ -80,9 +119,7 @@ class StatusFeed:
             try:
                 if channel is None:
                     channel = admin_channel(self.args)
-                reply = cpb_grpc.CoordinatorStub(channel).Status(
-                    cpb.StatusRequest(), timeout=self.args.timeout_s)
-                last_good = status_json(reply)
+                last_good = status_json(self._status(cpb_grpc.CoordinatorStub(channel)))
                 self._publish({"ok": True, "error": "", "status": last_good,
                                "fetched_unix_ms": int(time.time() * 1000)})
             except grpc.RpcError as exc:
@@ -99,6 +136,15 @@ class StatusFeed:
             self.stop.wait(self.refresh_s)
         if channel is not None:
             channel.close()
+
+    def _status(self, stub: cpb_grpc.CoordinatorStub) -> cpb.StatusReply:
+        """The server's status with every recorded round, fetching only new ones."""
+        while True:
+            request = self._rounds.request()
+            reply = self._rounds.complete(
+                request, stub.Status(request, timeout=self.args.timeout_s))
+            if reply is not None:
+                return reply
 
     def wait_newer(self, version: int, timeout_s: float) -> tuple[int, dict[str, Any]] | None:
         with self._cv:
