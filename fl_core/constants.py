@@ -169,7 +169,8 @@ VERIFIED_TOKEN_CACHE: Final = 4096
 # thread that moves the bytes.
 HASH_THREADS: Final = 4
 # Below this many bytes a model's tensors are hashed on the caller's thread (handing
-# work to threads costs more than it saves).
+# work to threads costs more than it saves); from it, the server also takes a new
+# model's record hash (SHA-256) on a thread of its own beside the manifest's digests.
 PARALLEL_HASH_MIN_BYTES: Final = 8 << 20
 # Streams of at least this many chunks are hashed off the receiving thread.
 ASYNC_HASH_MIN_CHUNKS: Final = 4

@@ -18,13 +18,18 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fl_core.allocator import release_free_heap
-from fl_core.constants import MAPPED_MODEL_MIN_BYTES, TRIM_HEAP_MIN_MODEL_BYTES
+from fl_core.constants import (
+    MAPPED_MODEL_MIN_BYTES,
+    PARALLEL_HASH_MIN_BYTES,
+    TRIM_HEAP_MIN_MODEL_BYTES,
+)
 from fl_core.errors import Refusal
 from fl_core.gc_policy import collect_round_garbage
 from fl_core.logs import log_event
@@ -192,8 +197,16 @@ class RoundEngine:
     # model --------------------------------------------------------------------
     def set_model(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
         plain = {k: v.detach().contiguous() for k, v in state.items()}
-        manifest = build_manifest(plain, digest=FAST_DIGEST)
-        model = ModelVersion(version, plain, manifest, state_sha256(plain))
+        size = sum(t.numel() * t.element_size() for t in plain.values())
+        if size < PARALLEL_HASH_MIN_BYTES:
+            manifest = build_manifest(plain, digest=FAST_DIGEST)
+            sha = state_sha256(plain)
+        else:  # the record's SHA-256 beside the manifest's BLAKE3 (both release the GIL)
+            with ThreadPoolExecutor(1, thread_name_prefix="model-sha256") as hasher:
+                hashed = hasher.submit(state_sha256, plain)
+                manifest = build_manifest(plain, digest=FAST_DIGEST)
+                sha = hashed.result()
+        model = ModelVersion(version, plain, manifest, sha)
         with self._cv:  # hashed outside: task streams read the model under this lock
             self.model = model
 

@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import torch
 
-from fl_core.tensor_codec import build_manifest
+from fl_core.constants import PARALLEL_HASH_MIN_BYTES
+from fl_core.tensor_codec import FAST_DIGEST, build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.config import ServerConfig
 from fl_server.rounds import RoundEngine, RoundRefusal
-from fl_server.store import RoundSummary
+from fl_server.store import RoundSummary, state_sha256
 from fl_server.strategies import make_strategy
 
 TIMEOUT_S = 20.0
@@ -176,6 +177,24 @@ def test_each_hospital_is_sent_the_models_manifest_in_its_own_digest() -> None:
     send(engine, registry, "old", 1, 1.0, 10, 0.5)
     thread.join(TIMEOUT_S)
     assert engine.job_state == "completed"
+
+
+@pytest.mark.parametrize("tensor_bytes", [16, PARALLEL_HASH_MIN_BYTES // 2])
+def test_a_new_model_has_its_record_hash_and_manifest_of_its_own_bytes(
+        tensor_bytes: int) -> None:
+    """Small models are hashed on the engine's thread; from PARALLEL_HASH_MIN_BYTES the
+    record's SHA-256 is taken on a thread beside the manifest's digests. Either way
+    each is the hash of the model set, not of another version's."""
+    engine, _, _ = make_engine(["a"])
+    gen = torch.Generator().manual_seed(tensor_bytes)
+    state = {"w": torch.randn(tensor_bytes // 4, generator=gen),
+             "b": torch.randn(tensor_bytes // 4, generator=gen)}
+    engine.set_model(3, state)
+    model = engine.current_model()
+    assert model.version == 3 and model.sha256 == state_sha256(state)
+    assert model.manifest == build_manifest(state, model.manifest.chunk_size,
+                                            digest=FAST_DIGEST)
+    assert model.sha256 != state_sha256(GLOBAL)
 
 
 def test_robust_strategies_average_metrics_with_equal_weights() -> None:
