@@ -21,7 +21,7 @@ import time
 
 from bench.common import REPO_ROOT, bench_env, machine_line
 
-BENCHES = ("transfer", "aggregation", "rounds", "load", "dp_step")
+BENCHES = ("transfer", "aggregation", "model_hash", "rounds", "status", "load", "dp_step")
 
 
 def commands(quick: bool) -> dict[str, list[str]]:
@@ -29,11 +29,13 @@ def commands(quick: bool) -> dict[str, list[str]]:
         return {
             "transfer": ["--mib", "64", "--runs", "3"],
             "aggregation": ["--updates", "4", "--mb", "50", "--runs", "3"],
+            "model_hash": ["--mb", "50", "--runs", "3"],
             "rounds": ["--quick"],
+            "status": ["--rounds", "500", "--runs", "3"],
             "load": ["--quick"],
             "dp_step": ["--reps", "5", "--warmup", "1"],
         }
-    return {"transfer": [], "aggregation": [], "rounds": [], "load": [], "dp_step": []}
+    return {name: [] for name in BENCHES}
 
 
 def main(argv: list[str] | None = None) -> int:
