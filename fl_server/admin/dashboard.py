@@ -138,13 +138,15 @@ class StatusFeed:
             channel.close()
 
     def _status(self, stub: cpb_grpc.CoordinatorStub) -> cpb.StatusReply:
-        """The server's status with every recorded round, fetching only new ones."""
-        while True:
+        """The server's status with every recorded round, fetching only new ones; once
+        more from round 0 when the rounds held cannot be completed."""
+        for _ in range(2):  # the second request asks for every round: always complete
             request = self._rounds.request()
             reply = self._rounds.complete(
                 request, stub.Status(request, timeout=self.args.timeout_s))
             if reply is not None:
                 return reply
+        raise RuntimeError("Status could not be completed from round 0")
 
     def wait_newer(self, version: int, timeout_s: float) -> tuple[int, dict[str, Any]] | None:
         with self._cv:
