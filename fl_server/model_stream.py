@@ -16,7 +16,6 @@ from __future__ import annotations
 from fl_core.constants import GCM_TAG_BYTES, INLINE_MODEL_MAX_BYTES
 from fl_core.sealing import StreamContext, StreamSealer, manifest_digest, stream_key
 from fl_core.stream_ids import download_stream_id
-from fl_core.tensor_codec import iter_chunks
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.clients import Session
@@ -50,7 +49,7 @@ def seal_into_task(task: cpb.Task, model: ModelVersion, client_id: str,
                                         task.task_id, session.session_id, manifest)
     carried.model_stream_id = stream_id
     count = manifest.chunk_count
-    for seq, plain in enumerate(iter_chunks(model.state, manifest)):
+    for seq, plain in enumerate(model.plain_chunks(manifest)):
         sealer.seal_into(carried.model_chunks.add(), seq, plain, seq == count - 1)
         OBSERVED.download(client_id, task.task_id, seq == count - 1,
                           len(plain) + GCM_TAG_BYTES, resumed=False)

@@ -34,7 +34,7 @@ from fl_core.errors import Refusal
 from fl_core.gc_policy import collect_round_garbage
 from fl_core.logs import log_event
 from fl_core.secagg import MASKED_TENSOR, SecAggError
-from fl_core.tensor_codec import FAST_DIGEST, build_manifest
+from fl_core.tensor_codec import FAST_DIGEST, build_manifest, iter_chunks
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.audit import round_completed, round_failed
@@ -95,11 +95,25 @@ class ModelVersion:
     # the pages they have passed
     pages: MappedModel | None = None
     others: dict[int, tpb.TensorManifest] = field(default_factory=dict)
+    # chunk size -> the plaintext chunks of a model carried in tasks (model_stream.py)
+    carried: dict[int, tuple[bytes | memoryview, ...]] = field(default_factory=dict)
 
     @property
     def release(self) -> Callable[[str], None] | None:
         """What a reader calls with each tensor's name once past it (None: in memory)."""
         return self.pages.release if self.pages is not None else None
+
+    def plain_chunks(self, manifest: tpb.TensorManifest) -> tuple[bytes | memoryview, ...]:
+        """The model's plaintext chunks under `manifest` (this model's, in any digest),
+        cut once per version: every selected hospital is sent the same plaintext,
+        sealed under its own key, and cutting it again for each one (the manifest's
+        checks, the join of chunks that straddle tensors) was a tenth of sealing a
+        carried model (issue 16 item 2). Two threads cutting at once cut the same."""
+        chunks = self.carried.get(manifest.chunk_size)
+        if chunks is None:
+            chunks = tuple(iter_chunks(self.state, manifest))
+            self.carried[manifest.chunk_size] = chunks
+        return chunks
 
     def manifest_for(self, digest: int) -> tpb.TensorManifest:
         """The model's manifest hashed with `digest` (tensors.proto Digest)."""

@@ -197,6 +197,25 @@ def test_a_new_model_has_its_record_hash_and_manifest_of_its_own_bytes(
     assert model.sha256 != state_sha256(GLOBAL)
 
 
+def test_a_carried_models_plaintext_is_cut_once_per_version() -> None:
+    """Every selected hospital is sent the same plaintext (sealed under its own key):
+    the chunks are the model's bytes in manifest order, cut once for the version and
+    shared by its manifests in either digest; a new version cuts its own."""
+    engine, _, _ = make_engine(["a"])
+    state = {"w": torch.arange(70_000, dtype=torch.float32),
+             "b": torch.arange(3, dtype=torch.float32)}
+    engine.set_model(3, state)
+    model = engine.current_model()
+    chunks = model.plain_chunks(model.manifest)
+    assert len(chunks) == model.manifest.chunk_count
+    expected = b"".join(bytes(state[s.name].numpy().tobytes()) for s in model.manifest.tensors)
+    assert b"".join(bytes(c) for c in chunks) == expected
+    assert model.plain_chunks(model.manifest_for(tpb.SHA256)) is chunks
+    engine.set_model(4, {k: v + 1 for k, v in state.items()})
+    newer = engine.current_model().plain_chunks(engine.current_model().manifest)
+    assert newer is not chunks and bytes(newer[0]) != bytes(chunks[0])
+
+
 def test_robust_strategies_average_metrics_with_equal_weights() -> None:
     engine, registry, store = make_engine(["a", "b", "c"], strategy="median")
     thread = run_in_thread(engine)
