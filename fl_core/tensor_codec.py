@@ -913,18 +913,27 @@ class StreamAssembler:
         opener.check(chunk, len(ciphertext))
         sequence = chunk.sequence
         size = len(ciphertext) - GCM_TAG_BYTES
-        if (self._hasher is None or self._finished or self._closed
+        if (self._finished or self._closed
                 or sequence != self._next or sequence >= self._chunk_count
-                or size != self.expected_length(sequence)):
-            # one-chunk streams and anything out of place: the plain path decides
+                or size != self.expected_length(sequence)
+                or (self._hasher is None and self._view is None)):
+            # anything out of place, and a short spooled stream: the plain path decides
             self.add_chunk(sequence, opener.open(chunk))
         else:
             start = sequence * self._chunk_size
             if self._view is not None:
                 place = self._view[start : start + size]
                 opener.open_into(chunk, place, ciphertext)
-                self._hasher.submit(place, start)
+                if self._hasher is None:
+                    # A short stream (a small model's one-chunk upload) is hashed and
+                    # measured here, in its buffer: opened apart, its plaintext was
+                    # copied into the buffer and, read-only, copied again to be
+                    # measured (issue 16 item 2).
+                    self._hash_tensors(place, start)
+                else:
+                    self._hasher.submit(place, start)
             else:
+                assert self._hasher is not None
                 slot, free = self._scratch_slot(sequence)
                 try:
                     place = memoryview(slot)[:size]

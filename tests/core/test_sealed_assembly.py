@@ -162,12 +162,17 @@ def test_trailing_manifest_must_not_carry_digests() -> None:
 
 
 @pytest.mark.parametrize("spooled", [True, False])
-def test_a_chunk_that_fails_to_open_changes_nothing(tmp_path: Path, spooled: bool) -> None:
+@pytest.mark.parametrize("count", [3, ASYNC_HASH_MIN_CHUNKS + 4])
+def test_a_chunk_that_fails_to_open_changes_nothing(tmp_path: Path, spooled: bool,
+                                                    count: int) -> None:
     """Decrypting in place writes before the tag is checked: a refused chunk must
-    still count as never received, and the stream carries on with the right one."""
-    state = model()
+    still count as never received (nor hashed, nor measured), and the stream carries
+    on with the right one. A short stream is hashed as it opens, a long one on a
+    thread behind it."""
+    state = model(count)
     manifest, chunks = sealed_stream(state)
-    assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None)
+    assembler = tc.StreamAssembler(manifest, spool_path=tmp_path / "s" if spooled else None,
+                                   measure=True)
     opener = sl.StreamOpener(KEY, context(manifest))
     assembler.add_sealed(opener, chunks[0])
     ct = bytearray(chunks[1].ciphertext)
@@ -184,6 +189,7 @@ def test_a_chunk_that_fails_to_open_changes_nothing(tmp_path: Path, spooled: boo
         assembler.add_sealed(opener, chunk)
     opener.finish()
     assert same(assembler.finish(), state)
+    assert assembler.norms["w"] == pytest.approx(want_norm(state["w"]), rel=1e-6)
 
 
 def test_a_sealed_chunk_of_the_wrong_length_is_refused_as_before() -> None:
