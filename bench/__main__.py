@@ -21,7 +21,8 @@ import time
 
 from bench.common import REPO_ROOT, bench_env, machine_line
 
-BENCHES = ("transfer", "aggregation", "model_hash", "rounds", "status", "load", "dp_step")
+BENCHES = ("transfer", "aggregation", "model_hash", "rounds", "round_floor", "status", "load",
+           "dp_step")
 
 
 def commands(quick: bool) -> dict[str, list[str]]:
@@ -31,6 +32,7 @@ def commands(quick: bool) -> dict[str, list[str]]:
             "aggregation": ["--updates", "4", "--mb", "50", "--runs", "3"],
             "model_hash": ["--mb", "50", "--runs", "3"],
             "rounds": ["--quick"],
+            "round_floor": ["--runs", "1", "--rounds", "50"],
             "status": ["--rounds", "500", "--runs", "3"],
             "load": ["--quick"],
             "dp_step": ["--reps", "5", "--warmup", "1"],

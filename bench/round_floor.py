@@ -1,0 +1,391 @@
+"""The small round's transport floor: what gRPC itself costs the server per hospital.
+
+    python -m bench.round_floor [--hospitals 10] [--payload 400000] [--rounds 200] [--runs 3]
+
+Issue 16 item 2 asks for at most 3 ms of server CPU per hospital and round on the
+100k-parameter model with 10 hospitals. Such a round moves, per hospital, one pushed
+task that carries the model (~400 KB) and one uploaded update (a header message,
+then ~400 KB) answered by a receipt. This benchmark moves exactly those messages, of
+those sizes, over mutual TLS with the server's own gRPC options and credentials, and
+does nothing else with them: no protobuf, no sealing, no hashing, no aggregation, no
+store. It gives the server's CPU per hospital and round two ways, alternating in
+every run so drift hits both alike:
+
+  aio     the handlers as grpc.aio coroutines on the event loop: gRPC's own cost
+  bridge  the same handlers as synchronous code behind fl_server.serving.AioServer,
+          the server's real front: the task pushed from a generator woken out of an
+          Idle, the upload read on a worker thread
+
+  server  the real server with no-op hospitals on the same traffic (bench.rounds'
+          "100k x10" scenario: the whole round, sealed, hashed, aggregated, stored)
+
+What `server` spends above `bridge` is the project's own work per hospital; what
+`bridge` spends above `aio` is the bridge's. Two processes on 127.0.0.1: the server,
+and one client process with a thread and a channel per hospital (as
+bench.noop_client's hospitals, which are the clients of `server`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Procs,
+    make_bench_pki,
+    median,
+    print_header,
+    table,
+    wait_ready,
+    workdir,
+)
+
+SERVICE = "bench.Floor"
+WARMUP_ROUNDS = 20
+MODES = ("aio", "bridge")
+FRONTS = (*MODES, "server")
+REAL_ROUNDS = 61  # bench.rounds' rounds for the real server (its first is not timed)
+HEADER_BYTES = 200  # about an update header's size (ids, manifest, metrics)
+ITEM_2_TARGET_MS = 3.0  # issue 16 item 2: server CPU per hospital and round
+
+
+# =========================================================================== server
+
+
+class _Measure:
+    """Times rounds WARMUP_ROUNDS+1 .. WARMUP_ROUNDS+rounds of the serving process."""
+
+    def __init__(self, rounds: int, hospitals: int) -> None:
+        self.rounds = rounds
+        self.hospitals = hospitals
+        self.done = 0
+        self._start = (0.0, 0.0)
+        self.result: dict[str, float] = {}
+
+    def round_done(self) -> bool:
+        """Count a finished round; True once the measured rounds are all done."""
+        self.done += 1
+        if self.done == WARMUP_ROUNDS:
+            self._start = (time.perf_counter(), time.process_time())
+        if self.done < WARMUP_ROUNDS + self.rounds:
+            return False
+        wall = time.perf_counter() - self._start[0]
+        cpu = time.process_time() - self._start[1]
+        self.result = {"round_ms": wall / self.rounds * 1e3,
+                       "cpu_ms_per_hospital": cpu / self.rounds / self.hospitals * 1e3}
+        return True
+
+
+def _credentials(work: Path) -> Any:
+    from fl_core.tls import server_credentials
+
+    keys = work / "keys"
+    return server_credentials((keys / "server.crt").read_bytes(),
+                              (keys / "server.key").read_bytes(),
+                              (keys / "ca.crt").read_bytes())
+
+
+def _ready(path: Path, port: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+def serve_aio(args: argparse.Namespace) -> dict[str, float]:
+    import grpc
+    import grpc.aio
+
+    from fl_core.tls import SERVER_OPTIONS
+
+    payload = os.urandom(args.payload)
+    measure = _Measure(args.rounds, args.hospitals)
+
+    async def main() -> None:
+        outboxes: list[asyncio.Queue[bytes]] = []
+        uploads = 0
+        round_over = asyncio.Event()
+
+        async def tasks(request: bytes, context: Any) -> None:
+            outbox: asyncio.Queue[bytes] = asyncio.Queue()
+            outboxes.append(outbox)
+            while True:
+                message = await outbox.get()
+                await context.write(message)
+                if not message:
+                    return
+
+        async def upload(requests: Any, context: Any) -> bytes:
+            nonlocal uploads
+            async for _ in requests:
+                pass
+            uploads += 1
+            if uploads == args.hospitals:
+                round_over.set()
+            return b"ok"
+
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            "Tasks": grpc.unary_stream_rpc_method_handler(tasks),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload)})
+        server = grpc.aio.server(handlers=[handler], options=SERVER_OPTIONS)
+        port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
+        await server.start()
+        _ready(args.ready, port)
+        while len(outboxes) < args.hospitals:
+            await asyncio.sleep(0.02)
+        while True:
+            round_over.clear()
+            uploads = 0
+            for outbox in outboxes:
+                outbox.put_nowait(payload)
+            await round_over.wait()
+            if measure.round_done():
+                break
+        for outbox in outboxes:
+            outbox.put_nowait(b"")
+        await server.stop(2.0)
+
+    asyncio.run(main())
+    return measure.result
+
+
+def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
+    import grpc
+
+    from fl_core.tls import SERVER_OPTIONS
+    from fl_server.idle import Idle
+    from fl_server.serving import AioServer
+
+    payload = os.urandom(args.payload)
+    measure = _Measure(args.rounds, args.hospitals)
+    lock = threading.Lock()
+    pending: list[list[bytes]] = []
+    waiting: list[Idle] = []
+    uploads = 0
+    round_over = threading.Event()
+
+    def tasks(request: bytes, context: Any) -> Iterator[bytes | Idle]:
+        mine: list[bytes] = []
+        with lock:
+            pending.append(mine)
+        while True:
+            with lock:
+                message = mine.pop(0) if mine else None
+                if message is None:
+                    idle = Idle(60.0)
+                    waiting.append(idle)
+            if message is None:
+                yield idle
+                continue
+            yield message
+            if not message:
+                return
+
+    def upload(requests: Iterator[bytes], context: Any) -> bytes:
+        nonlocal uploads
+        for _ in requests:
+            pass
+        with lock:
+            uploads += 1
+            if uploads == args.hospitals:
+                round_over.set()
+        return b"ok"
+
+    def push(message: bytes) -> None:
+        with lock:
+            for box in pending:
+                box.append(message)
+            woken = list(waiting)
+            waiting.clear()
+        for idle in woken:
+            idle.wake()
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Tasks": grpc.unary_stream_rpc_method_handler(tasks),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload)})
+    # as many workers as the real server starts for this load (they are made on demand)
+    server = AioServer(max_workers=args.hospitals + 1, options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
+    server.start()
+    _ready(args.ready, port)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pending) < args.hospitals and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while True:
+            round_over.clear()
+            with lock:
+                uploads = 0
+            push(payload)
+            if not round_over.wait(60):
+                raise RuntimeError("a round did not finish in 60 s")
+            if measure.round_done():
+                break
+        push(b"")
+    finally:
+        server.stop(2.0).wait(5)
+    return measure.result
+
+
+def serve(args: argparse.Namespace) -> int:
+    result = (serve_aio if args.mode == "aio" else serve_bridge)(args)
+    args.out.write_text(json.dumps(result))
+    return 0
+
+
+# =========================================================================== client
+
+
+def client(args: argparse.Namespace) -> int:
+    """One thread and channel per hospital: take each pushed payload, send it back."""
+    import grpc
+
+    from fl_core.tls import channel_credentials, channel_options
+
+    keys = args.work / "sites" / "hospital_1" / "keys"
+    credentials = channel_credentials((keys / "ca.crt").read_bytes(),
+                                      (keys / "hospital_1.crt").read_bytes(),
+                                      (keys / "hospital_1.key").read_bytes())
+    header = b"h" * HEADER_BYTES
+    failures: list[str] = []
+
+    def hospital() -> None:
+        # a channel of its own, as a hospital's daemon has (not one shared subchannel)
+        options = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+        with grpc.secure_channel(f"127.0.0.1:{args.port}", credentials,
+                                 options=options) as channel:
+            tasks = channel.unary_stream(f"/{SERVICE}/Tasks", None, None)
+            upload = channel.stream_unary(f"/{SERVICE}/Upload", None, None)
+            try:
+                for message in tasks(b"", timeout=600):
+                    if not message:
+                        return
+                    upload(iter((header, message)), timeout=60)
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    threads = [threading.Thread(target=hospital) for _ in range(args.hospitals)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for failure in failures:
+        print(f"hospital failed: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+# =========================================================================== driver
+
+
+def run(hospitals: int, payload: int, rounds: int, runs: int,
+        keep: bool = False) -> dict[str, Any]:
+    print_header("Transport floor of the small round (issue 16 item 2)")
+    from bench.common import client_names
+    from bench.rounds import Scenario, run_scenario
+
+    results: dict[str, list[dict[str, float]]] = {front: [] for front in FRONTS}
+    with workdir("round-floor", keep) as work:
+        make_bench_pki(work, client_names(hospitals))
+        for run_no in range(runs):
+            real = run_scenario(work, Scenario("floor reference", payload // 4, hospitals,
+                                               REAL_ROUNDS, hospitals))
+            results["server"].append({"round_ms": real["round_wall_s"] * 1e3,
+                                      "cpu_ms_per_hospital":
+                                          real["server_cpu_per_hospital"] * 1e3})
+            for mode in MODES:
+                procs = Procs()
+                try:
+                    tag = f"{mode}-{run_no}"
+                    ready, out = work / f"{tag}.ready", work / f"{tag}.json"
+                    server = procs.start(
+                        ["-m", "bench.round_floor", "--serve", "--mode", mode,
+                         "--work", str(work), "--ready", str(ready), "--out", str(out),
+                         "--hospitals", str(hospitals), "--payload", str(payload),
+                         "--rounds", str(rounds)], work / f"{tag}-server.log")
+                    port = wait_ready(server, ready)["port"]
+                    clients = procs.start(
+                        ["-m", "bench.round_floor", "--client", "--work", str(work),
+                         "--port", str(port), "--hospitals", str(hospitals)],
+                        work / f"{tag}-clients.log")
+                    if server.wait(600) != 0 or not out.exists():
+                        raise RuntimeError(f"{mode} server failed:\n{server.tail()}")
+                    if clients.wait(60) != 0:
+                        raise RuntimeError(f"{mode} clients failed:\n{clients.tail()}")
+                    results[mode].append(json.loads(out.read_text()))
+                finally:
+                    procs.stop_all()
+            for front in FRONTS:
+                last = results[front][-1]
+                print(f"run {run_no + 1} {front:6s}: round {last['round_ms']:.1f} ms, server"
+                      f" CPU {last['cpu_ms_per_hospital']:.2f} ms per hospital", flush=True)
+    return report(results, hospitals, payload, rounds, runs)
+
+
+def report(results: dict[str, list[dict[str, float]]], hospitals: int, payload: int,
+           rounds: int, runs: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {"hospitals": hospitals, "payload": payload, "rounds": rounds,
+                               "runs": runs}
+    rows = []
+    for front in FRONTS:
+        cpu = median(r["cpu_ms_per_hospital"] for r in results[front])
+        wall = median(r["round_ms"] for r in results[front])
+        summary[front] = {"cpu_ms_per_hospital": cpu, "round_ms": wall,
+                          "all_cpu": [r["cpu_ms_per_hospital"] for r in results[front]]}
+        share = cpu / ITEM_2_TARGET_MS
+        rows.append([front, f"{wall:.1f}", f"{cpu:.2f}", f"{share:.2f}",
+                     ", ".join(f"{r['cpu_ms_per_hospital']:.2f}" for r in results[front])])
+    print(f"\n{hospitals} hospitals, {payload:,} bytes each way per hospital and round;"
+          f" aio and bridge {rounds} rounds per run, server {REAL_ROUNDS}; median of {runs}"
+          " runs:\n")
+    print(table(["front", "round ms", "server CPU ms/hospital/round",
+                 f"of the {ITEM_2_TARGET_MS:g} ms target", "each run"], rows))
+    each = {front: summary[front]["cpu_ms_per_hospital"] for front in FRONTS}
+    summary["bridge_ms"] = each["bridge"] - each["aio"]
+    summary["project_ms"] = each["server"] - each["bridge"]
+    print(f"\n- per hospital and round: gRPC's own {each['aio']:.2f} ms, the serving bridge"
+          f" {summary['bridge_ms']:.2f} ms more, the project's own work"
+          f" {summary['project_ms']:.2f} ms more")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.round_floor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hospitals", type=int, default=10, help="connected hospitals (10)")
+    p.add_argument("--payload", type=int, default=400_000,
+                   help="bytes each way per hospital and round (400,000: 100k float32)")
+    p.add_argument("--rounds", type=int, default=200, help="measured rounds per run")
+    p.add_argument("--runs", type=int, default=3, help="runs of each front, alternating")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    p.add_argument("--json", type=Path, help="also write the summary here")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        return serve(args)
+    if args.client:
+        return client(args)
+    for name in ("hospitals", "payload", "rounds", "runs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    summary = run(args.hospitals, args.payload, args.rounds, args.runs, args.keep)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
