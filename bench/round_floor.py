@@ -1,6 +1,8 @@
 """The small round's transport floor: what gRPC itself costs the server per hospital.
 
     python -m bench.round_floor [--hospitals 10] [--payload 400000] [--rounds 200] [--runs 3]
+    python -m bench.round_floor --hospitals 4 --payload 100000000 --chunk 1048576 \
+        --rounds 6 --server_rounds 10       # item 3's round: 100 MB in 1 MiB chunks
 
 Issue 16 item 2 asks for at most 3 ms of server CPU per hospital and round on the
 100k-parameter model with 10 hospitals. Such a round moves, per hospital, one pushed
@@ -19,7 +21,9 @@ every run so drift hits both alike:
   server  the real server with no-op hospitals on the same traffic (bench.rounds'
           "100k x10" scenario: the whole round, sealed, hashed, aggregated, stored)
 
-What `server` spends above `bridge` is the project's own work per hospital; what
+With `--chunk` the payload moves as messages of that size each way (as a large model's
+download and upload do; the floor pushes the download on the task stream). What
+`server` spends above `bridge` is the project's own work per hospital; what
 `bridge` spends above `aio` is the bridge's. Two processes on 127.0.0.1: the server,
 and one client process with a thread and a channel per hospital (as
 bench.noop_client's hospitals, which are the clients of `server`).
@@ -49,22 +53,35 @@ from bench.common import (
 )
 
 SERVICE = "bench.Floor"
-WARMUP_ROUNDS = 20
 MODES = ("aio", "bridge")
 FRONTS = (*MODES, "server")
-REAL_ROUNDS = 61  # bench.rounds' rounds for the real server (its first is not timed)
 HEADER_BYTES = 200  # about an update header's size (ids, manifest, metrics)
-ITEM_2_TARGET_MS = 3.0  # issue 16 item 2: server CPU per hospital and round
+# issue 16's server CPU per hospital and round: item 2 (100k parameters), item 3 (100 MB)
+ITEM_2_TARGET_MS = 3.0
+ITEM_3_TARGET_MS = 350.0
 
 
 # =========================================================================== server
 
 
+def _warmup(rounds: int) -> int:
+    """Untimed rounds first: connections, allocator and caches settle."""
+    return max(1, min(20, rounds // 2))
+
+
+def _parts(args: argparse.Namespace) -> list[bytes]:
+    """The payload as the messages that carry it (one, or `--chunk` bytes each)."""
+    payload = os.urandom(args.payload)
+    size = args.chunk or args.payload
+    return [payload[i:i + size] for i in range(0, args.payload, size)]
+
+
 class _Measure:
-    """Times rounds WARMUP_ROUNDS+1 .. WARMUP_ROUNDS+rounds of the serving process."""
+    """Times the rounds after the warm-up ones, in the serving process."""
 
     def __init__(self, rounds: int, hospitals: int) -> None:
         self.rounds = rounds
+        self.warmup = _warmup(rounds)
         self.hospitals = hospitals
         self.done = 0
         self._start = (0.0, 0.0)
@@ -73,9 +90,9 @@ class _Measure:
     def round_done(self) -> bool:
         """Count a finished round; True once the measured rounds are all done."""
         self.done += 1
-        if self.done == WARMUP_ROUNDS:
+        if self.done == self.warmup:
             self._start = (time.perf_counter(), time.process_time())
-        if self.done < WARMUP_ROUNDS + self.rounds:
+        if self.done < self.warmup + self.rounds:
             return False
         wall = time.perf_counter() - self._start[0]
         cpu = time.process_time() - self._start[1]
@@ -105,7 +122,7 @@ def serve_aio(args: argparse.Namespace) -> dict[str, float]:
 
     from fl_core.tls import SERVER_OPTIONS
 
-    payload = os.urandom(args.payload)
+    parts = _parts(args)
     measure = _Measure(args.rounds, args.hospitals)
 
     async def main() -> None:
@@ -144,7 +161,8 @@ def serve_aio(args: argparse.Namespace) -> dict[str, float]:
             round_over.clear()
             uploads = 0
             for outbox in outboxes:
-                outbox.put_nowait(payload)
+                for part in parts:
+                    outbox.put_nowait(part)
             await round_over.wait()
             if measure.round_done():
                 break
@@ -163,7 +181,7 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
     from fl_server.idle import Idle
     from fl_server.serving import AioServer
 
-    payload = os.urandom(args.payload)
+    parts = _parts(args)
     measure = _Measure(args.rounds, args.hospitals)
     lock = threading.Lock()
     pending: list[list[bytes]] = []
@@ -198,10 +216,10 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
                 round_over.set()
         return b"ok"
 
-    def push(message: bytes) -> None:
+    def push(messages: list[bytes]) -> None:
         with lock:
             for box in pending:
-                box.append(message)
+                box.extend(messages)
             woken = list(waiting)
             waiting.clear()
         for idle in woken:
@@ -224,12 +242,12 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
             round_over.clear()
             with lock:
                 uploads = 0
-            push(payload)
-            if not round_over.wait(60):
-                raise RuntimeError("a round did not finish in 60 s")
+            push(parts)
+            if not round_over.wait(600):
+                raise RuntimeError("a round did not finish in 600 s")
             if measure.round_done():
                 break
-        push(b"")
+        push([b""])
     finally:
         server.stop(2.0).wait(5)
     return measure.result
@@ -245,7 +263,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def client(args: argparse.Namespace) -> int:
-    """One thread and channel per hospital: take each pushed payload, send it back."""
+    """One thread and channel per hospital: take each round's pushed messages, send them
+    back behind a header."""
     import grpc
 
     from fl_core.tls import channel_credentials, channel_options
@@ -264,11 +283,15 @@ def client(args: argparse.Namespace) -> int:
                                  options=options) as channel:
             tasks = channel.unary_stream(f"/{SERVICE}/Tasks", None, None)
             upload = channel.stream_unary(f"/{SERVICE}/Upload", None, None)
+            got: list[bytes] = []
             try:
-                for message in tasks(b"", timeout=600):
+                for message in tasks(b"", timeout=3600):
                     if not message:
                         return
-                    upload(iter((header, message)), timeout=60)
+                    got.append(message)
+                    if len(got) == args.parts:
+                        upload(iter((header, *got)), timeout=600)
+                        got = []
             except grpc.RpcError as exc:
                 failures.append(f"{exc.code().name}: {exc.details()}")
 
@@ -285,18 +308,24 @@ def client(args: argparse.Namespace) -> int:
 # =========================================================================== driver
 
 
-def run(hospitals: int, payload: int, rounds: int, runs: int,
+def run(hospitals: int, payload: int, rounds: int, runs: int, chunk: int = 0,
+        server_rounds: int = 61, target_ms: float = ITEM_2_TARGET_MS,
         keep: bool = False) -> dict[str, Any]:
     print_header("Transport floor of the small round (issue 16 item 2)")
     from bench.common import client_names
-    from bench.rounds import Scenario, run_scenario
+    from bench.rounds import Scenario, run_scenario, scenarios
+
+    # the real server's hospitals spread over processes as bench.rounds spreads them
+    per_proc = next((sc.per_proc for sc in scenarios(False)
+                     if sc.params == payload // 4 and sc.clients == hospitals),
+                    min(5, hospitals))
 
     results: dict[str, list[dict[str, float]]] = {front: [] for front in FRONTS}
     with workdir("round-floor", keep) as work:
         make_bench_pki(work, client_names(hospitals))
         for run_no in range(runs):
             real = run_scenario(work, Scenario("floor reference", payload // 4, hospitals,
-                                               REAL_ROUNDS, hospitals))
+                                               server_rounds, per_proc))
             results["server"].append({"round_ms": real["round_wall_s"] * 1e3,
                                       "cpu_ms_per_hospital":
                                           real["server_cpu_per_hospital"] * 1e3})
@@ -309,13 +338,15 @@ def run(hospitals: int, payload: int, rounds: int, runs: int,
                         ["-m", "bench.round_floor", "--serve", "--mode", mode,
                          "--work", str(work), "--ready", str(ready), "--out", str(out),
                          "--hospitals", str(hospitals), "--payload", str(payload),
-                         "--rounds", str(rounds)], work / f"{tag}-server.log")
+                         "--chunk", str(chunk), "--rounds", str(rounds)],
+                        work / f"{tag}-server.log")
                     port = wait_ready(server, ready)["port"]
                     clients = procs.start(
                         ["-m", "bench.round_floor", "--client", "--work", str(work),
-                         "--port", str(port), "--hospitals", str(hospitals)],
+                         "--port", str(port), "--hospitals", str(hospitals),
+                         "--parts", str(-(-payload // (chunk or payload)))],
                         work / f"{tag}-clients.log")
-                    if server.wait(600) != 0 or not out.exists():
+                    if server.wait(3600) != 0 or not out.exists():
                         raise RuntimeError(f"{mode} server failed:\n{server.tail()}")
                     if clients.wait(60) != 0:
                         raise RuntimeError(f"{mode} clients failed:\n{clients.tail()}")
@@ -326,12 +357,14 @@ def run(hospitals: int, payload: int, rounds: int, runs: int,
                 last = results[front][-1]
                 print(f"run {run_no + 1} {front:6s}: round {last['round_ms']:.1f} ms, server"
                       f" CPU {last['cpu_ms_per_hospital']:.2f} ms per hospital", flush=True)
-    return report(results, hospitals, payload, rounds, runs)
+    return report(results, hospitals, payload, chunk, rounds, server_rounds, runs, target_ms)
 
 
 def report(results: dict[str, list[dict[str, float]]], hospitals: int, payload: int,
-           rounds: int, runs: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"hospitals": hospitals, "payload": payload, "rounds": rounds,
+           chunk: int, rounds: int, server_rounds: int, runs: int,
+           target_ms: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {"hospitals": hospitals, "payload": payload, "chunk": chunk,
+                               "rounds": rounds, "server_rounds": server_rounds,
                                "runs": runs}
     rows = []
     for front in FRONTS:
@@ -339,14 +372,15 @@ def report(results: dict[str, list[dict[str, float]]], hospitals: int, payload: 
         wall = median(r["round_ms"] for r in results[front])
         summary[front] = {"cpu_ms_per_hospital": cpu, "round_ms": wall,
                           "all_cpu": [r["cpu_ms_per_hospital"] for r in results[front]]}
-        share = cpu / ITEM_2_TARGET_MS
+        share = cpu / target_ms
         rows.append([front, f"{wall:.1f}", f"{cpu:.2f}", f"{share:.2f}",
                      ", ".join(f"{r['cpu_ms_per_hospital']:.2f}" for r in results[front])])
-    print(f"\n{hospitals} hospitals, {payload:,} bytes each way per hospital and round;"
-          f" aio and bridge {rounds} rounds per run, server {REAL_ROUNDS}; median of {runs}"
-          " runs:\n")
+    messages = f"in {chunk:,}-byte messages" if chunk else "in one message"
+    print(f"\n{hospitals} hospitals, {payload:,} bytes each way per hospital and round"
+          f" {messages}; aio and bridge {rounds} rounds per run, server {server_rounds};"
+          f" median of {runs} runs:\n")
     print(table(["front", "round ms", "server CPU ms/hospital/round",
-                 f"of the {ITEM_2_TARGET_MS:g} ms target", "each run"], rows))
+                 f"of a {target_ms:g} ms target", "each run"], rows))
     each = {front: summary[front]["cpu_ms_per_hospital"] for front in FRONTS}
     summary["bridge_ms"] = each["bridge"] - each["aio"]
     summary["project_ms"] = each["server"] - each["bridge"]
@@ -362,7 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hospitals", type=int, default=10, help="connected hospitals (10)")
     p.add_argument("--payload", type=int, default=400_000,
                    help="bytes each way per hospital and round (400,000: 100k float32)")
-    p.add_argument("--rounds", type=int, default=200, help="measured rounds per run")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="bytes per message (0: the payload in one message, as a small"
+                        " model's task and upload)")
+    p.add_argument("--rounds", type=int, default=200,
+                   help="measured rounds per run of aio and bridge (after a warm-up)")
+    p.add_argument("--target_ms", type=float,
+                   help="server CPU per hospital and round to compare with (default: item"
+                        f" 2's {ITEM_2_TARGET_MS:g} ms, or item 3's {ITEM_3_TARGET_MS:g} ms"
+                        " with --chunk)")
+    p.add_argument("--server_rounds", type=int, default=61,
+                   help="rounds of the real server per run (its first is not timed)")
     p.add_argument("--runs", type=int, default=3, help="runs of each front, alternating")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     p.add_argument("--json", type=Path, help="also write the summary here")
@@ -373,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--parts", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         return serve(args)
@@ -381,7 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("hospitals", "payload", "rounds", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    summary = run(args.hospitals, args.payload, args.rounds, args.runs, args.keep)
+    if args.server_rounds < 2:
+        p.error("--server_rounds must be at least 2 (the first round is not timed)")
+    if args.chunk < 0:
+        p.error("--chunk must be 0 (one message) or a size in bytes")
+    from fl_core.constants import MAX_MESSAGE_BYTES
+
+    if (args.chunk or args.payload) > MAX_MESSAGE_BYTES - 1024:
+        p.error(f"a message of {args.chunk or args.payload:,} bytes is over gRPC's limit here"
+                f" ({MAX_MESSAGE_BYTES:,}): give --chunk, e.g. 1048576")
+    target = args.target_ms or (ITEM_3_TARGET_MS if args.chunk else ITEM_2_TARGET_MS)
+    summary = run(args.hospitals, args.payload, args.rounds, args.runs, args.chunk,
+                  args.server_rounds, target, args.keep)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return 0
