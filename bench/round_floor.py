@@ -1,4 +1,4 @@
-"""The small round's transport floor: what gRPC itself costs the server per hospital.
+"""A round's transport floor: what gRPC itself costs the server per hospital.
 
     python -m bench.round_floor [--hospitals 10] [--payload 400000] [--rounds 200] [--runs 3]
     python -m bench.round_floor --hospitals 4 --payload 100000000 --chunk 1048576 \
@@ -44,6 +44,7 @@ from typing import Any
 
 from bench.common import (
     Procs,
+    client_names,
     make_bench_pki,
     median,
     print_header,
@@ -51,6 +52,7 @@ from bench.common import (
     wait_ready,
     workdir,
 )
+from bench.rounds import Scenario, run_scenario, scenarios
 
 SERVICE = "bench.Floor"
 MODES = ("aio", "bridge")
@@ -311,10 +313,7 @@ def client(args: argparse.Namespace) -> int:
 def run(hospitals: int, payload: int, rounds: int, runs: int, chunk: int = 0,
         server_rounds: int = 61, target_ms: float = ITEM_2_TARGET_MS,
         keep: bool = False) -> dict[str, Any]:
-    print_header("Transport floor of the small round (issue 16 item 2)")
-    from bench.common import client_names
-    from bench.rounds import Scenario, run_scenario, scenarios
-
+    print_header("Transport floor of a round (issue 16 items 2 and 3)")
     # the real server's hospitals spread over processes as bench.rounds spreads them
     per_proc = next((sc.per_proc for sc in scenarios(False)
                      if sc.params == payload // 4 and sc.clients == hospitals),

@@ -104,11 +104,13 @@ class ModelVersion:
         return self.pages.release if self.pages is not None else None
 
     def plain_chunks(self, manifest: tpb.TensorManifest) -> tuple[bytes | memoryview, ...]:
-        """The model's plaintext chunks under `manifest` (this model's, in any digest),
-        cut once per version: every selected hospital is sent the same plaintext,
-        sealed under its own key, and cutting it again for each one (the manifest's
-        checks, the join of chunks that straddle tensors) was a tenth of sealing a
-        carried model (issue 16 item 2). Two threads cutting at once cut the same."""
+        """The model's plaintext chunks under `manifest` (one of this model's, in any
+        digest: they cut alike), cut once per version. Every selected hospital is sent
+        the same plaintext, sealed under its own key; cutting it again for each one
+        (the manifest's checks, the join of a chunk that straddles tensors) was a third
+        or more of sealing a carried model (issue 16 item 2). The chunks are views of
+        the version's tensors, which never change; two threads cutting at once cut
+        the same."""
         chunks = self.carried.get(manifest.chunk_size)
         if chunks is None:
             chunks = tuple(iter_chunks(self.state, manifest))

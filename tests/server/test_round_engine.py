@@ -208,7 +208,7 @@ def test_a_carried_models_plaintext_is_cut_once_per_version() -> None:
     model = engine.current_model()
     chunks = model.plain_chunks(model.manifest)
     assert len(chunks) == model.manifest.chunk_count
-    expected = b"".join(bytes(state[s.name].numpy().tobytes()) for s in model.manifest.tensors)
+    expected = b"".join(state[s.name].numpy().tobytes() for s in model.manifest.tensors)
     assert b"".join(bytes(c) for c in chunks) == expected
     assert model.plain_chunks(model.manifest_for(tpb.SHA256)) is chunks
     engine.set_model(4, {k: v + 1 for k, v in state.items()})
