@@ -184,6 +184,13 @@ class Procs:
         self.items.clear()
 
 
+def write_ready(path: Path, data: dict[str, Any]) -> None:
+    """Write a child's ready file whole (`wait_ready` never reads half of one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
 def wait_ready(proc: Proc, ready: Path, timeout_s: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

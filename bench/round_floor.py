@@ -45,12 +45,14 @@ from typing import Any
 from bench.common import (
     Procs,
     client_names,
+    client_tls,
     make_bench_pki,
     median,
     print_header,
     table,
     wait_ready,
     workdir,
+    write_ready,
 )
 from bench.rounds import Scenario, run_scenario, scenarios
 
@@ -105,17 +107,13 @@ class _Measure:
 
 def _credentials(work: Path) -> Any:
     from fl_core.tls import server_credentials
+    from fl_server.keyfiles import load_server_tls
 
-    keys = work / "keys"
-    return server_credentials((keys / "server.crt").read_bytes(),
-                              (keys / "server.key").read_bytes(),
-                              (keys / "ca.crt").read_bytes())
+    return server_credentials(*load_server_tls(work / "keys"))
 
 
 def _ready(path: Path, port: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
-    tmp.replace(path)
+    write_ready(path, {"port": port, "pid": os.getpid()})
 
 
 def serve_aio(args: argparse.Namespace) -> dict[str, float]:
@@ -157,7 +155,11 @@ def serve_aio(args: argparse.Namespace) -> dict[str, float]:
         port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
         await server.start()
         _ready(args.ready, port)
+        deadline = time.monotonic() + 60
         while len(outboxes) < args.hospitals:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(outboxes)} of {args.hospitals} hospitals"
+                                   " connected in 60 s")
             await asyncio.sleep(0.02)
         while True:
             round_over.clear()
@@ -238,7 +240,10 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
     _ready(args.ready, port)
     try:
         deadline = time.monotonic() + 60
-        while len(pending) < args.hospitals and time.monotonic() < deadline:
+        while len(pending) < args.hospitals:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(pending)} of {args.hospitals} hospitals connected"
+                                   " in 60 s")
             time.sleep(0.02)
         while True:
             round_over.clear()
@@ -271,10 +276,7 @@ def client(args: argparse.Namespace) -> int:
 
     from fl_core.tls import channel_credentials, channel_options
 
-    keys = args.work / "sites" / "hospital_1" / "keys"
-    credentials = channel_credentials((keys / "ca.crt").read_bytes(),
-                                      (keys / "hospital_1.crt").read_bytes(),
-                                      (keys / "hospital_1.key").read_bytes())
+    credentials = channel_credentials(*client_tls(args.work, "hospital_1"))
     header = b"h" * HEADER_BYTES
     failures: list[str] = []
 

@@ -54,6 +54,7 @@ from bench.common import (
     verdict,
     wait_ready,
     workdir,
+    write_ready,
 )
 
 TARGET_RATIO = 0.75
@@ -170,10 +171,8 @@ def serve(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    tmp = args.ready.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "sealed": sealed_port, "plain": plain_port,
-                               "mtls": mtls_port}))
-    tmp.replace(args.ready)
+    write_ready(args.ready, {"pid": os.getpid(), "sealed": sealed_port, "plain": plain_port,
+                             "mtls": mtls_port})
     stopping.wait()
     raw.stop(2).wait(3)
     app.stop(grace_s=2.0)
