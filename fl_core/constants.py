@@ -265,6 +265,12 @@ UPLOAD_BUSY_WAIT_S: Final = 2.0
 # larger or multi-chunk upload, the spool file as before.
 UPLOAD_MEMORY_MAX_BYTES: Final = CHUNK_SIZE
 UPLOAD_MEMORY_BUDGET_BYTES: Final = 64 << 20
+# Such an upload is also handled on the server's event loop, with no worker thread,
+# once its whole stream has been read (fl_server/serving.py): the hand-off to a worker
+# and back was about a tenth of a small round's server CPU per hospital (issue 16 item
+# 2). The loop waits this long for the rest of a stream without holding a thread; a
+# stream not complete by then goes to a worker, under the streams' usual limits.
+LOOP_READ_WAIT_S: Final = 0.25
 # Decoded round metrics the store keeps for Status, bounded by their JSON text: a round's
 # metrics carry a summary per hospital, so an entry count (4,096 before) could hold ~1 GB
 # with thousands of hospitals a round; this keeps every round of a small federation and

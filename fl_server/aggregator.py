@@ -4,7 +4,9 @@ Downloads are sealed on the fly from the one in-memory global model (no copy per
 client). Uploads are opened chunk by chunk into a spool file on disk (a small
 one-chunk upload into memory, within a budget); only a complete, verified, finite
 update reaches the strategy, so a client cut off mid-stream has no effect on the
-round and can resume where the server stopped.
+round and can resume where the server stopped. A small upload whose stream has
+arrived whole is handled on the server's event loop (`runs_on_loop`), with no
+worker thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import logging
 import math
 import mmap
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -254,6 +257,27 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                                      next_sequence=up.opener.next_sequence, complete=False)
 
     # SubmitUpdate ----------------------------------------------------------------
+    def runs_on_loop(self, messages: Sequence[Any]) -> bool:
+        """Whether a SubmitUpdate stream read whole (`messages`) may be handled on the
+        event loop (fl_server/serving.py): a fresh upload of one chunk small enough to
+        be received into memory, that no other stream is sending. Its handler then
+        waits on nothing another call holds: not the upload's lock (the one wait that
+        can last, UPLOAD_BUSY_WAIT_S, stays on a worker), nor the fold gate (a memory
+        bound that an upload this small does not need), and its work is bounded by one
+        small chunk. Anything else, including every malformed stream, goes to a worker,
+        where the handler refuses it as before."""
+        if len(messages) != 2 or not messages[0].HasField("header") \
+                or not messages[1].HasField("chunk"):
+            return False
+        header = messages[0].header
+        manifest = header.manifest
+        if header.resume_from != 0 or manifest.chunk_count != 1 \
+                or not 0 < manifest.total_bytes <= UPLOAD_MEMORY_MAX_BYTES:
+            return False
+        with self._lock:
+            up = self._uploads.get(header.stream_id)
+        return up is None or not up.lock.locked()
+
     def SubmitUpdate(self, request_iterator: Iterator[apb.UpdateStreamMessage],
                      context: grpc.ServicerContext) -> apb.UpdateReceipt:
         client_id, session = self._session(context)
@@ -263,7 +287,11 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                   "an update stream must start with its header", "BAD_HEADER")
         header = first.header
         up = self._open_upload(client_id, session, header, context)
-        if not up.lock.acquire(timeout=UPLOAD_BUSY_WAIT_S):
+        # On the loop the lock was free a moment ago (`runs_on_loop`); a stream that
+        # took it since is sending this upload now, so this one is the second sender.
+        if not up.lock.acquire(blocking=False) and (
+                getattr(context, "on_loop", False)
+                or not up.lock.acquire(timeout=UPLOAD_BUSY_WAIT_S)):
             abort(context, grpc.StatusCode.ABORTED,
                   "another stream is already sending this upload", "BUSY")
         try:
@@ -416,7 +444,9 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             abort(context, grpc.StatusCode.ABORTED,
                   f"stream ended before its final chunk: resume from chunk"
                   f" {up.opener.next_sequence}", "TRUNCATED")
-        with self._fold_gate:
+        # an upload handled on the loop is one small chunk: it must not wait for the
+        # gate, and the gate's memory bound does not need it (`runs_on_loop`)
+        with nullcontext() if getattr(context, "on_loop", False) else self._fold_gate:
             try:
                 up.opener.finish()
                 tensors = up.assembler.finish()
@@ -499,3 +529,6 @@ def add_to_server(service: AggregatorService, server: Any) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name,
                                                                          handlers),))
     server.add_registered_method_handlers(service_name, handlers)
+    on_loop = getattr(server, "run_on_loop_when_read", None)  # fl_server.serving.AioServer
+    if on_loop is not None:
+        on_loop(f"/{service_name}/SubmitUpdate", service.runs_on_loop)

@@ -15,6 +15,15 @@ it keeps the thread for a stream's whole life, and its context for them has no
 `is_active`, no `abort_with_status`, no end-of-call callbacks for streams, and an
 `abort` that returns, all of which the services and the limits rely on.
 `ThreadContext` is the synchronous context they expect, over an aio call.
+
+A method registered with `AioServer.run_on_loop_when_read` skips the worker for a short
+client stream: the loop reads it ahead (no thread held while it arrives, for up to
+LOOP_READ_WAIT_S), and when the whole stream is in and the service's predicate accepts
+it, the handler runs there and then on the loop's own thread. Handing a small upload to
+a worker and back cost about a tenth of a small round's server CPU per hospital (issue
+16 item 2). The predicate is the service's promise that the handler will not wait on
+anything another call's handler may hold: the loop, and so every call's I/O, would wait
+with it, and a holder that needs the loop to read its own stream would never let go.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from fl_core.constants import LOOP_READ_WAIT_S
 from fl_server.grpc_types import GenericHandler, GenericHandlerBase, Handler, rewrap
 from fl_server.idle import Idle, call_soon
 
@@ -57,6 +67,10 @@ class Refused(Exception):  # noqa: N818 - named for what happened, as grpc's Abo
     away met the refused call's upload still held (BUSY in CI)."""
 
 
+# Whether a client stream read whole on the loop may be handled there (see the module
+# docstring): called on the loop with the stream's messages, so quick and non-blocking.
+OnLoopPredicate = Callable[[Sequence[Any]], bool]
+
 # What of the call's auth context is kept once the caller is authenticated: the refusal
 # audit (fl_server/audit.py) names the caller of a call that ends with an error by it.
 KEPT_AUTH_PROPERTIES = ("x509_common_name",)
@@ -67,10 +81,14 @@ class ThreadContext:
     runs on a worker thread while the call lives on the event loop.
 
     Slotted, like the bridge's other per-call objects: a connected hospital keeps one
-    of each for as long as its task stream is open (issue 16: memory per connection)."""
+    of each for as long as its task stream is open (issue 16: memory per connection).
+
+    `on_loop` is True while the handler runs on the event loop's own thread (a short
+    client stream, see the module docstring): a handler that could wait on a lock
+    another call holds must not wait there."""
 
     __slots__ = ("_aborted", "_auth", "_buffers", "_callbacks", "_context", "_deadline",
-                 "_lock", "_loop", "_metadata", "_peer", "_status")
+                 "_lock", "_loop", "_metadata", "_peer", "_status", "on_loop")
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any],
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -81,6 +99,7 @@ class ThreadContext:
         self._buffers: list[_Buffer] = []  # hand-offs to release when the call ends
         self._aborted: BaseException | None = None
         self._status: tuple[grpc.StatusCode, str, tuple[Any, ...]] | None = None
+        self.on_loop = False
         # What the handler may ask about the call, read now on the loop thread while
         # the call is alive: gRPC's core call may be freed as soon as the client goes
         # away, while a worker still runs the handler (reading it then crashed).
@@ -331,6 +350,15 @@ class _Buffer:
         return item
 
     # loop side
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self._limit
+
+    def queued(self) -> list[Any]:
+        """What is waiting to be taken, in order (left in place)."""
+        with self._lock:
+            return list(self._items)
+
     async def get(self) -> Any:
         """The next item from the thread; _END once closed and drained."""
         while True:
@@ -385,6 +413,10 @@ class _Requests(Iterator[Any]):
         self._context = context
         self._inbox = inbox
 
+    def queued(self) -> list[Any]:
+        """The messages read ahead and not yet taken (the end of the stream left out)."""
+        return [item for item in self._inbox.queued() if item is not _EOF]
+
     def __next__(self) -> Any:
         if self._context._aborted is not None:  # refused, or ended: no more messages
             raise self._context._aborted
@@ -398,15 +430,26 @@ class _Requests(Iterator[Any]):
         return item
 
 
-async def _pump(aio_context: Any, inbox: _Buffer) -> None:
-    """Read the client's messages into `inbox` until EOF, the call ends or it closes."""
+async def _pump(aio_context: Any, inbox: _Buffer,
+                settled: asyncio.Future[bool] | None = None) -> None:
+    """Read the client's messages into `inbox` until EOF, the call ends or it closes.
+
+    `settled` is resolved once the stream's fate is known: True when its end is queued
+    (the whole stream is in `inbox`), False when it fills `inbox` first or fails."""
     try:
         while True:
             message = await aio_context.read()
-            if not await inbox.push(message) or message is _EOF:
+            pushed = await inbox.push(message)
+            if settled is not None and not settled.done() \
+                    and (message is _EOF or not pushed or inbox.full):
+                settled.set_result(pushed and message is _EOF)
+            if not pushed or message is _EOF:
                 return
     except Exception as exc:  # noqa: BLE001 - the call ended; the reader is told so
         await inbox.push(_Raised(exc))
+    finally:
+        if settled is not None and not settled.done():
+            settled.set_result(False)
 
 
 class _Bridge:
@@ -417,12 +460,16 @@ class _Bridge:
         self._loop = loop
         self._pool = pool
         self._pumps: set[asyncio.Task[None]] = set()
+        self.on_loop: dict[str, OnLoopPredicate] = {}  # method -> its predicate
 
-    def handler(self, handler: Handler) -> Handler:
+    def handler(self, handler: Handler, method: str = "") -> Handler:
+        eligible = self.on_loop.get(method)
         return rewrap(handler, lambda behavior, streaming_in, streaming_out: (
-            self._streaming if streaming_out else self._unary)(behavior, streaming_in))
+            self._streaming(behavior, streaming_in) if streaming_out
+            else self._unary(behavior, streaming_in, eligible)))
 
-    def _requests(self, context: ThreadContext, aio_context: Any) -> _Requests:
+    def _requests(self, context: ThreadContext, aio_context: Any,
+                  settled: asyncio.Future[bool] | None = None) -> _Requests:
         inbox = _Buffer(self._loop, READ_AHEAD)
         context.attach(inbox)
         # The pump is never cancelled: cancelling a read that gRPC has in flight can
@@ -430,20 +477,44 @@ class _Bridge:
         # server died in tests/hostile when refused uploads were cancelled so). It ends
         # by itself: the buffer is closed with the call, and a pending read completes
         # once the call's status is sent.
-        pump = self._loop.create_task(_pump(aio_context, inbox))
+        pump = self._loop.create_task(_pump(aio_context, inbox, settled))
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
         return _Requests(context, inbox)
 
-    def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool) -> Any:
+    async def _read_whole(self, context: ThreadContext, aio_context: Any,
+                          eligible: OnLoopPredicate) -> tuple[_Requests, bool]:
+        """The call's requests, and whether the handler may run on the loop: the whole
+        stream arrived within LOOP_READ_WAIT_S and `eligible` accepts its messages.
+        Waiting holds no thread; the read in flight is not cancelled when the wait
+        ends, it goes on feeding the worker."""
+        settled: asyncio.Future[bool] = self._loop.create_future()
+        requests = self._requests(context, aio_context, settled)
+        done, _ = await asyncio.wait((settled,), timeout=LOOP_READ_WAIT_S)
+        if not done or not settled.result():
+            return requests, False
+        try:
+            return requests, bool(eligible(requests.queued()))
+        except Exception:  # noqa: BLE001 - a worker runs the handler, which says what is wrong
+            log.exception("deciding where to run a read stream failed")
+            return requests, False
+
+    def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool,
+               eligible: OnLoopPredicate | None = None) -> Any:
         async def call(request: Any, aio_context: Any) -> Any:
             context = ThreadContext(aio_context, self._loop)
             result = None
             try:
-                if streaming_in:
+                if streaming_in and eligible is not None:
+                    request, context.on_loop = await self._read_whole(context, aio_context,
+                                                                      eligible)
+                elif streaming_in:
                     request = self._requests(context, aio_context)
-                result = await self._loop.run_in_executor(self._pool, behavior, request,
-                                                          context)
+                if context.on_loop:  # the whole stream is in: nothing here waits for the loop
+                    result = behavior(request, context)
+                else:
+                    result = await self._loop.run_in_executor(self._pool, behavior, request,
+                                                              context)
             except Refused:
                 pass  # sent below, once the call's end-of-call callbacks have run
             except CallEnded:
@@ -607,6 +678,10 @@ class _Resolver(GenericHandlerBase):
     def add_generic(self, handlers: Sequence[GenericHandler]) -> None:
         self._generic.extend(handlers)
 
+    def on_loop(self, method: str, eligible: OnLoopPredicate) -> None:
+        self._bridge.on_loop[method] = eligible
+        self._bridged.pop(method, None)
+
     def _find(self, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = self._methods.get(details.method)
         if handler is not None:
@@ -628,7 +703,7 @@ class _Resolver(GenericHandlerBase):
         cached = self._bridged.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        bridged = self._bridge.handler(handler)
+        bridged = self._bridge.handler(handler, method)
         self._bridged[method] = (handler, bridged)
         return bridged
 
@@ -683,6 +758,13 @@ class AioServer:
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, Handler]) -> None:
         self._resolver.add_methods(service, handlers)
+
+    def run_on_loop_when_read(self, method: str, eligible: OnLoopPredicate) -> None:
+        """Run `method` (a client-streaming one, "/package.Service/Method") on the
+        event loop when its whole stream arrives within LOOP_READ_WAIT_S and
+        `eligible(messages)` says its handler will not wait on another call there
+        (module docstring). Register before the first call."""
+        self._resolver.on_loop(method, eligible)
 
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
         async def add() -> int:

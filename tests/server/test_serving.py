@@ -23,6 +23,7 @@ import pytest
 from fl_core.errors import abort, refusal_of
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.idle import Idle
+from fl_core.constants import LOOP_READ_WAIT_S
 from fl_server.serving import READ_AHEAD, WRITE_AHEAD, AioServer
 
 SERVICE = "test.Bridge"
@@ -54,6 +55,7 @@ class Feed:
         self.step_threads: list[str] = []
         self.sent: list[weakref.ref[Payload]] = []
         self.unwound = threading.Event()
+        self.where: list[tuple[str, bool]] = []  # (thread, context.on_loop) per Short call
 
     def wait(self, request: bytes, context: Any) -> Iterator[bytes | Idle]:
         """Idle until woken, then one message."""
@@ -135,6 +137,23 @@ class Feed:
         time.sleep(0.3)
         return b",".join(requests)
 
+    def short(self, requests: Iterator[bytes], context: Any) -> bytes:
+        """Registered to run on the loop when read whole (`short_predicate`)."""
+        self.where.append((threading.current_thread().name, context.on_loop))
+        got = list(requests)
+        if got and got[0] == b"refuse":
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "refused on the loop",
+                  "ON_LOOP")
+        return b",".join(got)
+
+    @staticmethod
+    def short_predicate(messages: Any) -> bool:
+        """Up to two messages run on the loop; a first message "boom" breaks the
+        predicate itself."""
+        if messages and messages[0] == b"boom":
+            raise RuntimeError("a broken predicate")
+        return len(messages) <= 2
+
     def carry(self, request: bytes, context: Any) -> Iterator[Payload | Idle]:
         """One message (a task carrying its model), then idle until woken."""
         payload = Payload(request)
@@ -160,6 +179,7 @@ class Feed:
             "Stall": grpc.stream_unary_rpc_method_handler(self.stall, **kw),
             "Many": grpc.unary_stream_rpc_method_handler(self.many, **kw),
             "SlowTotal": grpc.stream_unary_rpc_method_handler(self.slow_total, **kw),
+            "Short": grpc.stream_unary_rpc_method_handler(self.short, **kw),
             "Carry": grpc.unary_stream_rpc_method_handler(
                 self.carry, request_deserializer=_ident,
                 response_serializer=lambda p: p.data),
@@ -194,6 +214,7 @@ def served() -> Iterator[tuple[Feed, CodeRecorder, grpc.Channel, AioServer]]:
     feed, recorder = Feed(), CodeRecorder()
     server = AioServer(max_workers=2, interceptors=[recorder])
     server.add_registered_method_handlers(SERVICE, feed.handlers())
+    server.run_on_loop_when_read(f"/{SERVICE}/Short", feed.short_predicate)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -319,6 +340,49 @@ def test_hand_offs_wait_while_full_or_empty_and_keep_order(served: Any) -> None:
 
     total = _call(channel, "su", "SlowTotal")(requests(), timeout=TIMEOUT)
     assert total == b",".join(str(i).encode() for i in range(16 * READ_AHEAD))
+
+
+def test_a_short_stream_read_whole_runs_on_the_loop(served: Any) -> None:
+    """A registered client stream runs on the loop's thread when it has all arrived
+    and its predicate accepts it; otherwise on a worker, with the same result: more
+    messages than the predicate takes, more than the read-ahead holds, a stream whose
+    end comes after LOOP_READ_WAIT_S, a predicate that raises. An abort on the loop
+    reaches the client with its code and reason."""
+    feed, recorder, channel, _server = served
+    short = _call(channel, "su", "Short")
+
+    def where(requests: Iterator[bytes], expected: bytes) -> tuple[str, bool]:
+        feed.where.clear()
+        assert short(requests, timeout=TIMEOUT) == expected
+        assert len(feed.where) == 1
+        return feed.where[0]
+
+    thread, on_loop = where(iter([b"a", b"b"]), b"a,b")
+    assert (thread, on_loop) == ("grpc-aio", True)
+    for many in (3, 4 * READ_AHEAD):
+        messages = [str(i).encode() for i in range(many)]
+        thread, on_loop = where(iter(messages), b",".join(messages))
+        assert thread.startswith("grpc_") and not on_loop
+
+    def late() -> Iterator[bytes]:
+        yield b"a"
+        time.sleep(LOOP_READ_WAIT_S + 0.3)
+        yield b"b"
+
+    thread, on_loop = where(late(), b"a,b")
+    assert thread.startswith("grpc_") and not on_loop
+    thread, on_loop = where(iter([b"boom"]), b"boom")
+    assert thread.startswith("grpc_") and not on_loop
+
+    feed.where.clear()
+    recorder.seen.clear()
+    with pytest.raises(grpc.RpcError) as info:
+        short(iter([b"refuse"]), timeout=TIMEOUT)
+    assert feed.where == [("grpc-aio", True)]
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert refusal_of(info.value).reason == "ON_LOOP"
+    assert recorder.seen == [(f"/{SERVICE}/Short", grpc.StatusCode.FAILED_PRECONDITION,
+                              "refused on the loop")]
 
 
 def test_a_written_message_is_not_kept_while_the_stream_idles(served: Any) -> None:

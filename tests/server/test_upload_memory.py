@@ -50,3 +50,36 @@ def test_one_chunk_uploads_within_the_budget_are_held_in_memory(
     assert svc._memory_for(manifest(100)) == 400
     assert svc._memory_for(manifest(50)) == 200
     assert svc._memory_held == 1000
+
+
+def test_only_a_fresh_small_one_chunk_upload_is_handled_on_the_event_loop(
+        tmp_path: Path) -> None:
+    """`runs_on_loop`: the stream read whole must be a header and one chunk, starting
+    from chunk 0, small enough to be received into memory, and no other stream may be
+    sending the same upload (its handler would wait for the lock, on the loop)."""
+    from fl_proto import aggregator_pb2 as apb
+
+    svc = service(tmp_path)
+
+    def stream(params: int = 100, chunk_size: int = 1 << 20, resume_from: int = 0,
+               chunk: bool = True) -> list[Any]:
+        header = apb.UpdateStreamMessage(header=apb.UpdateStreamHeader(
+            stream_id="s1", manifest=manifest(params, chunk_size), resume_from=resume_from))
+        sealed = apb.UpdateStreamMessage(chunk=tpb.SealedChunk(stream_id="s1", final=True))
+        return [header, sealed] if chunk else [header]
+
+    assert svc.runs_on_loop(stream())
+    assert not svc.runs_on_loop(stream(chunk=False))  # no chunk: refused on a worker
+    assert not svc.runs_on_loop(stream()[::-1])  # a chunk first
+    assert not svc.runs_on_loop([*stream(), stream()[1]])  # two chunks
+    assert not svc.runs_on_loop(stream(resume_from=1))
+    assert not svc.runs_on_loop(stream(params=100, chunk_size=64))  # several chunks
+    assert not svc.runs_on_loop(stream(params=0))
+    assert not svc.runs_on_loop(stream(params=(aggregator.UPLOAD_MEMORY_MAX_BYTES // 4) + 1,
+                                       chunk_size=1 << 22))
+    up = held(svc, 0)
+    svc._uploads["s1"] = up
+    assert svc.runs_on_loop(stream())  # a partial upload nobody is sending: resumed
+    with up.lock:
+        assert not svc.runs_on_loop(stream())  # being sent: the wait is a worker's
+    assert svc.runs_on_loop(stream())
