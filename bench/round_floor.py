@@ -16,7 +16,8 @@ every run so drift hits both alike:
   aio     the handlers as grpc.aio coroutines on the event loop: gRPC's own cost
   bridge  the same handlers as synchronous code behind fl_server.serving.AioServer,
           the server's real front: the task pushed from a generator woken out of an
-          Idle, the upload read on a worker thread
+          Idle, the upload handled on the loop once read whole when it is a header and
+          one chunk (as the server's small uploads), on a worker thread otherwise
 
   server  the real server with no-op hospitals on the same traffic (bench.rounds'
           "100k x10" scenario: the whole round, sealed, hashed, aggregated, stored)
@@ -235,6 +236,7 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
     # as many workers as the real server starts for this load (they are made on demand)
     server = AioServer(max_workers=args.hospitals + 1, options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
+    server.run_on_loop_when_read(f"/{SERVICE}/Upload", lambda messages: len(messages) <= 2)
     port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
     server.start()
     _ready(args.ready, port)
