@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 import pytest
 
+from fl_core.constants import LOOP_READ_WAIT_S
 from fl_core.errors import abort, refusal_of
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.idle import Idle
-from fl_core.constants import LOOP_READ_WAIT_S
 from fl_server.serving import READ_AHEAD, WRITE_AHEAD, AioServer
 
 SERVICE = "test.Bridge"
