@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 
-from fl_core.constants import LOOP_READ_WAIT_S
 from fl_core.errors import abort, refusal_of
+from fl_server import serving
 from fl_server.grpc_types import Handler, WrappingInterceptor, rewrap
 from fl_server.idle import Idle
 from fl_server.serving import READ_AHEAD, WRITE_AHEAD, AioServer
@@ -342,7 +342,8 @@ def test_hand_offs_wait_while_full_or_empty_and_keep_order(served: Any) -> None:
     assert total == b",".join(str(i).encode() for i in range(16 * READ_AHEAD))
 
 
-def test_a_short_stream_read_whole_runs_on_the_loop(served: Any) -> None:
+def test_a_short_stream_read_whole_runs_on_the_loop(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A registered client stream runs on the loop's thread when it has all arrived
     and its predicate accepts it; otherwise on a worker, with the same result: more
     messages than the predicate takes, more than the read-ahead holds, a stream whose
@@ -350,6 +351,8 @@ def test_a_short_stream_read_whole_runs_on_the_loop(served: Any) -> None:
     reaches the client with its code and reason."""
     feed, recorder, channel, _server = served
     short = _call(channel, "su", "Short")
+    # a wait no busy test machine outlasts, but for the late stream's case below
+    monkeypatch.setattr(serving, "LOOP_READ_WAIT_S", 10.0)
 
     def where(requests: Iterator[bytes], expected: bytes) -> tuple[str, bool]:
         feed.where.clear()
@@ -366,11 +369,13 @@ def test_a_short_stream_read_whole_runs_on_the_loop(served: Any) -> None:
 
     def late() -> Iterator[bytes]:
         yield b"a"
-        time.sleep(LOOP_READ_WAIT_S + 0.3)
+        time.sleep(1.0)
         yield b"b"
 
+    monkeypatch.setattr(serving, "LOOP_READ_WAIT_S", 0.2)
     thread, on_loop = where(late(), b"a,b")
     assert thread.startswith("grpc_") and not on_loop
+    monkeypatch.setattr(serving, "LOOP_READ_WAIT_S", 10.0)
     thread, on_loop = where(iter([b"boom"]), b"boom")
     assert thread.startswith("grpc_") and not on_loop
 
