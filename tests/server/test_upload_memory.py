@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fl_core.tensor_codec import build_manifest
+from fl_proto import aggregator_pb2 as apb
 from fl_proto import tensors_pb2 as tpb
 from fl_server import aggregator
 from fl_server.aggregator import AggregatorService, Upload
@@ -57,8 +58,6 @@ def test_only_a_fresh_small_one_chunk_upload_is_handled_on_the_event_loop(
     """`runs_on_loop`: the stream read whole must be a header and one chunk, starting
     from chunk 0, small enough to be received into memory, and no other stream may be
     sending the same upload (its handler would wait for the lock, on the loop)."""
-    from fl_proto import aggregator_pb2 as apb
-
     svc = service(tmp_path)
 
     def stream(params: int = 100, chunk_size: int = 1 << 20, resume_from: int = 0,
