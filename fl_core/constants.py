@@ -267,8 +267,8 @@ UPLOAD_MEMORY_MAX_BYTES: Final = CHUNK_SIZE
 UPLOAD_MEMORY_BUDGET_BYTES: Final = 64 << 20
 # Such an upload is also handled on the server's event loop, with no worker thread,
 # once its whole stream has been read (fl_server/serving.py): the hand-off to a worker
-# and back was about a tenth of a small round's server CPU per hospital (issue 16 item
-# 2). The loop waits this long for the rest of a stream without holding a thread; a
+# and back was about a seventh of a small round's server CPU per hospital (issue 16
+# item 2). The loop waits this long for the rest of a stream without holding a thread; a
 # stream not complete by then goes to a worker, under the streams' usual limits.
 LOOP_READ_WAIT_S: Final = 0.25
 # Decoded round metrics the store keeps for Status, bounded by their JSON text: a round's

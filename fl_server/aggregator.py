@@ -287,16 +287,16 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                   "an update stream must start with its header", "BAD_HEADER")
         header = first.header
         up = self._open_upload(client_id, session, header, context)
+        on_loop = bool(getattr(context, "on_loop", False))  # see runs_on_loop
         # On the loop the lock was free a moment ago (`runs_on_loop`); a stream that
         # took it since is sending this upload now, so this one is the second sender.
         if not up.lock.acquire(blocking=False) and (
-                getattr(context, "on_loop", False)
-                or not up.lock.acquire(timeout=UPLOAD_BUSY_WAIT_S)):
+                on_loop or not up.lock.acquire(timeout=UPLOAD_BUSY_WAIT_S)):
             abort(context, grpc.StatusCode.ABORTED,
                   "another stream is already sending this upload", "BUSY")
         try:
             up.context = context
-            return self._receive(up, header, request_iterator, context)
+            return self._receive(up, header, request_iterator, context, on_loop)
         finally:
             up.context = None
             up.lock.release()
@@ -399,7 +399,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
 
     def _receive(self, up: Upload, header: apb.UpdateStreamHeader,
                  messages: Iterator[apb.UpdateStreamMessage],
-                 context: grpc.ServicerContext) -> apb.UpdateReceipt:
+                 context: grpc.ServicerContext, on_loop: bool = False) -> apb.UpdateReceipt:
         stream_id = header.stream_id
         final_seen = False
         try:
@@ -446,7 +446,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                   f" {up.opener.next_sequence}", "TRUNCATED")
         # an upload handled on the loop is one small chunk: it must not wait for the
         # gate, and the gate's memory bound does not need it (`runs_on_loop`)
-        with nullcontext() if getattr(context, "on_loop", False) else self._fold_gate:
+        with nullcontext() if on_loop else self._fold_gate:
             try:
                 up.opener.finish()
                 tensors = up.assembler.finish()
