@@ -305,7 +305,8 @@ class ServerConnection:
                 # reached a server of another version)
                 manifest = build_manifest(state, digests=False,
                                           digest=self.session.upload_digest)
-                digests = TrailingDigests(state, manifest.digest)
+                digests = TrailingDigests(state, manifest.digest,
+                                          overlap=manifest.chunk_count > 1)
             assert digests is not None
             count = manifest.chunk_count
             stream_id = upload_stream_id(task.job_id, task.round, task.task_id, session_id)

@@ -385,26 +385,42 @@ def build_manifest(
 class TrailingDigests:
     """A sender's digests for a `digests_trail` stream, hashed on their own thread
     while the chunks are sealed and sent; `trailer()` waits for them (the final
-    chunk carries them). Not a pool task: it waits for the pool's per-tensor work."""
+    chunk carries them). Not a pool task: it waits for the pool's per-tensor work.
+
+    `overlap=False` (a stream of one chunk, whose only chunk is the final one and
+    cannot leave before the digests) hashes in `trailer()` on the caller's thread:
+    a thread there would overlap nothing and cost its start and a GIL hand-off on
+    every small model's upload (issue 16 item 2).
+    """
 
     def __init__(self, state: Mapping[str, torch.Tensor],
-                 digest: int = tensors_pb2.SHA256) -> None:
+                 digest: int = tensors_pb2.SHA256, overlap: bool = True) -> None:
+        self._state: Mapping[str, torch.Tensor] | None = state
+        self._algorithm = digest
         self._digests: list[bytes] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(state, digest),
-                                         name="fl-digests", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if overlap:
+            self._thread = threading.Thread(target=self._run, name="fl-digests", daemon=True)
+            self._thread.start()
 
-    def _run(self, state: Mapping[str, torch.Tensor], digest: int) -> None:
+    def _run(self) -> None:
         try:
-            self._digests = digests_of_state(state, digest)
+            assert self._state is not None
+            self._digests = digests_of_state(self._state, self._algorithm)
         except BaseException as exc:  # re-raised by trailer()
             self._error = exc
+        finally:
+            self._state = None
 
     def trailer(self, timeout_s: float = 600.0) -> bytes:
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            raise CodecError(INCOMPLETE, f"hashing the model took over {timeout_s:.0f} s")
+        if self._thread is None:
+            if self._digests is None and self._error is None:
+                self._run()
+        else:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise CodecError(INCOMPLETE, f"hashing the model took over {timeout_s:.0f} s")
         if self._error is not None:
             raise self._error
         assert self._digests is not None

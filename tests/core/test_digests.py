@@ -6,6 +6,7 @@ and a manifest from before the field reads as SHA-256."""
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import blake3
 import pytest
@@ -83,6 +84,35 @@ def test_trailing_blake3_digests() -> None:
     wrong = tc.TrailingDigests(s, tpb.SHA256).trailer()  # the other algorithm's
     with pytest.raises(tc.IntegrityError):
         send(manifest, s, wrong)
+
+
+def test_trailing_digests_without_overlap_hash_on_the_callers_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-chunk upload's digests (overlap=False): the same trailer as the threaded
+    form, taken once in trailer() on the caller's thread with no thread started, and
+    a failure raised there each time it is asked for."""
+    s = state()
+    threaded = tc.TrailingDigests(s, tpb.BLAKE3).trailer()
+    seen: list[str] = []
+    real = tc.digests_of_state
+
+    def spy(st: dict[str, torch.Tensor], algorithm: int) -> list[bytes]:
+        seen.append(threading.current_thread().name)
+        if not st:
+            raise RuntimeError("nothing to hash")
+        return real(st, algorithm)
+
+    monkeypatch.setattr(tc, "digests_of_state", spy)
+    before = threading.active_count()
+    inline = tc.TrailingDigests(s, tpb.BLAKE3, overlap=False)
+    assert threading.active_count() == before and seen == []  # nothing until asked
+    assert inline.trailer() == threaded
+    assert inline.trailer() == threaded  # hashed once, kept
+    assert seen == [threading.current_thread().name]
+    broken = tc.TrailingDigests({}, tpb.BLAKE3, overlap=False)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="nothing to hash"):
+            broken.trailer()
 
 
 def test_a_manifest_from_before_the_field_reads_as_sha256() -> None:
