@@ -11,6 +11,7 @@ a peak can be taken over one phase of a long-lived process).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -184,11 +185,28 @@ class Procs:
         self.items.clear()
 
 
-def write_ready(path: Path, data: dict[str, Any]) -> None:
-    """Write a child's ready file whole (`wait_ready` never reads half of one)."""
+def write_json(path: Path, data: Any) -> None:
+    """Write a JSON file whole: a reader polling for it (`wait_ready`, a driver reading
+    a child's stats) never sees half of one."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
+
+
+def write_ready(path: Path, data: dict[str, Any]) -> None:
+    """Write a child's ready file whole (`wait_ready` never reads half of one)."""
+    write_json(path, data)
+
+
+def add_child_flags(p: argparse.ArgumentParser) -> None:
+    """The hidden flags by which a two-process benchmark starts its own server and
+    client processes (`--serve`, `--client`, with their work dir, ready file and
+    output file); not for users, so left out of --help."""
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
 
 
 def wait_ready(proc: Proc, ready: Path, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import os
 import random
@@ -50,6 +49,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from bench.common import write_json
 from bench.noop_client import NoopClient, client_parser, parse_client_args
 from fl_core.tls import channel_credentials, channel_options
 from fl_proto import aggregator_pb2_grpc as apb_grpc
@@ -270,11 +270,8 @@ def _status(hospitals: list[LightHospital], lag_s: float, started: float) -> dic
 
 
 def _write(path: Path | None, data: dict[str, Any]) -> None:
-    if path is None:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    if path is not None:
+        write_json(path, data)
 
 
 async def run(server: str, work: Path, names: list[str], mode: str, rate: float,

@@ -20,7 +20,6 @@ clients' own CPU use is the connection's work, not the random generator's.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import grpc
 import torch
 
+from bench.common import write_json
 from fl_client.connection import ServerConnection, TransferError
 from fl_core.tensor_codec import dtype_from_proto
 from fl_proto import coordinator_pb2 as cpb
@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = {c.name: {"records": c.records, "failures": c.failures,
                               "error": c.error, "finished": c.finished,
                               "resumes": c.conn.resumes} for c in clients}
-            tmp = args.stats_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(stats))
-            tmp.replace(args.stats_file)
+            write_json(args.stats_file, stats)
     return 0 if all(c.failures == 0 for c in clients) else 1
 
 

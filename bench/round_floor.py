@@ -45,6 +45,7 @@ from typing import Any
 
 from bench.common import (
     Procs,
+    add_child_flags,
     client_names,
     client_tls,
     make_bench_pki,
@@ -413,12 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs of each front, alternating")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     p.add_argument("--json", type=Path, help="also write the summary here")
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    add_child_flags(p)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--parts", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -42,6 +42,7 @@ from bench.common import (
     MB,
     MiB,
     Procs,
+    add_child_flags,
     cpu_seconds,
     fmt,
     make_bench_pki,
@@ -398,12 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=256, help="model size in MiB")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    add_child_flags(p)
     p.add_argument("--params", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the summary here")
     args = p.parse_args(argv)
     if args.serve:
