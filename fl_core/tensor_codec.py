@@ -415,7 +415,7 @@ class TrailingDigests:
 
     def trailer(self, timeout_s: float = 600.0) -> bytes:
         if self._thread is None:
-            if self._digests is None and self._error is None:
+            if self._state is not None:  # not hashed yet (`_run` lets go of it)
                 self._run()
         else:
             self._thread.join(timeout_s)
