@@ -209,6 +209,10 @@ SERVER_MMAP_THRESHOLD_BYTES: Final = 4 << 20
 # 10x fewer at 8 MiB). The heaps are still given back between rounds (malloc_trim).
 SERVER_TRIM_THRESHOLD_BYTES: Final = 8 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
+# Elements of a new model's difference from the old taken at a time when the round
+# measures the step it made (fl_server/rounds.py step_and_size): 1 MiB of float32,
+# reused, instead of a fresh mapping per tensor faulted in and handed back.
+NORM_CHUNK_ELEMS: Final = 1 << 18
 
 # grpc.aio server (issue 16 item 4). An idle task stream holds no thread, so open
 # calls are capped by max_workers x CONCURRENT_RPCS_PER_WORKER plus this many task

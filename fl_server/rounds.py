@@ -27,6 +27,7 @@ import torch
 from fl_core.allocator import release_free_heap
 from fl_core.constants import (
     MAPPED_MODEL_MIN_BYTES,
+    NORM_CHUNK_ELEMS,
     PARALLEL_HASH_MIN_BYTES,
     TRIM_HEAP_MIN_MODEL_BYTES,
 )
@@ -97,6 +98,15 @@ class ModelVersion:
     others: dict[int, tpb.TensorManifest] = field(default_factory=dict)
     # chunk size -> the plaintext chunks of a model carried in tasks (model_stream.py)
     carried: dict[int, tuple[bytes | memoryview, ...]] = field(default_factory=dict)
+    # L2 norm of the floating tensors once measured: the next round's step bound is
+    # relative to it, and the pass that measured the step measured it too
+    norm: float | None = None
+
+    def measured_norm(self) -> float:
+        """`norm`, measured now (one pass over the model) if no pass has measured it."""
+        if self.norm is None:
+            self.norm = update_norm(self.state, self.release)
+        return self.norm
 
     @property
     def release(self) -> Callable[[str], None] | None:
@@ -237,7 +247,7 @@ class RoundEngine:
                       round=model.version, reason=str(exc)[:300])
             return
         mapped = ModelVersion(model.version, pages.state, model.manifest, model.sha256, pages,
-                              model.others)
+                              model.others, norm=model.norm)
         with self._cv:
             if self.model is model:
                 self.model = mapped
@@ -669,8 +679,9 @@ class RoundEngine:
             # a round moves the model by a fraction of its size; a step larger than
             # `factor` times the whole model (at least 1) is no training result
             old = self._rollback[0]
-            step = step_norm(state, old.state, old.release)
-            base = max(1.0, update_norm(old.state, old.release))
+            step, size = step_and_size(state, old.state, old.release)
+            self.current_model().norm = size  # set_model made it of `state`
+            base = max(1.0, old.measured_norm())
             if not math.isfinite(step) or step > factor * base:
                 return (f"the round moved the model by {step:.3g}, more than"
                         f" {factor:g} x its norm ({base:.3g})")
@@ -761,24 +772,42 @@ def task_seed(seed: int, round_no: int, attempt: int, client_id: str) -> int:
             + zlib.crc32(client_id.encode()) % 997) & 0xFFFFFFFF
 
 
-def step_norm(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor],
-              release_old: Callable[[str], None] | None = None) -> float:
-    """L2 norm of new - old over the floating tensors. One difference of one tensor at
-    a time in its accumulation dtype (float32 for float32: no copy of either side),
-    float64 only where that overflows: in float64 it held three 32 MiB copies per
-    16 MiB tensor and cost ~0.7 CPU-s per 100 MB model, 0.05 now (issue 16 item 3)."""
-    total = 0.0
+def step_and_size(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor],
+                  release_old: Callable[[str], None] | None = None) -> tuple[float, float]:
+    """L2 norms of new - old and of new, over the floating tensors, in one pass.
+
+    The difference is taken NORM_CHUNK_ELEMS elements at a time into one scratch buffer
+    in the accumulation dtype: a whole tensor's difference was a fresh 16 MiB mapping
+    per tensor, faulted in page by page and handed back, and measuring the new model's
+    norm in the same pass spares the next round a pass over it (issue 16 item 3). Each
+    chunk's norms are float32 (float64 tensors: float64), summed in float64; a chunk
+    that overflows float32 is measured again in float64."""
+    step = size = 0.0
+    scratch: dict[torch.dtype, torch.Tensor] = {}
     for name, t in new.items():
         if not t.is_floating_point():
             continue
         dtype = accumulation_dtype(t.dtype)
-        norm = tensor_norm(t.to(dtype) - old[name].to(dtype))
-        if not math.isfinite(norm):  # the difference itself overflowed
-            norm = float(torch.linalg.vector_norm(t.double() - old[name].double()))
+        a, b = t.reshape(-1), old[name].reshape(-1)
+        buffer = scratch.get(dtype)
+        if buffer is None or buffer.numel() < min(a.numel(), NORM_CHUNK_ELEMS):
+            buffer = scratch[dtype] = torch.empty(min(a.numel(), NORM_CHUNK_ELEMS), dtype=dtype)
+        for start in range(0, a.numel(), NORM_CHUNK_ELEMS):
+            x, y = a[start:start + NORM_CHUNK_ELEMS], b[start:start + NORM_CHUNK_ELEMS]
+            diff = buffer[:x.numel()]
+            if x.dtype == dtype and y.dtype == dtype:
+                torch.sub(x, y, out=diff)
+            else:  # narrower sides are subtracted in the accumulation dtype
+                diff.copy_(x).sub_(y)
+            part = float(torch.linalg.vector_norm(diff))
+            if not math.isfinite(part):  # the difference itself overflowed
+                part = float(torch.linalg.vector_norm(x.double() - y.double()))
+            step += part * part
+            part = tensor_norm(x)
+            size += part * part
         if release_old is not None:
             release_old(name)
-        total += norm * norm
-    return math.sqrt(total)
+    return math.sqrt(step), math.sqrt(size)
 
 
 def norm_outliers(norms: Mapping[str, float], factor: float) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from fl_core import tensor_codec as tc
 from fl_core.allocator import can_drop_pages, fix_trim_threshold
 from fl_server.aggregator import _SpoolPages, return_freed_tensors_to_the_os
-from fl_server.rounds import step_norm
+from fl_server.rounds import step_and_size
 from fl_server.strategies import make_strategy
 
 MiB = 1 << 20
@@ -143,13 +143,23 @@ def test_freed_message_buffers_are_reused_without_faulting_their_pages_in_again(
     assert faults and faults[0] < 10 * pages_per_buffer, faults  # ~1, not ~100, buffers
 
 
-def test_step_norm_matches_float64_without_copies() -> None:
+def test_step_and_size_match_float64_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fl_server.rounds.NORM_CHUNK_ELEMS", 64)  # tensors span chunks
     gen = torch.Generator().manual_seed(4)
     old = {"w": torch.randn(1000, generator=gen), "h": torch.randn(50, generator=gen).half(),
-           "steps": torch.tensor(3)}
-    new = {"w": old["w"] + 0.1, "h": old["h"] - 0.5, "steps": torch.tensor(9)}
-    reference = torch.cat([(new[n].double() - old[n].double()) for n in ("w", "h")]).norm()
-    assert step_norm(new, old) == pytest.approx(float(reference), rel=1e-5)
+           "m": torch.randn(3, 70, generator=gen).double(), "steps": torch.tensor(3)}
+    new = {"w": old["w"] + 0.1, "h": old["h"] - 0.5, "m": old["m"] * 2,
+           "steps": torch.tensor(9)}
+    floating = ("w", "h", "m")
+    step = torch.cat([(new[n].double() - old[n].double()).reshape(-1) for n in floating])
+    size = torch.cat([new[n].double().reshape(-1) for n in floating])
+    released: list[str] = []
+    got_step, got_size = step_and_size(new, old, released.append)
+    assert got_step == pytest.approx(float(step.norm()), rel=1e-5)
+    assert got_size == pytest.approx(float(size.norm()), rel=1e-5)
+    assert released == list(floating)  # each old tensor let go once read, ints skipped
     # a difference beyond float32 (each side finite) is still measured, in float64
     huge = {"w": torch.full((2,), 3e38)}
-    assert step_norm(huge, {"w": -huge["w"]}) == pytest.approx(6e38 * 2 ** 0.5, rel=1e-6)
+    got_step, got_size = step_and_size(huge, {"w": -huge["w"]})
+    assert got_step == pytest.approx(6e38 * 2 ** 0.5, rel=1e-6)
+    assert got_size == pytest.approx(3e38 * 2 ** 0.5, rel=1e-6)

@@ -159,6 +159,33 @@ def test_a_round_averages_by_examples_and_records_once() -> None:
     assert registry.stops == 1  # the hospitals are told the job ended
 
 
+def test_the_step_bound_measures_each_models_norm_once(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """The round's step is bounded relative to the old model's norm. The pass that
+    measures a new model's step measures its norm too and keeps it with the version,
+    so only the model the job started from is measured on its own."""
+    import fl_server.rounds as rounds
+
+    asked: list[tuple[int, bool]] = []  # (model version, measured by a pass of its own)
+    real = rounds.ModelVersion.measured_norm
+
+    def spied(self: Any) -> float:
+        asked.append((self.version, self.norm is None))
+        return real(self)
+
+    monkeypatch.setattr(rounds.ModelVersion, "measured_norm", spied)
+    engine, registry, store = make_engine(["a"], rounds=3)
+    thread = run_in_thread(engine)
+    for round_no in (1, 2, 3):
+        send(engine, registry, "a", round_no, float(round_no), 10, 0.5)
+    thread.join(TIMEOUT_S)
+    assert engine.job_state == "completed" and sorted(store.completed) == [1, 2, 3]
+    assert asked == [(0, True), (1, False), (2, False)]  # only the model started from
+    final = store.completed[3][1]
+    expected = float(torch.cat([t.double().reshape(-1) for t in final.values()]).norm())
+    assert engine.current_model().norm == pytest.approx(expected, rel=1e-6)  # 6 x sqrt(5)
+
+
 def test_each_hospital_is_sent_the_models_manifest_in_its_own_digest() -> None:
     """A hospital that declared BLAKE3 gets the model's BLAKE3 manifest, one from before
     its SHA-256 manifest: the same model, each digest its algorithm's own; the SHA-256
