@@ -2,7 +2,7 @@
 update the server drops the pages it read from the update's spool mapping, so a fold
 keeps about one tensor of the update resident, and every value still reads back
 from the file unchanged; freed model tensors leave the process; the new model's step
-is measured without float64 copies of both models."""
+is measured a chunk at a time, with the new model's norm in the same pass."""
 
 from __future__ import annotations
 
