@@ -1,8 +1,7 @@
 """What the server and the simulation ask of the C library about memory: glibc's mmap
 threshold fixed, so large buffers are mapped on their own and given back to the system
 when freed; a mapping's pages dropped once read (madvise MADV_DONTNEED); the heaps'
-free pages handed back between rounds (malloc_trim); large fresh buffers committed in
-transparent huge pages (`huge_page_mapping`).
+free pages handed back between rounds (malloc_trim).
 
 By default glibc raises its mmap threshold to the size of every large block freed (up
 to 32 MiB), so after the first model-sized buffer is freed every later one comes from
@@ -25,8 +24,6 @@ from typing import Any
 _M_TRIM_THRESHOLD = -1  # mallopt()'s parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
-# madvise(2)'s MADV_POPULATE_WRITE (Linux 5.14); Python's mmap module names it from 3.13.
-MADV_POPULATE_WRITE: int = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _madvise: Any = None  # libc's madvise once looked up; False where there is none
 
 
@@ -91,24 +88,3 @@ def drop_pages(address: int, length: int) -> None:
     madvise = _libc_madvise()
     if madvise is not None and _MADV_DONTNEED is not None:
         madvise(address, length, _MADV_DONTNEED)
-
-
-def huge_page_mapping(size: int) -> mmap.mmap | None:
-    """A private anonymous mapping of `size` bytes advised for transparent huge pages
-    (MADV_HUGEPAGE), then committed (MADV_POPULATE_WRITE): committing 100 MB took 60 ms
-    of CPU in 4 KiB pages and 14-17 ms in 2 MiB pages here. None where either advice
-    is refused: no THP support, or a kernel before 5.14. With THP set to "never" the
-    pages are 4 KiB ones, committed as MAP_POPULATE would; where no huge page is free
-    the kernel falls back to 4 KiB pages by itself. For buffers whose every byte is
-    written: a huge page is resident whole once committed."""
-    hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
-    if hugepage is None or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return None
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        mapping.madvise(hugepage)
-        mapping.madvise(MADV_POPULATE_WRITE)
-    except OSError:
-        mapping.close()
-        return None
-    return mapping

@@ -179,11 +179,6 @@ ASYNC_HASH_MIN_CHUNKS: Final = 4
 # stream the mapping cost a mmap and a munmap call and its page faults: 164 us per
 # 400 KB stream against 6 us from the heap here (issue 16 item 2).
 HEAP_STREAM_MAX_BYTES: Final = 1 << 20
-# From this many bytes a fresh buffer written whole (a received stream, a round's
-# running sums) is committed in transparent huge pages (fl_core/allocator.py
-# huge_page_mapping): 100 MB took 60 ms of CPU in 4 KiB pages and 14-17 ms in 2 MiB
-# ones here, paid on every download of a large model and every round's sums.
-HUGE_PAGE_MIN_BYTES: Final = 8 << 20
 # A spooled upload decrypts into this many chunk-sized buffers in turn; each is free
 # again once its chunk is hashed (bounds the memory hashing may lag behind by).
 SPOOL_SCRATCH_CHUNKS: Final = 4

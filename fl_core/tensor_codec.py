@@ -41,14 +41,12 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import torch
 
-from fl_core.allocator import huge_page_mapping
 from fl_core.constants import (
     ASYNC_HASH_MIN_CHUNKS,
     CHUNK_SIZE,
     GCM_TAG_BYTES,
     HASH_THREADS,
     HEAP_STREAM_MAX_BYTES,
-    HUGE_PAGE_MIN_BYTES,
     MAX_MESSAGE_BYTES,
     PARALLEL_HASH_MIN_BYTES,
     SPOOL_SCRATCH_CHUNKS,
@@ -1107,15 +1105,10 @@ def _anonymous_buffer(size: int) -> mmap.mmap | bytearray:
     Populating the mapping up front costs about half of what faulting each page in
     as chunks land does, and no zero-fill pass is needed (unlike a bytearray). A
     small stream's buffer comes from the heap instead (HEAP_STREAM_MAX_BYTES): the
-    mapping's system calls cost far more than zeroing a few hundred KB. A large one
-    is committed in huge pages where the kernel gives them (HUGE_PAGE_MIN_BYTES).
+    mapping's system calls cost far more than zeroing a few hundred KB.
     """
     if size <= HEAP_STREAM_MAX_BYTES:
         return bytearray(size)
-    if size >= HUGE_PAGE_MIN_BYTES:
-        huge = huge_page_mapping(size)
-        if huge is not None:
-            return huge
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if populate:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate

@@ -26,9 +26,6 @@ from typing import ClassVar, SupportsIndex
 
 import torch
 
-from fl_core.allocator import huge_page_mapping
-from fl_core.constants import HUGE_PAGE_MIN_BYTES
-
 
 class StrategyError(ValueError):
     """A strategy parameter, an update, or the round itself is not acceptable."""
@@ -58,18 +55,6 @@ def all_finite(t: torch.Tensor) -> bool:
     if bool(torch.isfinite(t.sum(dtype=accumulation_dtype(t.dtype)))):
         return True
     return bool(torch.isfinite(t).all())
-
-
-def sum_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a round's running sum. A large model's sums are
-    fresh memory every round, so from HUGE_PAGE_MIN_BYTES they live in a mapping
-    committed in huge pages (fl_core/allocator.py), which goes back to the system
-    with the last reference to the tensor; otherwise torch's own allocation."""
-    size = math.prod(shape) * dtype.itemsize
-    mapping = huge_page_mapping(size) if size >= HUGE_PAGE_MIN_BYTES else None
-    if mapping is None:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mapping, dtype=dtype).view(shape)
 
 
 def tensor_norm(t: torch.Tensor) -> float:

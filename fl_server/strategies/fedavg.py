@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from fl_server.strategies.base import Strategy, StrategyError, accumulation_dtype, sum_buffer
+from fl_server.strategies.base import Strategy, StrategyError, accumulation_dtype
 
 
 class FedAvg(Strategy):
@@ -48,9 +48,9 @@ class FedAvg(Strategy):
             if first and t.dtype == acc:
                 # the first update starts the sum: alpha * t written once, not zeros
                 # written and then added to (a 100 MB model's worth of fresh pages each)
-                self._sums[name] = torch.mul(t, alpha, out=sum_buffer(t.shape, acc))
+                self._sums[name] = torch.mul(t, alpha)
             elif first:  # a narrower delta is summed in the accumulation dtype
-                self._sums[name] = sum_buffer(t.shape, acc).zero_().add_(t, alpha=alpha)
+                self._sums[name] = torch.zeros(t.shape, dtype=acc).add_(t, alpha=alpha)
             else:
                 self._sums[name].add_(t, alpha=alpha)
             self._release(name)
