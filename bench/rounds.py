@@ -68,7 +68,8 @@ class Scenario:
 def scenarios(quick: bool) -> list[Scenario]:
     r = 3 if quick else 6
     return [
-        Scenario("100MB x4", 25_000_000, 4, r, 1, 2.5, 500 * MB),
+        # round targets: issue 16 items 3 (2.0 s) and 2 (0.05 s), on a quiet machine
+        Scenario("100MB x4", 25_000_000, 4, r, 1, 2.0, 500 * MB),
         Scenario("100k x10", 100_000, 10, 8 if quick else 21, 5, 0.05, None),
         Scenario("250MB x4", 62_500_000, 4, 2 if quick else 4, 1, 6.0, 1000 * MB),
         Scenario("100MB x8 uploads", 25_000_000, 8, 2 if quick else 3, 1, None,
