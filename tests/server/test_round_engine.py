@@ -21,7 +21,7 @@ from fl_core.tensor_codec import FAST_DIGEST, build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.config import ServerConfig
-from fl_server.rounds import RoundEngine, RoundRefusal
+from fl_server.rounds import ModelVersion, RoundEngine, RoundRefusal
 from fl_server.store import RoundSummary, state_sha256
 from fl_server.strategies import make_strategy
 
@@ -164,16 +164,14 @@ def test_the_step_bound_measures_each_models_norm_once(monkeypatch: pytest.Monke
     """The round's step is bounded relative to the old model's norm. The pass that
     measures a new model's step measures its norm too and keeps it with the version,
     so only the model the job started from is measured on its own."""
-    import fl_server.rounds as rounds
-
     asked: list[tuple[int, bool]] = []  # (model version, measured by a pass of its own)
-    real = rounds.ModelVersion.measured_norm
+    real = ModelVersion.measured_norm
 
     def spied(self: Any) -> float:
         asked.append((self.version, self.norm is None))
         return real(self)
 
-    monkeypatch.setattr(rounds.ModelVersion, "measured_norm", spied)
+    monkeypatch.setattr(ModelVersion, "measured_norm", spied)
     engine, registry, store = make_engine(["a"], rounds=3)
     thread = run_in_thread(engine)
     for round_no in (1, 2, 3):
