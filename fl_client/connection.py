@@ -18,7 +18,13 @@ from typing import Any
 import grpc
 import torch
 
-from fl_core.constants import GCM_TAG_BYTES, RPC_TIMEOUT_S
+from fl_core.allocator import fix_mmap_threshold, fix_trim_threshold
+from fl_core.constants import (
+    CLIENT_MMAP_THRESHOLD_BYTES,
+    CLIENT_TRIM_THRESHOLD_BYTES,
+    GCM_TAG_BYTES,
+    RPC_TIMEOUT_S,
+)
 from fl_core.sealing import (
     SealError,
     StreamContext,
@@ -90,6 +96,21 @@ class SessionInfo:
     upload_digest: int = 0
 
 
+def keep_transfer_buffers() -> bool:
+    """Fixes glibc's thresholds for a process that moves models (CLIENT_MMAP_THRESHOLD_BYTES,
+    CLIENT_TRIM_THRESHOLD_BYTES); True where both took effect (False without glibc).
+
+    Every transfer allocates and frees the same message-sized buffers: gRPC's read
+    slices, each 1 MiB message, each sealed chunk. With glibc's dynamic thresholds a
+    freed run of them at the top of a thread's heap was handed back to the system and
+    the next ones were faulted in and zeroed again, page by page. The daemon's heaps now
+    keep up to CLIENT_TRIM_THRESHOLD_BYTES free for reuse; a model's tensors (from
+    CLIENT_MMAP_THRESHOLD_BYTES) still get mappings of their own, given back when freed.
+    Process-wide, and the same every time, so each connection may call it."""
+    fixed = fix_mmap_threshold(CLIENT_MMAP_THRESHOLD_BYTES)
+    return fix_trim_threshold(CLIENT_TRIM_THRESHOLD_BYTES) and fixed
+
+
 class ServerConnection:
     def __init__(self, server_target: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes,
                  client_id: str, model_type: str, num_examples: int,
@@ -99,6 +120,7 @@ class ServerConnection:
         self.client_id = client_id
         self.model_type = model_type
         self.num_examples = num_examples
+        keep_transfer_buffers()
         self._creds = channel_credentials(ca_pem, cert_pem, key_pem)
         self._options = channel_options(server_name)
         self._lock = threading.Lock()

@@ -208,6 +208,14 @@ SERVER_MMAP_THRESHOLD_BYTES: Final = 4 << 20
 # and faulted in again by the next (100k x 10: ~100,000 minor faults in 5 s of rounds,
 # 10x fewer at 8 MiB). The heaps are still given back between rounds (malloc_trim).
 SERVER_TRIM_THRESHOLD_BYTES: Final = 8 << 20
+# The hospital's daemon (fl_client/connection.py): glibc's dynamic thresholds left the
+# heaps handing back and faulting in again the buffers that every transfer churns
+# (gRPC's read slices, 1 MiB messages, sealed chunks): 34,000-40,000 minor faults per
+# no-op client per 100 MB round before, 21,000-25,000 with these (the download's own
+# buffer is ~25,600 of those: a model, once).
+# Model-sized tensors from 4 MiB are still mapped apart and given back when freed.
+CLIENT_MMAP_THRESHOLD_BYTES: Final = 4 << 20
+CLIENT_TRIM_THRESHOLD_BYTES: Final = 64 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
 # Elements of a new model's difference from the old taken at a time when the round
 # measures the step it made (fl_server/rounds.py step_and_size): 1 MiB of float32,
