@@ -47,6 +47,7 @@ from fl_server.metrics import OBSERVED
 from fl_server.model_pages import MappedModel
 from fl_server.store import (
     CHECKPOINT_MODEL_PREFIX,
+    PendingCheckpoint,
     RoundSummary,
     Store,
     StoreError,
@@ -617,43 +618,61 @@ class RoundEngine:
             # the largest update is the one left out of the retry.
             return self._spoiled(rs, f"aggregation refused: {exc}", largest(norms))
         fault_point("aggregate", round_no)  # tests only: off unless FL_FAULT_POINT names it
-        self.set_model(round_no, new_state)
-        problem = self._unusable(new_state)
-        if problem:
-            self._restore()
-            return self._spoiled(rs, f"the new model is not usable: {problem}", largest(norms))
-        rs.failed.update(self.excluded)
-        metrics = self.strategy.train_metrics(
-            [(u.num_examples, u.metrics) for u in rs.accepted.values()])
-        metrics.update(self.strategy.round_metrics())
-        if rs.secagg is not None:
-            metrics.update(rs.secagg.summary())
-        self._set_phase("evaluate")
-        metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
-        self._set_phase("checkpoint")
-        seconds = time.monotonic() - started - wait_s
-        model = self.current_model()
-        summary = RoundSummary(
-            selected=len(selected), reported=len(rs.accepted), failed=len(rs.failed),
-            seconds=seconds,
-            metrics={**metrics, "attempt": attempt, "wait_seconds": wait_s,
-                     "failures": rs.failed,
-                     "clients": {cid: self._client_summary(info)
-                                 for cid, info in rs.accepted.items()}})
-        self.store.complete_round(self.job_id, round_no, summary, model.state,
-                                  self.strategy.export_state(), model_sha256=model.sha256)
-        self.read_model_from_checkpoint()
-        round_completed(self.job_id, round_no, seconds, len(selected), len(rs.accepted),
-                        rs.failed, model.sha256)
-        with self._cv:
-            self.last_metrics = metrics
-        shown: dict[str, Any] = {k: f"{v:.4g}" for k, v in metrics.items()}
-        if rs.failed:
-            shown["failures"] = "; ".join(f"{k}: {v}" for k, v in sorted(rs.failed.items()))
-        log_event(log, "round_summary", job=self.job_id, round=round_no, selected=len(selected),
-                  reported=len(rs.accepted), failed=len(rs.failed), seconds=f"{seconds:.2f}",
-                  **shown)
+        # the checkpoint is written and flushed while the model is hashed and checked
+        new_state = {k: v.detach().contiguous() for k, v in new_state.items()}
+        pending = self._write_ahead(round_no, new_state)
+        try:
+            self.set_model(round_no, new_state)
+            problem = self._unusable(new_state)
+            if problem:
+                self._restore()
+                return self._spoiled(rs, f"the new model is not usable: {problem}", largest(norms))
+            rs.failed.update(self.excluded)
+            metrics = self.strategy.train_metrics(
+                [(u.num_examples, u.metrics) for u in rs.accepted.values()])
+            metrics.update(self.strategy.round_metrics())
+            if rs.secagg is not None:
+                metrics.update(rs.secagg.summary())
+            self._set_phase("evaluate")
+            metrics.update(self._evaluate(round_no, attempt, list(rs.accepted)))
+            self._set_phase("checkpoint")
+            seconds = time.monotonic() - started - wait_s
+            model = self.current_model()
+            summary = RoundSummary(
+                selected=len(selected), reported=len(rs.accepted), failed=len(rs.failed),
+                seconds=seconds,
+                metrics={**metrics, "attempt": attempt, "wait_seconds": wait_s,
+                         "failures": rs.failed,
+                         "clients": {cid: self._client_summary(info)
+                                     for cid, info in rs.accepted.items()}})
+            self.store.complete_round(self.job_id, round_no, summary, model.state,
+                                      self.strategy.export_state(), model_sha256=model.sha256,
+                                      pending=pending)
+            self.read_model_from_checkpoint()
+            round_completed(self.job_id, round_no, seconds, len(selected), len(rs.accepted),
+                            rs.failed, model.sha256)
+            with self._cv:
+                self.last_metrics = metrics
+            shown: dict[str, Any] = {k: f"{v:.4g}" for k, v in metrics.items()}
+            if rs.failed:
+                shown["failures"] = "; ".join(f"{k}: {v}" for k, v in sorted(rs.failed.items()))
+            log_event(log, "round_summary", job=self.job_id, round=round_no, selected=len(selected),
+                      reported=len(rs.accepted), failed=len(rs.failed), seconds=f"{seconds:.2f}",
+                      **shown)
+        finally:
+            if pending is not None:
+                pending.discard()  # a round not recorded: its file goes (no-op once installed)
         return True
+
+    def _write_ahead(self, round_no: int, state: Mapping[str, torch.Tensor]
+                     ) -> PendingCheckpoint | None:
+        """From PARALLEL_HASH_MIN_BYTES the new model's checkpoint is started on a thread
+        now (store.PendingCheckpoint), so its write and fsync overlap the model's hashes
+        and checks; below, a thread costs more than the write, done in complete_round."""
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        if size < PARALLEL_HASH_MIN_BYTES:
+            return None
+        return self.store.write_ahead(self.job_id, round_no, state, self.strategy.export_state())
 
     @staticmethod
     def _client_summary(update: AcceptedUpdate) -> dict[str, Any]:

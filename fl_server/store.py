@@ -222,6 +222,154 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A checkpoint written ahead of its model's hash (PendingCheckpoint) holds this in
+# place of the hex digest, which is written over it, same length, before the rename.
+_SHA_PLACEHOLDER = "0" * 64
+_SHA_FIELD = b'"model_sha256":"'
+
+
+def _write_temp_checkpoint(final: Path, job_id: str, round: int,
+                           model_state: Mapping[str, torch.Tensor],
+                           strategy_state: Mapping[str, torch.Tensor], model_sha: str) -> str:
+    """The checkpoint as a flushed temp file beside `final` (its name returned); the
+    caller renames it into place (`_install`) or removes it."""
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "job_id": job_id,
+        "round": str(round),
+        "model_sha256": model_sha,
+        "strategy_sha256": state_sha256(strategy_state),
+        # safetensors stores tensors sorted; the model's own order is part of its hash.
+        "model_order": json.dumps(list(model_state)),
+        "strategy_order": json.dumps(list(strategy_state)),
+    }
+    tensors = {
+        **_savable(model_state, _MODEL_PREFIX),
+        **_savable(strategy_state, _STRATEGY_PREFIX),
+    }
+    job_dir = final.parent
+    if not job_dir.is_dir():
+        job_dir.mkdir(parents=True)
+        _fsync_dir(job_dir.parent)
+    fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp_name, metadata=metadata)
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return tmp_name
+
+
+def _fill_in_model_sha(tmp_name: str, model_sha: str) -> None:
+    """Writes `model_sha` over the placeholder in the header of a checkpoint written
+    ahead, and flushes it: one page, the data is on disk already."""
+    if len(model_sha) != len(_SHA_PLACEHOLDER):
+        raise StoreError(f"model hash {model_sha!r} is not a SHA-256 hex digest")
+    fd = os.open(tmp_name, os.O_RDWR)
+    try:
+        size = int.from_bytes(os.pread(fd, 8, 0), "little")
+        header = os.pread(fd, size, 8)
+        field = _SHA_FIELD + _SHA_PLACEHOLDER.encode() + b'"'
+        at = header.find(field)
+        if at < 0 or header.find(field, at + 1) >= 0:
+            raise StoreError(f"{tmp_name}: no single model_sha256 placeholder in its header")
+        os.pwrite(fd, model_sha.encode("ascii"), 8 + at + len(_SHA_FIELD))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """The same names in the same order, each over the same memory and layout (views
+    of one model: `detach()`, a contiguous tensor's `contiguous()`)."""
+    if list(a) != list(b):
+        return False
+    return all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.dtype == y.dtype
+               and x.stride() == y.stride() for x, y in zip(a.values(), b.values(), strict=True))
+
+
+def _install(tmp_name: str, final: Path) -> None:
+    """Renames a flushed temp checkpoint into place, durably."""
+    os.replace(tmp_name, final)
+    _fsync_dir(final.parent)
+
+
+def _checkpoint_error(final: Path, exc: BaseException) -> StoreError:
+    hint = ""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # safetensors reports I/O errors as "... (os error 28)"
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code == errno.ENOSPC:
+        hint = " (disk full)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = " (read-only or not writable)"
+    return StoreError(
+        f"cannot write checkpoint {final}{hint}: {exc}; the round is not recorded and "
+        "earlier checkpoints are untouched"
+    )
+
+
+class PendingCheckpoint:
+    """A round's checkpoint written and flushed on a thread of its own while the round's
+    last steps run (the new model's hashes, its step bound, a federated evaluation). On
+    a 100 MB model the write and its fsync were ~0.2 s of the round's serial tail, the
+    disk busy and the cores idle (BENCHMARKS.md, issue 16 item 3). The model's SHA-256
+    is not known yet: the header holds a placeholder of the same length, which
+    `Store.complete_round` writes over before the file is renamed into place, so no
+    checkpoint path ever names a file without its hash. `discard` removes the file of a
+    round that is not recorded (an unusable model, a failure); a crash leaves a temp
+    file, removed at the next start like any other."""
+
+    def __init__(self, final: Path, job_id: str, round: int,
+                 model_state: Mapping[str, torch.Tensor],
+                 strategy_state: Mapping[str, torch.Tensor]) -> None:
+        self.final = final
+        self.round = round
+        self.model_state = model_state
+        self._tmp: str | None = None
+        self._error: BaseException | None = None
+        self._claimed = False
+        self._thread = threading.Thread(
+            target=self._write, args=(job_id, strategy_state), daemon=True,
+            name=f"checkpoint-{round}")
+        self._thread.start()
+
+    def _write(self, job_id: str, strategy_state: Mapping[str, torch.Tensor]) -> None:
+        try:
+            self._tmp = _write_temp_checkpoint(self.final, job_id, self.round, self.model_state,
+                                               strategy_state, _SHA_PLACEHOLDER)
+        except BaseException as exc:  # noqa: BLE001 - raised again by claim()
+            self._error = exc
+
+    def claim(self) -> str:
+        """The written temp file, once flushed; the writer's error if it failed. The
+        caller owns the file from then on."""
+        self._thread.join()
+        if self._claimed:
+            raise StoreError(f"checkpoint of round {self.round} already claimed")
+        self._claimed = True
+        if self._error is not None:
+            raise self._error
+        assert self._tmp is not None
+        return self._tmp
+
+    def discard(self) -> None:
+        """Removes the file unless `claim` took it (idempotent)."""
+        self._thread.join()
+        if not self._claimed and self._tmp is not None:
+            with suppress(OSError):
+                os.unlink(self._tmp)
+        self._claimed = True
+
+
 def _savable(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """safetensors wants contiguous tensors that share no storage; tied weights are cloned."""
     out: dict[str, torch.Tensor] = {}
@@ -459,22 +607,39 @@ class Store:
         model_state: Mapping[str, torch.Tensor],
         strategy_state: Mapping[str, torch.Tensor],
         model_sha256: str | None = None,
+        pending: PendingCheckpoint | None = None,
     ) -> RoundRecord:
         """Checkpoints the new global model, then records the round (exactly once).
 
         `model_sha256`, when the caller already holds `state_sha256(model_state)`,
-        spares hashing the whole model a second time.
+        spares hashing the whole model a second time. `pending`: the same checkpoint,
+        already being written (`write_ahead`); it is finished here instead of written
+        again (the strategy state is the one it was started with).
         """
         with self._lock:
             self._check_new_round(job_id, round)
-            sha, path = self._write_checkpoint(job_id, round, model_state, strategy_state,
-                                               model_sha256)
+            if pending is not None:
+                if pending.final != self.checkpoint_path(job_id, round) \
+                        or not _same_tensors(pending.model_state, model_state):
+                    raise StoreError(f"the checkpoint written ahead is not job {job_id!r}"
+                                     f" round {round}'s model")
+                sha, path = self._install_pending(pending, model_sha256)
+            else:
+                sha, path = self._write_checkpoint(job_id, round, model_state, strategy_state,
+                                                   model_sha256)
             with self._transaction() as conn:
                 self._insert_round(conn, job_id, round, summary, sha, self._relative(path))
                 self._insert_event(conn, job_id, "round_completed", {"round": round, "sha256": sha})
                 self._unreference_old_checkpoints(conn, job_id)
             self._delete_unreferenced_checkpoints(job_id, below=round)
             return self._round_record(job_id, round)
+
+    def write_ahead(self, job_id: str, round: int, model_state: Mapping[str, torch.Tensor],
+                    strategy_state: Mapping[str, torch.Tensor]) -> PendingCheckpoint:
+        """Starts writing round `round`'s checkpoint on a thread (PendingCheckpoint): pass
+        it to `complete_round`, or `discard` it."""
+        return PendingCheckpoint(self.checkpoint_path(job_id, round), job_id, round,
+                                 model_state, strategy_state)
 
     def record_failed_round(
         self, job_id: str, round: int, summary: RoundSummary, reason: str
@@ -698,55 +863,35 @@ class Store:
     ) -> tuple[str, Path]:
         """Writes a checkpoint so that the final path holds either the old file or the new."""
         model_sha = model_sha or state_sha256(model_state)
-        metadata = {
-            "format": CHECKPOINT_FORMAT,
-            "job_id": job_id,
-            "round": str(round),
-            "model_sha256": model_sha,
-            "strategy_sha256": state_sha256(strategy_state),
-            # safetensors stores tensors sorted; the model's own order is part of its hash.
-            "model_order": json.dumps(list(model_state)),
-            "strategy_order": json.dumps(list(strategy_state)),
-        }
-        tensors = {
-            **_savable(model_state, _MODEL_PREFIX),
-            **_savable(strategy_state, _STRATEGY_PREFIX),
-        }
         final = self.checkpoint_path(job_id, round)
-        job_dir = final.parent
         tmp_name: str | None = None
         try:
-            if not job_dir.is_dir():
-                job_dir.mkdir(parents=True)
-                _fsync_dir(job_dir.parent)
-            fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=f".{final.name}.", suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp_name, metadata=metadata)
-            fd = os.open(tmp_name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_name, final)
-            tmp_name = None
-            _fsync_dir(job_dir)
+            tmp_name = _write_temp_checkpoint(final, job_id, round, model_state, strategy_state,
+                                              model_sha)
+            _install(tmp_name, final)
         except Exception as exc:
             if tmp_name is not None:
                 with suppress(OSError):
                     os.unlink(tmp_name)
-            hint = ""
-            code = exc.errno if isinstance(exc, OSError) else None
-            if code is None:  # safetensors reports I/O errors as "... (os error 28)"
-                found = re.search(r"os error (\d+)", str(exc))
-                code = int(found.group(1)) if found else None
-            if code == errno.ENOSPC:
-                hint = " (disk full)"
-            elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-                hint = " (read-only or not writable)"
-            raise StoreError(
-                f"cannot write checkpoint {final}{hint}: {exc}; the round is not recorded and "
-                "earlier checkpoints are untouched"
-            ) from exc
+            raise _checkpoint_error(final, exc) from exc
+        return model_sha, final
+
+    def _install_pending(self, pending: PendingCheckpoint, model_sha: str | None
+                         ) -> tuple[str, Path]:
+        """`pending`'s file, its model hash written in, flushed and renamed into place."""
+        final = pending.final
+        try:
+            tmp_name = pending.claim()
+        except Exception as exc:  # the writer's own failure, raised again here
+            raise _checkpoint_error(final, exc) from exc
+        try:
+            model_sha = model_sha or state_sha256(pending.model_state)
+            _fill_in_model_sha(tmp_name, model_sha)
+            _install(tmp_name, final)
+        except Exception as exc:
+            with suppress(OSError):
+                os.unlink(tmp_name)
+            raise _checkpoint_error(final, exc) from exc
         return model_sha, final
 
     def _read_checkpoint(

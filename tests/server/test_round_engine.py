@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +23,7 @@ from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.config import ServerConfig
 from fl_server.rounds import ModelVersion, RoundEngine, RoundRefusal
-from fl_server.store import RoundSummary, state_sha256
+from fl_server.store import RoundSummary, Store, state_sha256
 from fl_server.strategies import make_strategy
 
 TIMEOUT_S = 20.0
@@ -95,7 +96,8 @@ class FakeStore:
 
     def complete_round(self, job_id: str, round_no: int, summary: RoundSummary,
                        model_state: dict[str, torch.Tensor], strategy_state: Any,
-                       model_sha256: str | None = None) -> None:
+                       model_sha256: str | None = None, pending: Any = None) -> None:
+        assert pending is None, "the engine's models here are below the write-ahead size"
         assert round_no not in self.completed, "a round recorded twice"
         self.completed[round_no] = (summary, {k: v.clone() for k, v in model_state.items()})
 
@@ -182,6 +184,53 @@ def test_the_step_bound_measures_each_models_norm_once(monkeypatch: pytest.Monke
     final = store.completed[3][1]
     expected = float(torch.cat([t.double().reshape(-1) for t in final.values()]).norm())
     assert engine.current_model().norm == pytest.approx(expected, rel=1e-6)  # 6 x sqrt(5)
+
+
+def test_a_large_models_checkpoint_is_written_ahead_and_an_unusable_ones_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From PARALLEL_HASH_MIN_BYTES the new model's checkpoint is written while the
+    model is hashed and checked (store.PendingCheckpoint): a usable model's round is
+    recorded with a checkpoint that verifies; an unusable model's attempt (its step
+    above the bound) records nothing and leaves no file behind."""
+    monkeypatch.setattr("fl_server.rounds.PARALLEL_HASH_MIN_BYTES", 0)  # every model
+    started: list[int] = []
+    real_write_ahead = Store.write_ahead
+
+    def spied(self: Store, job_id: str, round_no: int, *args: Any) -> Any:
+        started.append(round_no)
+        return real_write_ahead(self, job_id, round_no, *args)
+
+    monkeypatch.setattr(Store, "write_ahead", spied)
+    store = Store(tmp_path / "state")
+    try:
+        store.create_job("job-t", "sized", "fedavg", {}, total_rounds=2)
+        cfg = ServerConfig(rounds=2, min_clients=1, quorum=1.0, round_deadline_s=5.0,
+                           fed_eval=False, max_round_attempts=2, update_norm_factor=10.0)
+        registry = FakeRegistry(["a", "b"])
+        engine = RoundEngine(cfg, store, registry, make_strategy("fedavg"),  # type: ignore[arg-type]
+                             task=None, job_id="job-t", train_config=cpb.TrainConfig())
+        engine.set_model(0, {"w": torch.ones(4), "b": torch.ones(1)})
+        thread = run_in_thread(engine)
+        send(engine, registry, "a", 1, 0.5, 10, 0.5)
+        send(engine, registry, "b", 1, 0.5, 10, 0.5)
+        # round 2, attempt 1: the two updates agree with each other, but the step moves
+        # the model by far more than 10 x its norm; the larger one (b's) is left out
+        send(engine, registry, "a", 2, 1e6, 10, 0.5)
+        send(engine, registry, "b", 2, 2e6, 10, 0.5)
+        # attempt 2 runs without b
+        send(engine, registry, "a", 2, 0.5, 10, 0.5)
+        thread.join(TIMEOUT_S)
+        assert engine.job_state == "completed"
+        assert started == [1, 2, 2]  # both attempts of round 2 were written ahead
+        assert [r.round for r in store.rounds("job-t")] == [1, 2]
+        for round_no, value in ((1, 1.5), (2, 2.0)):
+            model, _ = store.load_checkpoint("job-t", round_no)  # verifies its hash
+            assert torch.equal(model["w"], torch.full((4,), value)), (round_no, model)
+        job_dir = store.checkpoint_path("job-t", 1).parent
+        assert not list(job_dir.glob(".*.tmp"))  # the refused attempt's file is gone
+        assert engine.current_model().sha256 == store.rounds("job-t")[-1].model_sha256
+    finally:
+        store.close()
 
 
 def test_each_hospital_is_sent_the_models_manifest_in_its_own_digest() -> None:

@@ -430,6 +430,109 @@ def test_checkpoint_directory_that_is_a_file(store: Store) -> None:
     assert store.last_completed_round("job2") == 0
 
 
+# ------------------------------------------------------- checkpoints written ahead
+def test_a_checkpoint_written_ahead_is_the_same_file_once_recorded(tmp_path: Path) -> None:
+    """write_ahead starts the file before the model's hash is known; complete_round
+    writes the hash in: the file the synchronous write gives, verified by the store's
+    own read."""
+    files = {}
+    for way in ("now", "ahead"):
+        store = Store(tmp_path / way)
+        try:
+            new_job(store)
+            state, strategy = model_state(1), strategy_state(1)
+            pending = store.write_ahead("job1", 1, state, strategy) if way == "ahead" else None
+            record = store.complete_round("job1", 1, SUMMARY, state, strategy, pending=pending)
+            assert record.model_sha256 == state_sha256(state)
+            model, strat = store.load_checkpoint("job1", 1)
+            assert_same(model, state)
+            assert_same(strat, strategy)
+            path = store.checkpoint_path("job1", 1)
+            files[way] = path.read_bytes()
+            assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp left
+        finally:
+            store.close()
+    def parts(data: bytes) -> tuple[Any, bytes]:
+        size = int.from_bytes(data[:8], "little")
+        return json.loads(data[8:8 + size]), data[8 + size:]
+
+    # the same header (safetensors orders its metadata differently from file to file)
+    # and the same tensor bytes
+    assert parts(files["ahead"]) == parts(files["now"])
+
+
+def test_a_checkpoint_written_ahead_and_discarded_leaves_nothing(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    job_dir = store.checkpoint_path("job1", 1).parent
+    before = sorted(p.name for p in job_dir.iterdir())
+    pending = store.write_ahead("job1", 2, model_state(2), {})
+    pending.discard()
+    pending.discard()  # twice: a no-op
+    assert sorted(p.name for p in job_dir.iterdir()) == before
+    assert store.last_completed_round("job1") == 1
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # the round, written now
+    assert_same(store.load_checkpoint("job1", 2)[0], model_state(2))
+
+
+def test_a_checkpoint_written_ahead_of_another_model_is_refused(store: Store) -> None:
+    new_job(store)
+    state = model_state(1)
+    pending = store.write_ahead("job1", 1, state, {})
+    with pytest.raises(StoreError, match="written ahead is not job 'job1' round 1's model"):
+        store.complete_round("job1", 1, SUMMARY, model_state(1), {}, pending=pending)
+    with pytest.raises(StoreError, match="written ahead is not job 'job1' round 2's model"):
+        store.complete_round("job1", 2, SUMMARY, state, {}, pending=pending)
+    assert store.last_completed_round("job1") == 0
+    pending.discard()
+    assert not store.checkpoint_path("job1", 1).parent.exists() \
+        or not list(store.checkpoint_path("job1", 1).parent.iterdir())
+    # views of the same tensors are the same model (the engine's detach().contiguous())
+    pending = store.write_ahead("job1", 1, state, {})
+    views = {k: v.detach().contiguous() for k, v in state.items()}
+    store.complete_round("job1", 1, SUMMARY, views, {}, pending=pending)
+    assert_same(store.load_checkpoint("job1", 1)[0], state)
+
+
+def test_a_checkpoint_written_ahead_that_fails_is_not_recorded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    real_save = store_mod.save_file
+
+    def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
+        real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(store_mod, "save_file", failing_save)
+    pending = store.write_ahead("job1", 2, model_state(2), {})
+    with pytest.raises(StoreError, match=r"round_000002.*\(disk full\).*not recorded"):
+        store.complete_round("job1", 2, SUMMARY, pending.model_state, {}, pending=pending)
+    pending.discard()
+    monkeypatch.undo()
+    assert [r.round for r in store.rounds("job1")] == [1]
+    assert sorted(p.name for p in store.checkpoint_path("job1", 1).parent.iterdir()) == [
+        "round_000001.safetensors"
+    ]
+    store.complete_round("job1", 2, SUMMARY, model_state(2), {})  # retry once space is back
+
+
+def test_a_checkpoint_written_ahead_for_a_recorded_round_is_refused(store: Store) -> None:
+    new_job(store)
+    store.complete_round("job1", 1, SUMMARY, model_state(1), {})
+    recorded = store.checkpoint_path("job1", 1).read_bytes()
+    state = model_state(5)
+    pending = store.write_ahead("job1", 1, state, {})
+    with pytest.raises(RoundAlreadyRecorded):
+        store.complete_round("job1", 1, SUMMARY, state, {}, pending=pending)
+    pending.discard()
+    assert store.checkpoint_path("job1", 1).read_bytes() == recorded  # the recorded file
+    assert [p.name for p in store.checkpoint_path("job1", 1).parent.iterdir()] == [
+        "round_000001.safetensors"
+    ]
+
+
 # ---------------------------------------------------------------- clients and reports
 def test_reports_clients_and_events(store: Store) -> None:
     new_job(store)
