@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +227,11 @@ class RoundEngine:
         plain = {k: v.detach().contiguous() for k, v in state.items()}
         manifest, sha = hash_model(plain)
         model = ModelVersion(version, plain, manifest, sha)
+        if manifest.total_bytes >= MAPPED_MODEL_MIN_BYTES:
+            # once nothing holds this version (it is served from its checkpoint, and the
+            # last download from memory has ended), the strategy may write the next
+            # round's sums into its memory instead of faulting in a model's worth anew
+            weakref.finalize(model, self.strategy.recycle, plain).atexit = False
         with self._cv:  # hashed outside: task streams read the model under this lock
             self.model = model
 

@@ -253,6 +253,12 @@ class Strategy(ABC):
             self._client_ids.append(client_id)
             self._examples.append(examples)
 
+    def recycle(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Offers the tensors of a global model nothing reads any more (the server calls
+        it once the model's last reference is gone); a strategy that made them may write
+        its next round's sums into them instead of into fresh memory. Most keep nothing."""
+        return None
+
     def finish_round(self) -> dict[str, torch.Tensor]:
         """Returns the new global state: same names, dtypes, shapes and order as the old."""
         with self._lock:

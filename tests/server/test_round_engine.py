@@ -25,6 +25,7 @@ from fl_server.config import ServerConfig
 from fl_server.rounds import ModelVersion, RoundEngine, RoundRefusal
 from fl_server.store import RoundSummary, Store, state_sha256
 from fl_server.strategies import make_strategy
+from fl_server.strategies.fedavg import FedAvg
 
 TIMEOUT_S = 20.0
 
@@ -229,6 +230,48 @@ def test_a_large_models_checkpoint_is_written_ahead_and_an_unusable_ones_removed
         job_dir = store.checkpoint_path("job-t", 1).parent
         assert not list(job_dir.glob(".*.tmp"))  # the refused attempt's file is gone
         assert engine.current_model().sha256 == store.rounds("job-t")[-1].model_sha256
+    finally:
+        store.close()
+
+
+def test_a_round_writes_its_sums_into_the_memory_of_the_model_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large model is served from its checkpoint once recorded; the in-memory model
+    it replaced, once nothing holds it, is given to FedAvg, and the next round's sums
+    are written into that memory instead of a fresh model's worth of pages. The
+    recorded models are unchanged by it."""
+    monkeypatch.setattr("fl_server.rounds.MAPPED_MODEL_MIN_BYTES", 0)  # every model
+    reused: list[bool] = []
+    real_spare_for = FedAvg._spare_for
+
+    def spied(self: FedAvg, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        spare = real_spare_for(self, name, like)
+        reused.append(spare is not None)
+        return spare
+
+    monkeypatch.setattr(FedAvg, "_spare_for", spied)
+    store = Store(tmp_path / "state")
+    try:
+        store.create_job("job-t", "sized", "fedavg", {}, total_rounds=3)
+        cfg = ServerConfig(rounds=3, min_clients=1, quorum=1.0, round_deadline_s=5.0,
+                           fed_eval=False, max_round_attempts=1)
+        registry = FakeRegistry(["a"])
+        engine = RoundEngine(cfg, store, registry, make_strategy("fedavg"),  # type: ignore[arg-type]
+                             task=None, job_id="job-t", train_config=cpb.TrainConfig())
+        engine.set_model(0, {"w": torch.ones(4), "b": torch.ones(1)})
+        thread = run_in_thread(engine)
+        for round_no in (1, 2, 3):
+            send(engine, registry, "a", round_no, 0.5, 10, 0.5)
+        thread.join(TIMEOUT_S)
+        assert engine.job_state == "completed"
+        # round 1's sums are fresh (the model before it is the initial one, not sums);
+        # rounds 2 and 3 write into the memory of the model the round before made
+        assert reused == [False, False, True, True, True, True], reused
+        for round_no in (1, 2, 3):
+            model, _ = store.load_checkpoint("job-t", round_no)  # verifies its hash
+            assert torch.equal(model["w"], torch.full((4,), 1 + 0.5 * round_no))
+        assert engine.current_model().pages is not None  # served from the checkpoint
+        assert torch.equal(engine.current_model().state["w"], torch.full((4,), 2.5))
     finally:
         store.close()
 

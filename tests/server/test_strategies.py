@@ -609,3 +609,68 @@ def test_norm_bounding_measures_huge_updates_exactly() -> None:
     ) / 4
     np.testing.assert_allclose(result["w"].numpy(), expected, rtol=1e-6)
     assert s.clipped == {"hospital_0": pytest.approx(5e25)}  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------- FedAvg's sums in the last model's memory
+def _fedavg_round(strategy: Strategy, global_state: Tensors, deltas: Sequence[Tensors]
+                  ) -> Tensors:
+    strategy.begin_round(global_state)
+    for i, delta in enumerate(deltas):
+        strategy.accept(f"h{i}", delta, 1 + i)
+    return strategy.finish_round()
+
+
+def _deltas(seed: int) -> list[Tensors]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"w": torch.randn(64, 8, generator=g), "b": torch.randn(8, generator=g),
+             "steps": torch.tensor(3)} for _ in range(3)]
+
+
+def test_fedavg_writes_the_next_sums_into_a_released_models_memory() -> None:
+    """Once the server lets go of the model a round returned (its sums, with the old
+    model added), `recycle` keeps that memory and the next round's sums are written
+    into it: the same result as in fresh memory."""
+    start = {"w": torch.zeros(64, 8), "b": torch.ones(8), "steps": torch.tensor(0)}
+    strategy, fresh = make_strategy("fedavg"), make_strategy("fedavg")
+    first = _fedavg_round(strategy, start, _deltas(1))
+    served = {k: v.clone() for k, v in first.items()}  # the model as its checkpoint serves it
+    addresses = {k: first[k].data_ptr() for k in ("w", "b")}
+    strategy.recycle(first)  # (`first` stays referenced: no address freed and taken again)
+    second = _fedavg_round(strategy, served, _deltas(2))
+    assert {k: second[k].data_ptr() for k in ("w", "b")} == addresses
+    expected = _fedavg_round(fresh, served, _deltas(2))
+    for name in expected:
+        assert torch.equal(second[name], expected[name]), name
+
+
+def test_fedavg_keeps_only_its_own_last_sums_and_only_before_a_round_folds() -> None:
+    start = {"w": torch.zeros(64, 8), "b": torch.ones(8), "steps": torch.tensor(0)}
+    strategy = make_strategy("fedavg")
+    first = _fedavg_round(strategy, start, _deltas(1))
+    served = {k: v.clone() for k, v in first.items()}
+    strangers = {k: v.clone() for k, v in first.items()}  # same shapes, not its memory
+    strategy.recycle(strangers)
+    second = _fedavg_round(strategy, served, _deltas(2))
+    assert all(second[k].data_ptr() != strangers[k].data_ptr() for k in ("w", "b"))
+    # offered while a round has begun its sums: not kept (it would add a model's memory)
+    strategy.begin_round({k: v.clone() for k, v in second.items()})
+    strategy.accept("h0", _deltas(3)[0], 1)
+    strategy.recycle(second)
+    strategy.accept("h1", _deltas(3)[1], 1)
+    third = strategy.finish_round()
+    strategy.begin_round({k: v.clone() for k, v in third.items()})
+    strategy.accept("h0", _deltas(4)[0], 1)
+    fourth = strategy.finish_round()
+    assert all(fourth[k].data_ptr() != second[k].data_ptr() for k in ("w", "b"))
+
+
+def test_a_strategy_that_derives_its_step_from_the_mean_keeps_nothing() -> None:
+    """FedAvgM's step is its velocity, which it keeps: its returned model's memory is
+    not FedAvg's sums to write into."""
+    start = {"w": torch.zeros(64, 8), "b": torch.ones(8), "steps": torch.tensor(0)}
+    strategy = make_strategy("fedavgm", beta=0.9)
+    first = _fedavg_round(strategy, start, _deltas(1))
+    served = {k: v.clone() for k, v in first.items()}
+    strategy.recycle(first)
+    second = _fedavg_round(strategy, served, _deltas(2))
+    assert all(second[k].data_ptr() != first[k].data_ptr() for k in ("w", "b"))
