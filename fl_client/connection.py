@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import torch
 
-from fl_core.allocator import fix_mmap_threshold, fix_trim_threshold
+from fl_core.allocator import fix_thresholds
 from fl_core.constants import (
     CLIENT_MMAP_THRESHOLD_BYTES,
     CLIENT_TRIM_THRESHOLD_BYTES,
@@ -107,8 +107,7 @@ def keep_transfer_buffers() -> bool:
     keep up to CLIENT_TRIM_THRESHOLD_BYTES free for reuse; a model's tensors (from
     CLIENT_MMAP_THRESHOLD_BYTES) still get mappings of their own, given back when freed.
     Process-wide, and the same every time, so each connection may call it."""
-    fixed = fix_mmap_threshold(CLIENT_MMAP_THRESHOLD_BYTES)
-    return fix_trim_threshold(CLIENT_TRIM_THRESHOLD_BYTES) and fixed
+    return fix_thresholds(CLIENT_MMAP_THRESHOLD_BYTES, CLIENT_TRIM_THRESHOLD_BYTES)
 
 
 class ServerConnection:

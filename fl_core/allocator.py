@@ -49,6 +49,13 @@ def fix_trim_threshold(threshold_bytes: int) -> bool:
     return _mallopt(_M_TRIM_THRESHOLD, threshold_bytes)
 
 
+def fix_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """`fix_mmap_threshold` and `fix_trim_threshold` together, as a process's policy;
+    True where both took effect (False without glibc)."""
+    fixed = fix_mmap_threshold(mmap_bytes)
+    return fix_trim_threshold(trim_bytes) and fixed
+
+
 def release_free_heap() -> bool:
     """Hand the free pages of every malloc heap back to the system (glibc's
     malloc_trim(0)): True where something was released. Memory freed by many threads

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import grpc
 import torch
 
-from fl_core.allocator import can_drop_pages, drop_pages, fix_mmap_threshold, fix_trim_threshold
+from fl_core.allocator import can_drop_pages, drop_pages, fix_thresholds
 from fl_core.constants import (
     GCM_TAG_BYTES,
     SERVER_MMAP_THRESHOLD_BYTES,
@@ -121,8 +121,7 @@ def return_freed_tensors_to_the_os() -> bool:
     100 MB x 4 server held 600-700 MB of such anonymous memory at its peak instead of
     giving each round's model back (BENCHMARKS.md section 3, issue 16 item 3). The trim
     threshold goes up with it, so message-sized buffers are reused, not faulted in anew."""
-    fixed = fix_mmap_threshold(SERVER_MMAP_THRESHOLD_BYTES)
-    return fix_trim_threshold(SERVER_TRIM_THRESHOLD_BYTES) and fixed
+    return fix_thresholds(SERVER_MMAP_THRESHOLD_BYTES, SERVER_TRIM_THRESHOLD_BYTES)
 
 
 class _SpoolPages:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import resource
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,16 @@ from fl_core.allocator import can_drop_pages, fix_trim_threshold
 from fl_server.aggregator import _SpoolPages, return_freed_tensors_to_the_os
 from fl_server.rounds import step_and_size
 from fl_server.strategies import make_strategy
+from tests.memory_probe import (
+    anon_growth_after_freeing_model_tensors,
+    libc_heap,
+    rss,
+    thread_minor_faults,
+)
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(not can_drop_pages(),
                                 reason="no madvise(MADV_DONTNEED) here: pages are kept")
-
-
-def rss(field: str = "RssFile") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/self/status")
 
 
 def rss_file() -> int:
@@ -93,19 +90,7 @@ def test_freed_model_tensors_leave_the_process() -> None:
     instead of staying in glibc's per-thread heaps."""
     if not return_freed_tensors_to_the_os():
         pytest.skip("not glibc")
-
-    def churn() -> None:
-        for _ in range(3):
-            kept = [torch.ones(4 * MiB) for _ in range(4)]
-            del kept
-
-    before = rss("RssAnon")
-    workers = [threading.Thread(target=churn) for _ in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert rss("RssAnon") - before < 16 * MiB
+    assert anon_growth_after_freeing_model_tensors() < 16 * MiB
 
 
 def test_freed_message_buffers_are_reused_without_faulting_their_pages_in_again() -> None:
@@ -117,30 +102,18 @@ def test_freed_message_buffers_are_reused_without_faulting_their_pages_in_again(
     first: a process that has freed a large mapping already has a higher one."""
     if not fix_trim_threshold(128 << 10) or not return_freed_tensors_to_the_os():
         pytest.skip("not glibc")
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    faults: list[int] = []
+    libc = libc_heap()
+    buffers = 100
 
     def churn() -> None:
-        def minor_faults() -> int:
-            return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-
-        buffers = 100
-        libc.free(libc.malloc(MiB))  # the thread's heap, once
-        start = minor_faults()
         for _ in range(buffers):
             address = libc.malloc(MiB)
             ctypes.memset(address, 1, MiB)
             libc.free(address)
-        faults.append(minor_faults() - start)
 
-    worker = threading.Thread(target=churn)
-    worker.start()
-    worker.join(60)
+    faults = thread_minor_faults(lambda: libc.free(libc.malloc(MiB)), churn)  # its heap, once
     pages_per_buffer = MiB // mmap.PAGESIZE
-    assert faults and faults[0] < 10 * pages_per_buffer, faults  # ~1, not ~100, buffers
+    assert faults < 10 * pages_per_buffer, faults  # ~1, not ~100, buffers
 
 
 def test_step_and_size_match_float64_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,6 +127,20 @@ def make_engine(clients: list[str], strategy: str = "fedavg", **cfg_values: Any
     return engine, registry, store
 
 
+def make_stored_engine(store: Store, clients: list[str], **cfg_values: Any
+                       ) -> tuple[RoundEngine, FakeRegistry]:
+    """An engine over a real Store (job "job-t", FedAvg, from w = 1, b = 1)."""
+    values: dict[str, Any] = {"min_clients": 1, "quorum": 1.0, "round_deadline_s": 5.0,
+                              "fed_eval": False, "max_round_attempts": 1, **cfg_values}
+    store.create_job("job-t", "sized", "fedavg", {}, total_rounds=values["rounds"])
+    registry = FakeRegistry(clients)
+    engine = RoundEngine(ServerConfig(**values), store, registry,  # type: ignore[arg-type]
+                         make_strategy("fedavg"), task=None, job_id="job-t",
+                         train_config=cpb.TrainConfig())
+    engine.set_model(0, {"w": torch.ones(4), "b": torch.ones(1)})
+    return engine, registry
+
+
 def run_in_thread(engine: RoundEngine) -> threading.Thread:
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
@@ -204,13 +218,8 @@ def test_a_large_models_checkpoint_is_written_ahead_and_an_unusable_ones_removed
     monkeypatch.setattr(Store, "write_ahead", spied)
     store = Store(tmp_path / "state")
     try:
-        store.create_job("job-t", "sized", "fedavg", {}, total_rounds=2)
-        cfg = ServerConfig(rounds=2, min_clients=1, quorum=1.0, round_deadline_s=5.0,
-                           fed_eval=False, max_round_attempts=2, update_norm_factor=10.0)
-        registry = FakeRegistry(["a", "b"])
-        engine = RoundEngine(cfg, store, registry, make_strategy("fedavg"),  # type: ignore[arg-type]
-                             task=None, job_id="job-t", train_config=cpb.TrainConfig())
-        engine.set_model(0, {"w": torch.ones(4), "b": torch.ones(1)})
+        engine, registry = make_stored_engine(store, ["a", "b"], rounds=2,
+                                              max_round_attempts=2, update_norm_factor=10.0)
         thread = run_in_thread(engine)
         send(engine, registry, "a", 1, 0.5, 10, 0.5)
         send(engine, registry, "b", 1, 0.5, 10, 0.5)
@@ -252,13 +261,7 @@ def test_a_round_writes_its_sums_into_the_memory_of_the_model_before(
     monkeypatch.setattr(FedAvg, "_spare_for", spied)
     store = Store(tmp_path / "state")
     try:
-        store.create_job("job-t", "sized", "fedavg", {}, total_rounds=3)
-        cfg = ServerConfig(rounds=3, min_clients=1, quorum=1.0, round_deadline_s=5.0,
-                           fed_eval=False, max_round_attempts=1)
-        registry = FakeRegistry(["a"])
-        engine = RoundEngine(cfg, store, registry, make_strategy("fedavg"),  # type: ignore[arg-type]
-                             task=None, job_id="job-t", train_config=cpb.TrainConfig())
-        engine.set_model(0, {"w": torch.ones(4), "b": torch.ones(1)})
+        engine, registry = make_stored_engine(store, ["a"], rounds=3)
         thread = run_in_thread(engine)
         for round_no in (1, 2, 3):
             send(engine, registry, "a", round_no, 0.5, 10, 0.5)
