@@ -22,7 +22,9 @@ bench.aggregation) or checkpointing (bench.rounds).
 
 Receiver memory: the peak RSS growth of the receiving process over the transfer
 (VmHWM after, minus VmRSS before, with VmHWM reset via /proc/<pid>/clear_refs just
-before): the client for downloads, the server for uploads.
+before): the client for downloads, the server for uploads. The client lets go of the
+buffer the last sealed download left for reuse (fl_core/receive_buffers.py) before each
+one: every download here is a cold first fetch, whose buffer is counted in full.
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ def client(args: argparse.Namespace) -> int:
     from bench.sized_model import make_state
     from fl_client.connection import ServerConnection
     from fl_core.constants import CHUNK_SIZE
+    from fl_core.receive_buffers import RECEIVE_BUFFERS
     from fl_core.tensor_codec import build_manifest
     from fl_core.tls import channel_credentials, channel_options
     from fl_proto import coordinator_pb2 as cpb
@@ -271,6 +274,9 @@ def client(args: argparse.Namespace) -> int:
         for variant in ("plain", "mtls", "sealed"):
             if variant == "sealed":
                 task = next_train()
+                # a cold fetch, as the plain paths' are: without the buffer the last
+                # run's model left (fl_core/receive_buffers.py) in RSS before and reused
+                RECEIVE_BUFFERS.clear()
                 s, grow, model, cpu = _measure(
                     lambda t=task: conn.fetch_model(t, t.model_manifest), "self")
                 assert sum(t.numel() * t.element_size() for t in model.values()) == total

@@ -179,6 +179,10 @@ ASYNC_HASH_MIN_CHUNKS: Final = 4
 # stream the mapping cost a mmap and a munmap call and its page faults: 164 us per
 # 400 KB stream against 6 us from the heap here (issue 16 item 2).
 HEAP_STREAM_MAX_BYTES: Final = 1 << 20
+# The last freed of those mappings is kept, resident, for the next stream of its size
+# (fl_core/receive_buffers.py: a hospital's next download), up to this size: one model's
+# worth of memory held between rounds, against faulting a whole model in every round.
+RECEIVE_SPARE_MAX_BYTES: Final = 1 << 30
 # A spooled upload decrypts into this many chunk-sized buffers in turn; each is free
 # again once its chunk is hashed (bounds the memory hashing may lag behind by).
 SPOOL_SCRATCH_CHUNKS: Final = 4

@@ -51,6 +51,7 @@ from fl_core.constants import (
     PARALLEL_HASH_MIN_BYTES,
     SPOOL_SCRATCH_CHUNKS,
 )
+from fl_core.receive_buffers import RECEIVE_BUFFERS
 from fl_proto import tensors_pb2
 
 if TYPE_CHECKING:
@@ -736,7 +737,7 @@ class StreamAssembler:
         self._scratch_free: list[threading.Event] = []
         self._spool_path = Path(spool_path) if spool_path is not None else None
         self._fd: int | None = None
-        self._memory: mmap.mmap | bytearray | None = None
+        self._memory: memoryview | bytearray | None = None
         self._view: memoryview | None = None
         if self._spool_path is None:
             if resume_at:
@@ -1014,7 +1015,7 @@ class StreamAssembler:
         self._release()
         return tensors
 
-    def _result_buffer(self) -> mmap.mmap | bytearray:
+    def _result_buffer(self) -> mmap.mmap | memoryview | bytearray:
         if self._memory is not None:
             return self._memory
         if self._total == 0:
@@ -1099,25 +1100,23 @@ def _sum_of_squares(piece: memoryview, dtype: torch.dtype) -> float:
     return norm * norm
 
 
-def _anonymous_buffer(size: int) -> mmap.mmap | bytearray:
+def _anonymous_buffer(size: int) -> memoryview | bytearray:
     """Memory for a whole stream, its pages committed in one go.
 
-    Populating the mapping up front costs about half of what faulting each page in
-    as chunks land does, and no zero-fill pass is needed (unlike a bytearray). A
-    small stream's buffer comes from the heap instead (HEAP_STREAM_MAX_BYTES): the
-    mapping's system calls cost far more than zeroing a few hundred KB.
+    Populating a mapping up front costs about half of what faulting each page in as
+    chunks land does, and no zero-fill pass is needed (unlike a bytearray); the last
+    mapping freed is reused, resident, for the next stream of its size
+    (fl_core/receive_buffers.py). A small stream's buffer comes from the heap instead
+    (HEAP_STREAM_MAX_BYTES): the mapping's system calls cost far more than zeroing a
+    few hundred KB.
     """
     if size <= HEAP_STREAM_MAX_BYTES:
         return bytearray(size)
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-        return mmap.mmap(-1, size, flags=flags)
-    return mmap.mmap(-1, size)
+    return RECEIVE_BUFFERS.take(size)
 
 
 def _tensor_view(
-    buffer: mmap.mmap | bytearray, spec: tensors_pb2.TensorSpec, start: int
+    buffer: mmap.mmap | memoryview | bytearray, spec: tensors_pb2.TensorSpec, start: int
 ) -> torch.Tensor:
     dtype = dtype_from_proto(spec.dtype, spec.name)
     shape = tuple(spec.shape)
