@@ -6,18 +6,19 @@
 
 Issue 16 item 2 asks for at most 3 ms of server CPU per hospital and round on the
 100k-parameter model with 10 hospitals. Such a round moves, per hospital, one pushed
-task that carries the model (~400 KB) and one uploaded update (a header message,
-then ~400 KB) answered by a receipt. This benchmark moves exactly those messages, of
-those sizes, over mutual TLS with the server's own gRPC options and credentials, and
-does nothing else with them: no protobuf, no sealing, no hashing, no aggregation, no
-store. It gives the server's CPU per hospital and round two ways, alternating in
-every run so drift hits both alike:
+task that carries the model (~400 KB) and one uploaded update answered by a receipt:
+a header and ~400 KB in one unary call (SubmitSmallUpdate), or, with `--chunk`, a
+header message and then the chunks on a client stream (SubmitUpdate). This benchmark
+moves exactly those messages, of those sizes, over mutual TLS with the server's own
+gRPC options and credentials, and does nothing else with them: no protobuf, no
+sealing, no hashing, no aggregation, no store. It gives the server's CPU per hospital
+and round two ways, alternating in every run so drift hits both alike:
 
   aio     the handlers as grpc.aio coroutines on the event loop: gRPC's own cost
   bridge  the same handlers as synchronous code behind fl_server.serving.AioServer,
           the server's real front: the task pushed from a generator woken out of an
-          Idle, the upload handled on the loop once read whole when it is a header and
-          one chunk (as the server's small uploads), on a worker thread otherwise
+          Idle, a one-call upload handled on the loop (as the server's small uploads),
+          a streamed one on a worker thread
 
   server  the real server with no-op hospitals on the same traffic (bench.rounds'
           "100k x10" scenario: the whole round, sealed, hashed, aggregated, stored)
@@ -141,18 +142,25 @@ def serve_aio(args: argparse.Namespace) -> dict[str, float]:
                 if not message:
                     return
 
-        async def upload(requests: Any, context: Any) -> bytes:
+        def uploaded() -> bytes:
             nonlocal uploads
-            async for _ in requests:
-                pass
             uploads += 1
             if uploads == args.hospitals:
                 round_over.set()
             return b"ok"
 
+        async def upload(requests: Any, context: Any) -> bytes:
+            async for _ in requests:
+                pass
+            return uploaded()
+
+        async def upload_small(request: bytes, context: Any) -> bytes:
+            return uploaded()
+
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Tasks": grpc.unary_stream_rpc_method_handler(tasks),
-            "Upload": grpc.stream_unary_rpc_method_handler(upload)})
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "UploadSmall": grpc.unary_unary_rpc_method_handler(upload_small)})
         server = grpc.aio.server(handlers=[handler], options=SERVER_OPTIONS)
         port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
         await server.start()
@@ -212,15 +220,21 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
             if not message:
                 return
 
-    def upload(requests: Iterator[bytes], context: Any) -> bytes:
+    def uploaded() -> bytes:
         nonlocal uploads
-        for _ in requests:
-            pass
         with lock:
             uploads += 1
             if uploads == args.hospitals:
                 round_over.set()
         return b"ok"
+
+    def upload(requests: Iterator[bytes], context: Any) -> bytes:
+        for _ in requests:
+            pass
+        return uploaded()
+
+    def upload_small(request: bytes, context: Any) -> bytes:
+        return uploaded()
 
     def push(messages: list[bytes]) -> None:
         with lock:
@@ -233,11 +247,12 @@ def serve_bridge(args: argparse.Namespace) -> dict[str, float]:
 
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Tasks": grpc.unary_stream_rpc_method_handler(tasks),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload)})
+        "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        "UploadSmall": grpc.unary_unary_rpc_method_handler(upload_small)})
     # as many workers as the real server starts for this load (they are made on demand)
     server = AioServer(max_workers=args.hospitals + 1, options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
-    server.run_on_loop_when_read(f"/{SERVICE}/Upload", lambda messages: len(messages) <= 2)
+    server.run_on_loop_when_read(f"/{SERVICE}/UploadSmall", lambda messages: True)
     port = server.add_secure_port("127.0.0.1:0", _credentials(args.work))
     server.start()
     _ready(args.ready, port)
@@ -274,7 +289,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def client(args: argparse.Namespace) -> int:
     """One thread and channel per hospital: take each round's pushed messages, send them
-    back behind a header."""
+    back behind a header: in one call when they are one message, as the hospitals'
+    small updates go, else on a stream."""
     import grpc
 
     from fl_core.tls import channel_credentials, channel_options
@@ -290,15 +306,20 @@ def client(args: argparse.Namespace) -> int:
                                  options=options) as channel:
             tasks = channel.unary_stream(f"/{SERVICE}/Tasks", None, None)
             upload = channel.stream_unary(f"/{SERVICE}/Upload", None, None)
+            upload_small = channel.unary_unary(f"/{SERVICE}/UploadSmall", None, None)
             got: list[bytes] = []
             try:
                 for message in tasks(b"", timeout=3600):
                     if not message:
                         return
                     got.append(message)
-                    if len(got) == args.parts:
+                    if len(got) < args.parts:
+                        continue
+                    if args.parts == 1:
+                        upload_small(header + got[0], timeout=600)
+                    else:
                         upload(iter((header, *got)), timeout=600)
-                        got = []
+                    got = []
             except grpc.RpcError as exc:
                 failures.append(f"{exc.code().name}: {exc.details()}")
 

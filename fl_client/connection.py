@@ -141,6 +141,9 @@ class ServerConnection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.resumes = 0
+        # a one-chunk update goes in one unary call (SubmitSmallUpdate) until a server
+        # without it answers UNIMPLEMENTED; then this connection streams them
+        self.small_updates = True
 
     # connection and session ---------------------------------------------------------
     def connect(self) -> None:
@@ -149,6 +152,7 @@ class ServerConnection:
         self.coordinator = cpb_grpc.CoordinatorStub(self.channel)
         self.aggregator = AggregatorStub(self.channel)
         self.session = None
+        self.small_updates = True  # this channel's server may be another version
 
     def close(self) -> None:
         if self.channel is not None:
@@ -306,7 +310,9 @@ class ServerConnection:
                       on_progress: ProgressFn | None = None,
                       stop: threading.Event | None = None) -> apb.UpdateReceipt:
         """Stream the update sealed; on a cut connection ask the server how far it got
-        and continue from there, not from zero.
+        and continue from there, not from zero. An update of one chunk (a small
+        model's) goes whole in one unary call instead (SubmitSmallUpdate), where the
+        server has it: a failed one is sent again whole.
 
         The digests trail the data (issue 16): the first chunk leaves at once while
         the model is hashed on other threads, and the final chunk carries the digests.
@@ -315,7 +321,8 @@ class ServerConnection:
         digests: TrailingDigests | None = None
         resume_from = 0
         session_id = ""
-        for attempt in range(TRANSFER_ATTEMPTS):
+        attempt = 0
+        while attempt < TRANSFER_ATTEMPTS:
             metadata = self.metadata()
             assert self.session is not None
             if session_id and session_id != self.session.session_id:
@@ -338,17 +345,29 @@ class ServerConnection:
                 job_id=task.job_id, round=task.round, task_id=task.task_id,
                 stream_id=stream_id, manifest=manifest, num_examples=num_examples,
                 resume_from=resume_from, metrics=dict(metrics))
+            messages = self._update_messages(header, state, manifest, sealer, digests, stop,
+                                             on_progress)
+            timeout = max(RPC_TIMEOUT_S, _deadline_left(task))
+            small = self.small_updates and count == 1 and resume_from == 0
             try:
-                receipt: apb.UpdateReceipt = self.aggregator.SubmitUpdate(
-                    self._update_messages(header, state, manifest, sealer, digests, stop,
-                                          on_progress),
-                    metadata=metadata,
-                    timeout=max(RPC_TIMEOUT_S, _deadline_left(task)))
+                receipt: apb.UpdateReceipt
+                if small:
+                    receipt = self.aggregator.SubmitSmallUpdate(
+                        _small_update(header, messages, stop), metadata=metadata,
+                        timeout=timeout)
+                else:
+                    receipt = self.aggregator.SubmitUpdate(messages, metadata=metadata,
+                                                           timeout=timeout)
                 return receipt
             except grpc.RpcError as exc:
                 code = exc.code()
                 if stop is not None and stop.is_set():
                     raise TransferError("upload abandoned: the client is stopping") from exc
+                if small and code == grpc.StatusCode.UNIMPLEMENTED:
+                    self.small_updates = False
+                    log.info("the server predates SubmitSmallUpdate: streaming this"
+                             " connection's updates instead")
+                    continue  # the same attempt, streamed
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     self.session = None
                     resume_from = 0
@@ -361,6 +380,7 @@ class ServerConnection:
                 log.warning("upload interrupted (%s); resuming at chunk %d of %d", code.name,
                             resume_from, count)
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
+                attempt += 1
         raise TransferError("upload failed after retries")
 
     def _update_messages(self, header: apb.UpdateStreamHeader,
@@ -406,6 +426,20 @@ class ServerConnection:
         return 0
 
 
+def _small_update(header: apb.UpdateStreamHeader,
+                  messages: Iterator[apb.UpdateStreamMessage | bytes],
+                  stop: threading.Event | None) -> apb.SmallUpdate | bytes:
+    """A one-chunk upload's two stream messages as one SmallUpdate: serialised, the
+    header message's bytes then the chunk message's (aggregator.proto)."""
+    sent = list(messages)
+    if len(sent) != 2:  # the generator stopped before the chunk
+        raise TransferError("upload abandoned: the client is stopping")
+    chunk = sent[1]
+    if isinstance(chunk, bytes):
+        return apb.UpdateStreamMessage(header=header).SerializeToString() + chunk
+    return apb.SmallUpdate(header=header, chunk=chunk.chunk)
+
+
 class AggregatorStub:
     """`apb_grpc.AggregatorStub` with the transfer streams' chunks framed directly
     (`fl_core.sealing`'s wire functions; issue 16 item 1): a downloaded chunk's
@@ -422,6 +456,10 @@ class AggregatorStub:
             response_deserializer=stream_message_parser(apb.ModelStreamMessage))
         self.SubmitUpdate = channel.stream_unary(
             "/fl.v1.Aggregator/SubmitUpdate",
+            request_serializer=serialize_stream_message,
+            response_deserializer=apb.UpdateReceipt.FromString)
+        self.SubmitSmallUpdate = channel.unary_unary(
+            "/fl.v1.Aggregator/SubmitSmallUpdate",
             request_serializer=serialize_stream_message,
             response_deserializer=apb.UpdateReceipt.FromString)
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from google.protobuf.message import DecodeError
 
 from fl_core.constants import GCM_TAG_BYTES, PROTOCOL_VERSION
 from fl_proto import tensors_pb2
@@ -40,6 +41,7 @@ __all__ = [
     "StreamContext",
     "StreamOpener",
     "StreamSealer",
+    "UnreadableMessage",
     "WireChunk",
     "WireChunkMessage",
     "chunk_message_bytes",
@@ -48,6 +50,7 @@ __all__ = [
     "parse_chunk_message",
     "serialize_stream_message",
     "session_secret",
+    "small_update_parser",
     "stream_key",
     "stream_message_parser",
 ]
@@ -432,7 +435,7 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """(value, next position); -1 as the position for anything protobuf might read
     differently from this reader (overlong, truncated, beyond 64 bits)."""
     value = shift = 0
@@ -491,7 +494,7 @@ class WireChunkMessage:
         return name == "chunk"
 
 
-def parse_chunk_message(data: bytes) -> WireChunkMessage | None:
+def parse_chunk_message(data: bytes | memoryview) -> WireChunkMessage | None:
     """The chunk of a serialised stream message, without copying its ciphertext; None
     for anything else (a header, an empty message, a field repeated, unknown or
     malformed), which the caller hands to protobuf, so every message protobuf reads
@@ -539,6 +542,49 @@ def parse_chunk_message(data: bytes) -> WireChunkMessage | None:
             digests = bytes(data[pos:pos + length])
         pos += length
     return WireChunkMessage(WireChunk(stream_id, sequence, final, ciphertext, digests))
+
+
+class UnreadableMessage:
+    """What `small_update_parser` hands over for bytes protobuf cannot read: the
+    handler, after authentication, refuses them INVALID_ARGUMENT, as the bridge
+    refuses such a message in a stream (gRPC's own answer would be UNKNOWN)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 (protobuf's name)
+        return False
+
+
+def small_update_parser(small_type: Any, stream_type: Any) -> Callable[[bytes], tuple[Any, ...]]:
+    """Deserializer for a SmallUpdate (aggregator.proto): the stream messages it holds,
+    as SubmitUpdate's handler reads them (the header's message, then the chunk's, read
+    in place). Its usual bytes are a header message's followed by a chunk message's;
+    anything else (fields out of order, repeated, unknown, one missing) is read by
+    protobuf and handed over as the messages it holds, so a request is read the same
+    either way and a missing part is the handler's to refuse."""
+    from_string = small_type.FromString
+    header_from_string = stream_type.FromString
+
+    def parse(data: bytes) -> tuple[Any, ...]:
+        try:
+            size = len(data)
+            if size >= 2 and data[0] == 0x0A:
+                length, pos = _read_varint(data, 1, size)
+                end = pos + length
+                if pos >= 0 and end < size:
+                    chunk = parse_chunk_message(memoryview(data)[end:])
+                    if chunk is not None:
+                        return header_from_string(data[:end]), chunk
+            small = from_string(data)
+        except DecodeError as exc:
+            return (UnreadableMessage(str(exc)),)
+        return tuple(stream_type(**{part: getattr(small, part)})
+                     for part in ("header", "chunk") if small.HasField(part))
+
+    return parse
 
 
 def serialize_stream_message(message: bytes | Any) -> bytes:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fl_proto import tensors_pb2 as fl__proto_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_proto/aggregator.proto\x12\x05\x66l.v1\x1a\x16\x66l_proto/tensors.proto\"X\n\x11\x46\x65tchModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0bresume_from\x18\x04 \x01(\x04\"n\n\x11ModelStreamHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\'\n\x08manifest\x18\x04 \x01(\x0b\x32\x15.fl.v1.TensorManifest\"m\n\x12ModelStreamMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fl.v1.ModelStreamHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fl.v1.SealedChunkH\x00\x42\x06\n\x04kind\"\x94\x02\n\x12UpdateStreamHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\'\n\x08manifest\x18\x05 \x01(\x0b\x32\x15.fl.v1.TensorManifest\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x13\n\x0bresume_from\x18\x07 \x01(\x04\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.fl.v1.UpdateStreamHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x13UpdateStreamMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fl.v1.UpdateStreamHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fl.v1.SealedChunkH\x00\x42\x06\n\x04kind\"c\n\rUpdateReceipt\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"(\n\x13UploadStatusRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"O\n\x11UploadStatusReply\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x15\n\rnext_sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x32\xdb\x01\n\nAggregator\x12\x43\n\nFetchModel\x12\x18.fl.v1.FetchModelRequest\x1a\x19.fl.v1.ModelStreamMessage0\x01\x12\x42\n\x0cSubmitUpdate\x12\x1a.fl.v1.UpdateStreamMessage\x1a\x14.fl.v1.UpdateReceipt(\x01\x12\x44\n\x0cUploadStatus\x12\x1a.fl.v1.UploadStatusRequest\x1a\x18.fl.v1.UploadStatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66l_proto/aggregator.proto\x12\x05\x66l.v1\x1a\x16\x66l_proto/tensors.proto\"X\n\x11\x46\x65tchModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x13\n\x0bresume_from\x18\x04 \x01(\x04\"n\n\x11ModelStreamHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tstream_id\x18\x03 \x01(\t\x12\'\n\x08manifest\x18\x04 \x01(\x0b\x32\x15.fl.v1.TensorManifest\"m\n\x12ModelStreamMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fl.v1.ModelStreamHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fl.v1.SealedChunkH\x00\x42\x06\n\x04kind\"\x94\x02\n\x12UpdateStreamHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tstream_id\x18\x04 \x01(\t\x12\'\n\x08manifest\x18\x05 \x01(\x0b\x32\x15.fl.v1.TensorManifest\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x13\n\x0bresume_from\x18\x07 \x01(\x04\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.fl.v1.UpdateStreamHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x13UpdateStreamMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fl.v1.UpdateStreamHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fl.v1.SealedChunkH\x00\x42\x06\n\x04kind\"[\n\x0bSmallUpdate\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.fl.v1.UpdateStreamHeader\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fl.v1.SealedChunk\"c\n\rUpdateReceipt\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"(\n\x13UploadStatusRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"O\n\x11UploadStatusReply\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x15\n\rnext_sequence\x18\x02 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x32\x9a\x02\n\nAggregator\x12\x43\n\nFetchModel\x12\x18.fl.v1.FetchModelRequest\x1a\x19.fl.v1.ModelStreamMessage0\x01\x12\x42\n\x0cSubmitUpdate\x12\x1a.fl.v1.UpdateStreamMessage\x1a\x14.fl.v1.UpdateReceipt(\x01\x12=\n\x11SubmitSmallUpdate\x12\x12.fl.v1.SmallUpdate\x1a\x14.fl.v1.UpdateReceipt\x12\x44\n\x0cUploadStatus\x12\x1a.fl.v1.UploadStatusRequest\x1a\x18.fl.v1.UploadStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,12 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATESTREAMHEADER_METRICSENTRY']._serialized_end=650
   _globals['_UPDATESTREAMMESSAGE']._serialized_start=652
   _globals['_UPDATESTREAMMESSAGE']._serialized_end=763
-  _globals['_UPDATERECEIPT']._serialized_start=765
-  _globals['_UPDATERECEIPT']._serialized_end=864
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=866
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=906
-  _globals['_UPLOADSTATUSREPLY']._serialized_start=908
-  _globals['_UPLOADSTATUSREPLY']._serialized_end=987
-  _globals['_AGGREGATOR']._serialized_start=990
-  _globals['_AGGREGATOR']._serialized_end=1209
+  _globals['_SMALLUPDATE']._serialized_start=765
+  _globals['_SMALLUPDATE']._serialized_end=856
+  _globals['_UPDATERECEIPT']._serialized_start=858
+  _globals['_UPDATERECEIPT']._serialized_end=957
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=959
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=999
+  _globals['_UPLOADSTATUSREPLY']._serialized_start=1001
+  _globals['_UPLOADSTATUSREPLY']._serialized_end=1080
+  _globals['_AGGREGATOR']._serialized_start=1083
+  _globals['_AGGREGATOR']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

@@ -74,6 +74,14 @@ class UpdateStreamMessage(_message.Message):
     chunk: _tensors_pb2.SealedChunk
     def __init__(self, header: _Optional[_Union[UpdateStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensors_pb2.SealedChunk, _Mapping]] = ...) -> None: ...
 
+class SmallUpdate(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateStreamHeader
+    chunk: _tensors_pb2.SealedChunk
+    def __init__(self, header: _Optional[_Union[UpdateStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensors_pb2.SealedChunk, _Mapping]] = ...) -> None: ...
+
 class UpdateReceipt(_message.Message):
     __slots__ = ("stream_id", "chunks_received", "bytes_received", "sha256")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]

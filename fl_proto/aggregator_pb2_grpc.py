@@ -44,6 +44,11 @@ class AggregatorStub:
                 request_serializer=fl__proto_dot_aggregator__pb2.UpdateStreamMessage.SerializeToString,
                 response_deserializer=fl__proto_dot_aggregator__pb2.UpdateReceipt.FromString,
                 _registered_method=True)
+        self.SubmitSmallUpdate = channel.unary_unary(
+                '/fl.v1.Aggregator/SubmitSmallUpdate',
+                request_serializer=fl__proto_dot_aggregator__pb2.SmallUpdate.SerializeToString,
+                response_deserializer=fl__proto_dot_aggregator__pb2.UpdateReceipt.FromString,
+                _registered_method=True)
         self.UploadStatus = channel.unary_unary(
                 '/fl.v1.Aggregator/UploadStatus',
                 request_serializer=fl__proto_dot_aggregator__pb2.UploadStatusRequest.SerializeToString,
@@ -71,6 +76,17 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSmallUpdate(self, request, context):
+        """An update of one chunk (a small model's) in one message: the same header and
+        chunk as SubmitUpdate's stream, the same checks, refusals and receipt, in a
+        unary call, which costs gRPC a third less than a stream per upload. Nothing to
+        resume: a failed call is sent again whole. Servers older than this method
+        answer UNIMPLEMENTED, and the client streams the update instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadStatus(self, request, context):
         """How far the server got with an upload: the next chunk it expects.
         """
@@ -89,6 +105,11 @@ def add_AggregatorServicer_to_server(servicer, server):
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
                     request_deserializer=fl__proto_dot_aggregator__pb2.UpdateStreamMessage.FromString,
+                    response_serializer=fl__proto_dot_aggregator__pb2.UpdateReceipt.SerializeToString,
+            ),
+            'SubmitSmallUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSmallUpdate,
+                    request_deserializer=fl__proto_dot_aggregator__pb2.SmallUpdate.FromString,
                     response_serializer=fl__proto_dot_aggregator__pb2.UpdateReceipt.SerializeToString,
             ),
             'UploadStatus': grpc.unary_unary_rpc_method_handler(
@@ -150,6 +171,33 @@ class Aggregator:
             target,
             '/fl.v1.Aggregator/SubmitUpdate',
             fl__proto_dot_aggregator__pb2.UpdateStreamMessage.SerializeToString,
+            fl__proto_dot_aggregator__pb2.UpdateReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSmallUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fl.v1.Aggregator/SubmitSmallUpdate',
+            fl__proto_dot_aggregator__pb2.SmallUpdate.SerializeToString,
             fl__proto_dot_aggregator__pb2.UpdateReceipt.FromString,
             options,
             channel_credentials,

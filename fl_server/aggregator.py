@@ -34,14 +34,16 @@ from fl_core.constants import (
     UPLOAD_MEMORY_BUDGET_BYTES,
     UPLOAD_MEMORY_MAX_BYTES,
 )
-from fl_core.errors import abort
+from fl_core.errors import Refusal, abort
 from fl_core.logs import log_event
 from fl_core.sealing import (
     SealError,
     StreamContext,
     StreamOpener,
+    UnreadableMessage,
     manifest_digest,
     serialize_stream_message,
+    small_update_parser,
     stream_key,
     stream_message_parser,
 )
@@ -300,6 +302,28 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             up.context = None
             up.lock.release()
 
+    def SubmitSmallUpdate(self, request: Sequence[apb.UpdateStreamMessage],
+                          context: grpc.ServicerContext) -> apb.UpdateReceipt:
+        """SubmitUpdate's stream of one chunk in one unary call (`request`: the header's
+        message and the chunk's, from `small_update_parser`): a stream per upload was
+        most of what gRPC spent on a small round's hospital (issue 16 item 2). The
+        same handler takes it, so the checks, refusals, audit and receipt are the
+        stream's; only what a one-message call cannot carry is refused first."""
+        if len(request) == 1 and isinstance(request[0], UnreadableMessage):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"the request is not a readable SmallUpdate: {request[0].error}",
+                  Refusal.UNREADABLE)
+        if len(request) != 2 or not request[0].HasField("header") \
+                or not request[1].HasField("chunk"):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  "a small update holds its header and its one chunk", "BAD_HEADER")
+        if request[0].header.manifest.chunk_count != 1:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                  f"a small update is one chunk; this manifest has"
+                  f" {request[0].header.manifest.chunk_count}: stream it with SubmitUpdate",
+                  Refusal.NOT_ONE_CHUNK, "manifest.chunk_count")
+        return self.SubmitUpdate(iter(request), context)
+
     def _open_upload(self, client_id: str, session: Session, header: apb.UpdateStreamHeader,
                      context: grpc.ServicerContext) -> Upload:
         try:
@@ -519,6 +543,10 @@ def add_to_server(service: AggregatorService, server: Any) -> None:
             service.SubmitUpdate,
             request_deserializer=stream_message_parser(apb.UpdateStreamMessage),
             response_serializer=apb.UpdateReceipt.SerializeToString),
+        "SubmitSmallUpdate": grpc.unary_unary_rpc_method_handler(
+            service.SubmitSmallUpdate,
+            request_deserializer=small_update_parser(apb.SmallUpdate, apb.UpdateStreamMessage),
+            response_serializer=apb.UpdateReceipt.SerializeToString),
         "UploadStatus": grpc.unary_unary_rpc_method_handler(
             service.UploadStatus,
             request_deserializer=apb.UploadStatusRequest.FromString,
@@ -531,3 +559,6 @@ def add_to_server(service: AggregatorService, server: Any) -> None:
     on_loop = getattr(server, "run_on_loop_when_read", None)  # fl_server.serving.AioServer
     if on_loop is not None:
         on_loop(f"/{service_name}/SubmitUpdate", service.runs_on_loop)
+        # a unary call's one request: the stream's two messages
+        on_loop(f"/{service_name}/SubmitSmallUpdate", lambda requests: service.runs_on_loop(
+            requests[0]))

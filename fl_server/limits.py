@@ -61,6 +61,7 @@ log = logging.getLogger("fl_server.limits")
 
 METHOD_KINDS: Mapping[str, str] = {
     "/fl.v1.Aggregator/SubmitUpdate": "upload",
+    "/fl.v1.Aggregator/SubmitSmallUpdate": "upload",  # an upload, whichever call carries it
     "/fl.v1.Aggregator/FetchModel": "download",
     "/fl.v1.Coordinator/Tasks": "tasks",
     "/grpc.health.v1.Health/Watch": "watch",

@@ -19,7 +19,8 @@ it keeps the thread for a stream's whole life, and its context for them has no
 A method registered with `AioServer.run_on_loop_when_read` skips the worker for a short
 client stream: the loop reads it ahead (no thread held while it arrives, for up to
 LOOP_READ_WAIT_S), and when the whole stream is in and the service's predicate accepts
-it, the handler runs there and then on the loop's own thread. Handing a small upload to
+it, the handler runs there and then on the loop's own thread (a unary method's one
+request is whole at once: SubmitSmallUpdate). Handing a small upload to
 a worker and back cost about a seventh of a small round's server CPU per hospital
 (issue 16 item 2). The predicate is the service's promise that the handler will not
 wait on anything another call's handler may hold: the loop, and so every call's I/O,
@@ -40,8 +41,10 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from fl_core.constants import LOOP_READ_WAIT_S
+from fl_core.errors import Refusal, status_of
 from fl_server.grpc_types import GenericHandler, GenericHandlerBase, Handler, rewrap
 from fl_server.idle import Idle, call_soon
 
@@ -426,6 +429,12 @@ class _Requests(Iterator[Any]):
             if self._context._aborted is not None:
                 raise self._context._aborted
             raise StopIteration
+        if isinstance(item, _Raised) and isinstance(item.error, DecodeError):
+            # a message gRPC's deserializer could not read: the call is alive, so the
+            # client is told (before, it waited out its deadline for an answer)
+            self._context.abort_with_status(status_of(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a message of this stream cannot be read: {item.error}", Refusal.UNREADABLE))
         if item is _END or isinstance(item, _Raised):
             raise self._context.failed()
         return item
@@ -451,6 +460,17 @@ async def _pump(aio_context: Any, inbox: _Buffer,
     finally:
         if settled is not None and not settled.done():
             settled.set_result(False)
+
+
+def _accepts(eligible: OnLoopPredicate, messages: Sequence[Any]) -> bool:
+    """Whether `eligible` lets a call whose requests are `messages` run on the loop;
+    a predicate that fails sends the call to a worker, whose handler says what is
+    wrong with it."""
+    try:
+        return bool(eligible(messages))
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("deciding where to run a call failed")
+        return False
 
 
 class _Bridge:
@@ -494,11 +514,7 @@ class _Bridge:
         done, _ = await asyncio.wait((settled,), timeout=LOOP_READ_WAIT_S)
         if not done or not settled.result():
             return requests, False
-        try:
-            return requests, bool(eligible(requests.queued()))
-        except Exception:  # noqa: BLE001 - a worker runs the handler, which says what is wrong
-            log.exception("deciding where to run a read stream failed")
-            return requests, False
+        return requests, _accepts(eligible, requests.queued())
 
     def _unary(self, behavior: Callable[[Any, Any], Any], streaming_in: bool,
                eligible: OnLoopPredicate | None = None) -> Any:
@@ -511,6 +527,8 @@ class _Bridge:
                                                                       eligible)
                 elif streaming_in:
                     request = self._requests(context, aio_context)
+                elif eligible is not None:  # a unary call's request is whole already
+                    context.on_loop = _accepts(eligible, (request,))
                 if context.on_loop:  # the whole stream is in: nothing here waits for the loop
                     result = behavior(request, context)
                 else:
@@ -761,10 +779,11 @@ class AioServer:
         self._resolver.add_methods(service, handlers)
 
     def run_on_loop_when_read(self, method: str, eligible: OnLoopPredicate) -> None:
-        """Run `method` (a client-streaming one, "/package.Service/Method") on the
-        event loop when its whole stream arrives within LOOP_READ_WAIT_S and
+        """Run `method` ("/package.Service/Method") on the event loop when
         `eligible(messages)` says its handler will not wait on another call there
-        (module docstring). Register before the first call."""
+        (module docstring): a client-streaming method once its whole stream has
+        arrived within LOOP_READ_WAIT_S, a unary one at once (`messages` is its one
+        request). Register before the first call."""
         self._resolver.on_loop(method, eligible)
 
     def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:

@@ -100,3 +100,78 @@ def test_mutated_messages_read_as_protobuf_reads_them() -> None:
             (want.chunk.stream_id, want.chunk.sequence, want.chunk.final,
              want.chunk.ciphertext, want.chunk.tensor_digests)
     assert accepted > 100
+
+
+# SmallUpdate (SubmitSmallUpdate's request): a header message's bytes, then a chunk's
+SMALL = sl.small_update_parser(apb.SmallUpdate, apb.UpdateStreamMessage)
+
+
+def small_update_bytes() -> tuple[bytes, apb.UpdateStreamHeader]:
+    header = apb.UpdateStreamHeader(job_id="j", round=4, task_id="t", stream_id="s",
+                                    num_examples=9, metrics={"loss": 0.5})
+    header.manifest.chunk_count = 1
+    wire, _ = sealed_pair(0, True, bytes(range(32)))
+    return apb.UpdateStreamMessage(header=header).SerializeToString() + wire, header
+
+
+def as_read(messages: tuple[object, ...]) -> list[tuple[object, ...]]:
+    """What the handler reads of each message, comparable across both readers."""
+    out: list[tuple[object, ...]] = []
+    for message in messages:
+        if message.HasField("header"):  # type: ignore[attr-defined]
+            out.append(("header", message.header.SerializeToString(  # type: ignore[attr-defined]
+                deterministic=True)))
+        if message.HasField("chunk"):  # type: ignore[attr-defined]
+            c = message.chunk  # type: ignore[attr-defined]
+            out.append(("chunk", c.stream_id, c.sequence, c.final, bytes(c.ciphertext),
+                        c.tensor_digests))
+    return out
+
+
+def protobuf_reading(data: bytes) -> list[tuple[object, ...]]:
+    small = apb.SmallUpdate.FromString(data)
+    return as_read(tuple(apb.UpdateStreamMessage(**{part: getattr(small, part)})
+                         for part in ("header", "chunk") if small.HasField(part)))
+
+
+def test_a_small_update_is_the_two_stream_messages_back_to_back() -> None:
+    data, header = small_update_bytes()
+    small = apb.SmallUpdate.FromString(data)
+    assert small.header == header and small.chunk.final
+    assert data == small.SerializeToString()  # what protobuf itself writes
+    header_message, chunk_message = SMALL(data)
+    assert isinstance(chunk_message, sl.WireChunkMessage)  # read in place
+    assert as_read((header_message, chunk_message)) == protobuf_reading(data)
+
+
+def test_a_small_update_protobuf_must_read_goes_to_protobuf() -> None:
+    data, header = small_update_bytes()
+    header_bytes = apb.UpdateStreamMessage(header=header).SerializeToString()
+    swapped = data[len(header_bytes):] + header_bytes
+    for odd in (swapped, header_bytes, data[len(header_bytes):], header_bytes * 2, b""):
+        got = SMALL(odd)
+        assert not any(isinstance(m, sl.WireChunkMessage) for m in got)
+        assert as_read(got) == protobuf_reading(odd)
+    (unreadable,) = SMALL(data[:-1])
+    assert isinstance(unreadable, sl.UnreadableMessage) and not unreadable.HasField("header")
+    assert unreadable.error
+
+
+def test_mutated_small_updates_read_as_protobuf_reads_them() -> None:
+    rng = random.Random(17)
+    base, _ = small_update_bytes()
+    in_place = 0
+    for _ in range(3000):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(len(data))
+            data[pos] = rng.randrange(256)
+        raw = bytes(data)
+        got = SMALL(raw)
+        if len(got) == 1 and isinstance(got[0], sl.UnreadableMessage):
+            with pytest.raises(DecodeError):
+                apb.SmallUpdate.FromString(raw)
+            continue
+        in_place += any(isinstance(m, sl.WireChunkMessage) for m in got)
+        assert as_read(got) == protobuf_reading(raw)
+    assert in_place > 100
