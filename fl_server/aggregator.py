@@ -316,7 +316,7 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         if len(request) != 2 or not request[0].HasField("header") \
                 or not request[1].HasField("chunk"):
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                  "a small update holds its header and its one chunk", "BAD_HEADER")
+                  "a small update holds its header and its one chunk", Refusal.BAD_HEADER)
         if request[0].header.manifest.chunk_count != 1:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                   f"a small update is one chunk; this manifest has"

@@ -19,13 +19,12 @@ it keeps the thread for a stream's whole life, and its context for them has no
 A method registered with `AioServer.run_on_loop_when_read` skips the worker for a short
 client stream: the loop reads it ahead (no thread held while it arrives, for up to
 LOOP_READ_WAIT_S), and when the whole stream is in and the service's predicate accepts
-it, the handler runs there and then on the loop's own thread (a unary method's one
-request is whole at once: SubmitSmallUpdate). Handing a small upload to
-a worker and back cost about a seventh of a small round's server CPU per hospital
-(issue 16 item 2). The predicate is the service's promise that the handler will not
-wait on anything another call's handler may hold: the loop, and so every call's I/O,
-would wait with it, and a holder that needs the loop to read its own stream would never
-let go.
+it, the handler runs there and then on the loop's own thread; a unary method's one
+request is whole at once (SubmitSmallUpdate). Handing a small upload to a worker and
+back cost about a seventh of a small round's server CPU per hospital (issue 16 item 2).
+The predicate is the service's promise that the handler will not wait on anything
+another call's handler may hold: the loop, and so every call's I/O, would wait with it,
+and a holder that needs the loop to read its own stream would never let go.
 """
 
 from __future__ import annotations
