@@ -186,6 +186,13 @@ RECEIVE_SPARE_MAX_BYTES: Final = 1 << 30
 # A spooled upload decrypts into this many chunk-sized buffers in turn; each is free
 # again once its chunk is hashed (bounds the memory hashing may lag behind by).
 SPOOL_SCRATCH_CHUNKS: Final = 4
+# A spool file whose upload is done is kept, with its blocks and page cache, for the
+# next upload (fl_server/spool_pool.py), up to these many files and bytes in all; past
+# them it is deleted as before. A new spool's page cache is fresh memory, and on a
+# virtual machine whose host takes freed guest memory back (these Firecracker guests)
+# writing it cost up to ~5x the copy itself (issue 16 items 1 and 3).
+SPOOL_POOL_MAX_FILES: Final = 64
+SPOOL_POOL_MAX_BYTES: Final = 2 << 30
 
 # --- jobs at runtime (issue 15) ---
 # `fl-admin download` receives the final model in messages of this size (mTLS).

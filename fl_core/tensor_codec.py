@@ -32,6 +32,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -669,11 +670,16 @@ class StreamAssembler:
     same spool file with `resume_at=n`: the first n chunks are taken from the file
     and re-hashed (a read of n * chunk_size bytes), so the caller must have made
     them durable (`flush()`) before recording n as acknowledged. Without
-    `resume_at` an existing spool file is truncated and overwritten.
+    `resume_at` an existing spool file is overwritten in place, its size set to the
+    stream's: a file kept from an earlier stream (`fl_server.spool_pool`) keeps its
+    blocks and page cache, and a complete stream writes every byte of it, so nothing
+    of the earlier stream can reach the tensors.
 
     Tensors returned by `finish()` are views over the buffer (possibly at unaligned
     addresses, which torch on CPU handles) and keep it alive. Spooled tensors are
     a private (copy-on-write) mapping of the file: changing them never changes it.
+    Its pages that nothing has written still read the file, so the file must not be
+    written again while that mapping lives (`spool_mapping`).
 
     Streams of `ASYNC_HASH_MIN_CHUNKS` chunks or more are hashed off the caller's
     thread (in order, on the shared hashing pool); `finish()` waits for the hashing
@@ -739,6 +745,7 @@ class StreamAssembler:
         self._fd: int | None = None
         self._memory: memoryview | bytearray | None = None
         self._view: memoryview | None = None
+        self._mapping: weakref.ref[mmap.mmap] | None = None
         if self._spool_path is None:
             if resume_at:
                 raise CodecError(
@@ -767,11 +774,14 @@ class StreamAssembler:
                         f"spool {path} holds {size} bytes, the manifest says {self._total}",
                     )
                 return fd
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(fd, self._total)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            kept = os.fstat(fd).st_size == self._total  # a pooled file of this size
+            if not kept:
+                os.ftruncate(fd, self._total)
         except OSError as exc:
             raise CodecError(SPOOL_INVALID, f"cannot open spool {path}: {exc}") from exc
-        _reserve(fd, self._total)
+        if not kept:
+            _reserve(fd, self._total)
         return fd
 
     def _rehash(self, chunks: int) -> None:
@@ -871,6 +881,12 @@ class StreamAssembler:
     def complete(self) -> bool:
         """Every chunk has been accepted (hashes are checked by `finish()`)."""
         return self._next == self._chunk_count
+
+    @property
+    def finished(self) -> bool:
+        """`finish()` returned: every byte is written and verified, and nothing of the
+        assembler writes or reads its buffer any more (only its tensors read it)."""
+        return self._finished
 
     def expected_length(self, sequence: int) -> int:
         """Plaintext length of chunk `sequence`: chunk_size except for the last."""
@@ -1021,7 +1037,15 @@ class StreamAssembler:
         if self._total == 0:
             return bytearray()
         assert self._fd is not None
-        return mmap.mmap(self._fd, self._total, access=mmap.ACCESS_COPY)
+        mapping = mmap.mmap(self._fd, self._total, access=mmap.ACCESS_COPY)
+        self._mapping = weakref.ref(mapping)
+        return mapping
+
+    def spool_mapping(self) -> mmap.mmap | None:
+        """The spool file's mapping that `finish()`'s tensors are views of, while any of
+        them (or anything else) still holds it; None before `finish()`, in memory, and
+        once it is gone. Whoever writes the file again must wait for it to go."""
+        return self._mapping() if self._mapping is not None else None
 
     def _release(self) -> None:
         # The hasher's work is a method of this assembler: a reference cycle, which the

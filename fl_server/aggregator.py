@@ -12,6 +12,7 @@ worker thread.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import mmap
@@ -63,9 +64,10 @@ from fl_proto import tensors_pb2 as tpb
 from fl_server import audit
 from fl_server.auth import identity_of
 from fl_server.clients import ClientRegistry, Session
-from fl_server.metrics import OBSERVED, RESUMED
+from fl_server.metrics import OBSERVED, RESUMED, SPOOLS_REUSED
 from fl_server.model_stream import download_sealer, model_version_for
 from fl_server.rounds import RoundEngine, RoundRefusal, RoundState
+from fl_server.spool_pool import SpoolPool
 from fl_server.strategies.base import MeasuredUpdate
 from fl_server.validation import check_update_header
 
@@ -161,8 +163,12 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         self.registry = registry
         self.spool_dir = spool_dir
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.spool_dir.glob("*.spool"):
+        for stale in self.spool_dir.glob("*.spool"):  # kept ones too (`SpoolPool`)
             stale.unlink(missing_ok=True)
+        self.spools = SpoolPool(self.spool_dir)
+        # in every spool's name: a new session's upload for the same task never
+        # shares a file with one its old session may still be writing
+        self._spool_serial = itertools.count()
         self._uploads: dict[str, Upload] = {}
         self._lock = threading.Lock()
         self._memory_held = 0  # bytes of uploads received into memory (_memory_for)
@@ -371,8 +377,10 @@ class AggregatorService(apb_grpc.AggregatorServicer):
         ctx = StreamContext(rs.job_id, rs.round, client_id, "up", expected_id,
                             manifest_digest(header.manifest))
         memory = self._memory_for(header.manifest)
-        spool = None if memory else \
-            self.spool_dir / f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}.spool"
+        spool = None if memory else self.spool_dir / \
+            f"{rs.job_id}-{rs.round}-{rs.attempt}-{client_id}-{next(self._spool_serial)}.spool"
+        if spool is not None and self.spools.claim(spool, int(header.manifest.total_bytes)):
+            SPOOLS_REUSED.inc()
         try:
             # measured as it arrives: the finiteness check and the norms need no
             # second read of the update
@@ -406,10 +414,16 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                 self._memory_held -= size
 
     def _discard(self, up: Upload) -> None:
-        """The upload's storage is no longer needed here: its spool file goes (a mapping
-        of it lives on while a strategy holds the tensors), its memory leaves the budget."""
+        """The upload's storage is no longer needed here: its memory leaves the budget,
+        and its spool file goes to the pool once nothing reads it (a mapping of it
+        lives on while a strategy holds the tensors). The file of an upload that did not
+        finish is deleted: its handler may still be writing it."""
         if up.spool_path is not None:
-            up.spool_path.unlink(missing_ok=True)
+            if up.assembler.finished:
+                self.spools.give_back(up.spool_path, int(up.manifest.total_bytes),
+                                      up.assembler.spool_mapping())
+            else:
+                up.spool_path.unlink(missing_ok=True)
         with self._lock:
             size, up.memory = up.memory, 0
             self._memory_held -= size
@@ -455,6 +469,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             # and tell the client it is the server's storage, not its data.
             self._drop(up, stream_id)
             full = exc.errno == errno.ENOSPC
+            if full:  # the kept spools' blocks go first; the retry may fit
+                self.spools.clear()
             log_event(log, "upload_spool_failed", logging.ERROR, client=up.client_id,
                       error=str(exc))
             abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED if full
@@ -510,8 +526,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
             finally:
                 if self.engine.strategy.streaming:
                     del tensors, delta
-        # Unlinked now even when a non-streaming strategy still reads the update: its
-        # mapping keeps the data until the strategy lets go, and nothing is left behind.
+        # Given back now even when a non-streaming strategy still reads the update: the
+        # pool lets no upload write the file until the strategy lets go of its mapping.
         self._discard(up)
         self.registry.note_report(up.client_id, "OK", metrics.get("epsilon_total"))
         audit.update_accepted(up.client_id, header.round, up.manifest.total_bytes, metrics)

@@ -54,6 +54,9 @@ BYTES_RECEIVED = Counter("fl_server_received_bytes", "Sealed update bytes receiv
                          registry=REGISTRY)
 RESUMED = Counter("fl_server_transfers_resumed", "Transfers resumed after a cut connection",
                   ["direction"], registry=REGISTRY)
+SPOOLS_REUSED = Counter("fl_server_spool_files_reused",
+                        "Uploads written into a spool file kept from an earlier upload"
+                        " (fl_server/spool_pool.py)", registry=REGISTRY)
 REFUSALS = Counter("fl_server_refusals", "Calls refused, by error code", ["code"],
                    registry=REGISTRY)
 UPDATES = Counter("fl_server_updates_accepted", "Updates accepted into a round", ["client"],

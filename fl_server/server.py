@@ -307,6 +307,7 @@ class ServerApp:
         except ConfigError as exc:
             raise StartupError(str(exc)) from exc
         self.health = health.HealthServicer()
+        self.aggregator: AggregatorService | None = None  # made by start()
 
     @staticmethod
     def _task(cfg: ServerConfig) -> Any:
@@ -415,8 +416,8 @@ class ServerApp:
             CoordinatorService(self.engine, self.registry, self.store, self.tokens,
                                revocations=self.revocations, jobs=self.jobs,
                                any_study=self.no_job), server)
-        add_aggregator_to_server(  # chunks framed directly (issue 16 items 1/3)
-            AggregatorService(self.engine, self.registry, cfg.state_dir / "spool"), server)
+        self.aggregator = AggregatorService(self.engine, self.registry, cfg.state_dir / "spool")
+        add_aggregator_to_server(self.aggregator, server)  # chunks framed directly (issue 16)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
                     aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"].full_name,
@@ -466,6 +467,8 @@ class ServerApp:
         if self.server is not None:
             self.server.stop(grace_s).wait(grace_s + 1)
         self.engine.done_event.wait(timeout=grace_s)
+        if self.aggregator is not None:  # the kept spool files (fl_server/spool_pool.py)
+            self.aggregator.spools.clear()
         self.store.close()
         self.state_lock.release()
 

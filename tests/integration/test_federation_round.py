@@ -74,16 +74,21 @@ def test_two_hospitals_two_rounds(federation: Federation, breast_cancer_data: Pa
         assert second["epsilon_cumulative"] <= 50
 
 
-def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
+def test_median_strategy_reads_spooled_updates_from_kept_files_and_leaves_no_spool(
         federation: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A non-streaming strategy keeps updates memory-mapped from their spool files;
-    the files are unlinked at once (the mapping outlives them), so none pile up.
+    """A non-streaming strategy keeps updates memory-mapped from their spool files. A
+    finished upload's file is kept for the next upload (fl_server/spool_pool.py), and
+    one a strategy still maps is not written again until the mapping is gone; the
+    server deletes the kept files when it stops.
 
     Three scripted hospitals (real sealed uploads over mTLS) send known deltas; the
     others hold their uploads until the first one's is acknowledged and the server's
-    own memory map (/proc/<pid>/maps) has been read: it must map that spool file,
-    already deleted, while the round is still open. Each round's model then moves
-    by exactly the coordinate-wise median of the three deltas."""
+    own memory map (/proc/<pid>/maps) has been read: it must map that upload's file,
+    kept under a pool name, while the round is still open. In round 2 that first
+    upload must have gone into one of round 1's three files (three files on disk, not
+    four, the mapped one among them by inode), and each round's model must still move
+    by exactly the coordinate-wise median of that round's three deltas: nothing of
+    round 1's bytes in a reused file reaches round 2."""
     fed = federation
     chunked_uploads(monkeypatch, 64)  # several chunks: spooled, not received in memory
     port = fed.start_server(["--min_clients", "3", "--round_deadline_s", "90",
@@ -94,12 +99,13 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
     maps = Path(f"/proc/{fed.server.pid}/maps")
     spool_dir = fed.workdir / "server_state" / "spool"
     first_in = {r: threading.Event() for r in (1, 2)}
-    seen: dict[int, tuple[list[str], list[str]]] = {}
+    seen: dict[int, tuple[list[tuple[int, str]], dict[str, int]]] = {}
 
     def after_first(round_no: int) -> None:
-        mapped = [line.split(None, 5)[-1] for line in maps.read_text().splitlines()
-                  if ".spool" in line]
-        seen[round_no] = (mapped, sorted(p.name for p in spool_dir.glob("*.spool")))
+        mapped = [(int(fields[4]), fields[5]) for fields in
+                  (line.split(None, 5) for line in maps.read_text().splitlines())
+                  if len(fields) == 6 and ".spool" in fields[5]]
+        seen[round_no] = (mapped, {p.name: p.stat().st_ino for p in spool_dir.glob("*.spool")})
         first_in[round_no].set()
 
     def hold(round_no: int) -> None:
@@ -119,9 +125,11 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
                                                               (2, "completed", 3)]
     for round_no in (1, 2):
         mapped, on_disk = seen[round_no]
-        spool = f"{job_id}-{round_no}-1-hospital_1.spool"
-        assert any(m.endswith(f"/{spool} (deleted)") for m in mapped), mapped
-        assert on_disk == [], on_disk
+        # the first upload's file, mapped by the strategy and kept under a pool name
+        assert len(mapped) >= 1 and all(path.endswith(".spool") and "(deleted)" not in path
+                                        for _, path in mapped), mapped
+        assert all(name.startswith("pool-") for name in on_disk), on_disk
+        assert {ino for ino, _ in mapped} <= set(on_disk.values()), (mapped, on_disk)
         before = checkpoint_state(state_dir, job_id, round_no - 1)  # 0: the initial model
         after = checkpoint_state(state_dir, job_id, round_no)
         manifest = build_manifest(after)
@@ -132,7 +140,9 @@ def test_median_strategy_reads_spooled_updates_and_leaves_no_spool(
             middle = torch.stack([d[name] for d in deltas]).median(dim=0).values
             torch.testing.assert_close(tensor - before[name], middle.to(tensor.dtype),
                                        rtol=0, atol=1e-6)
-    assert not list(spool_dir.glob("*.spool"))
+    assert len(seen[1][1]) == 1, seen[1]  # round 1: only the first upload had finished
+    assert len(seen[2][1]) == 3, seen[2]  # round 2's first upload took a kept file
+    assert not list(spool_dir.glob("*.spool"))  # deleted when the server stopped
 
 
 def test_central_dp_reports_its_epsilon_each_round(federation: Federation,
