@@ -193,6 +193,9 @@ SPOOL_SCRATCH_CHUNKS: Final = 4
 # writing it cost up to ~5x the copy itself (issue 16 items 1 and 3).
 SPOOL_POOL_MAX_FILES: Final = 64
 SPOOL_POOL_MAX_BYTES: Final = 2 << 30
+# ... and only while the spool's file system keeps this much free besides room for two
+# more files of its size: a kept file must never be why a checkpoint cannot be written.
+SPOOL_POOL_MIN_FREE_BYTES: Final = 1 << 30
 
 # --- jobs at runtime (issue 15) ---
 # `fl-admin download` receives the final model in messages of this size (mTLS).

@@ -18,12 +18,14 @@ keeps it alive) before any upload may take it. Only files whose assembler has fi
 come here: an upload that is cancelled or refused mid-stream may still have a write in
 flight, and its file is deleted as before.
 
-The cost: up to SPOOL_POOL_MAX_FILES / SPOOL_POOL_MAX_BYTES of disk, and their page
-cache while the system has no better use for it (it is reclaimable, written back
-first). A kept file's pages are dirty, so the kernel writes them back within its
-writeback interval (30 s by default); a deleted spool's never reached the disk when
-the round ended sooner. The disk full, `clear()` gives every kept file back. The
-server deletes all of them when it starts (`*.spool`).
+The cost: up to SPOOL_POOL_MAX_FILES / SPOOL_POOL_MAX_BYTES of disk, kept only while
+the file system has SPOOL_POOL_MIN_FREE_BYTES free besides room for two more such files
+(a checkpoint must never fail for a kept spool), and their page cache while the system
+has no better use for it (it is reclaimable, written back first). A kept file's pages
+are dirty, so the kernel writes them back within its writeback interval (30 s by
+default); a deleted spool's never reached the disk when the round ended sooner. The
+disk full, `clear()` gives every kept file back. The server deletes all of them when
+it stops and when it starts (`*.spool`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from fl_core.constants import SPOOL_POOL_MAX_BYTES, SPOOL_POOL_MAX_FILES
+from fl_core.constants import SPOOL_POOL_MAX_BYTES, SPOOL_POOL_MAX_FILES, SPOOL_POOL_MIN_FREE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,12 @@ class SpoolPool:
     """
 
     def __init__(self, directory: Path, max_files: int = SPOOL_POOL_MAX_FILES,
-                 max_bytes: int = SPOOL_POOL_MAX_BYTES) -> None:
+                 max_bytes: int = SPOOL_POOL_MAX_BYTES,
+                 min_free_bytes: int = SPOOL_POOL_MIN_FREE_BYTES) -> None:
         self._dir = directory
         self._max_files = max_files
         self._max_bytes = max_bytes
+        self._min_free = min_free_bytes
         self._lock = threading.RLock()
         # path -> size; dicts keep the order files came in, so the oldest go first
         self._free: dict[Path, int] = {}
@@ -89,7 +93,7 @@ class SpoolPool:
         reads it). Deleted instead when keeping it would pass the pool's limits. A
         path that is no longer there (given back already) is left alone."""
         with self._lock:
-            room = self._make_room(size)
+            room = self._disk_has_room(size) and self._make_room(size)
             kept = self._dir / f"pool-{next(self._names)}.spool"
         if not room:
             with contextlib.suppress(OSError):
@@ -111,6 +115,15 @@ class SpoolPool:
             self._held[kept] = size
         freed = weakref.finalize(mapping, self._mapping_gone, kept)
         freed.atexit = False  # the server sweeps its spools when it starts
+
+    def _disk_has_room(self, size: int) -> bool:
+        """The file system keeps `min_free_bytes` besides two more files of `size` with
+        this one kept; False also where it cannot say."""
+        try:
+            st = os.statvfs(self._dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= self._min_free + 2 * size
 
     def _make_room(self, size: int) -> bool:
         """Delete the oldest free files until one more of `size` bytes fits (lock held);

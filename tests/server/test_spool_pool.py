@@ -48,7 +48,7 @@ def same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
 
 def test_a_finished_uploads_file_is_reused_only_once_its_tensors_are_gone(
         tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path)
+    pool = SpoolPool(tmp_path, min_free_bytes=0)
     one, two, three = state(1), state(2), state(3)
     first = spooled(tmp_path / "a.spool", one)
     tensors = first.finish()
@@ -74,7 +74,7 @@ def test_a_finished_uploads_file_is_reused_only_once_its_tensors_are_gone(
 
 
 def test_only_a_file_of_the_uploads_size_is_taken(tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path)
+    pool = SpoolPool(tmp_path, min_free_bytes=0)
     (tmp_path / "a.spool").write_bytes(bytes(400))
     pool.give_back(tmp_path / "a.spool", 400)
     assert not pool.claim(tmp_path / "b.spool", 800)
@@ -108,7 +108,7 @@ def test_a_stream_resumed_in_a_kept_file_reads_back_only_its_own_chunks(
 
 
 def test_the_pools_limits_delete_the_oldest_free_files_first(tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path, max_files=2, max_bytes=1000)
+    pool = SpoolPool(tmp_path, max_files=2, max_bytes=1000, min_free_bytes=0)
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.spool").write_bytes(bytes(300))
         pool.give_back(tmp_path / f"{name}.spool", 300)
@@ -123,9 +123,19 @@ def test_the_pools_limits_delete_the_oldest_free_files_first(tmp_path: Path) -> 
     assert [p.stat().st_size for p in tmp_path.glob("*.spool")] == [900]
 
 
+def test_a_file_is_not_kept_when_its_disk_is_nearly_full(tmp_path: Path) -> None:
+    """Kept blocks must never be why a checkpoint cannot be written: below the free
+    space asked for (here more than any disk has), the file is deleted as before."""
+    pool = SpoolPool(tmp_path, min_free_bytes=1 << 62)
+    (tmp_path / "a.spool").write_bytes(bytes(100))
+    pool.give_back(tmp_path / "a.spool", 100)
+    assert not list(tmp_path.glob("*.spool")) and pool.free_files == 0
+    assert SpoolPool(tmp_path, min_free_bytes=0)._disk_has_room(100)
+
+
 def test_a_held_file_counts_against_the_limits_and_is_never_deleted_for_room(
         tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path, max_files=1)
+    pool = SpoolPool(tmp_path, max_files=1, min_free_bytes=0)
     values = state(7)
     first = spooled(tmp_path / "a.spool", values)
     tensors = first.finish()
@@ -138,7 +148,7 @@ def test_a_held_file_counts_against_the_limits_and_is_never_deleted_for_room(
 
 def test_clear_deletes_every_kept_file_and_a_mapping_still_reads_its_own(
         tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path)
+    pool = SpoolPool(tmp_path, min_free_bytes=0)
     values = state(8)
     first = spooled(tmp_path / "a.spool", values)
     tensors = first.finish()
@@ -154,7 +164,7 @@ def test_clear_deletes_every_kept_file_and_a_mapping_still_reads_its_own(
 
 
 def test_a_path_given_back_twice_is_kept_once(tmp_path: Path) -> None:
-    pool = SpoolPool(tmp_path)
+    pool = SpoolPool(tmp_path, min_free_bytes=0)
     (tmp_path / "a.spool").write_bytes(bytes(10))
     pool.give_back(tmp_path / "a.spool", 10)
     pool.give_back(tmp_path / "a.spool", 10)
