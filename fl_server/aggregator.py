@@ -388,6 +388,8 @@ class AggregatorService(apb_grpc.AggregatorServicer):
                                         spool_path=spool, measure=True)
         except CodecError as exc:
             self._release_memory(memory)
+            if spool is not None:  # a kept file may have been moved there for it
+                spool.unlink(missing_ok=True)
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"manifest refused: {exc}",
                   exc.code, getattr(exc, "field", ""))
         up = Upload(client_id, header.task_id, rs, header.manifest, assembler,
