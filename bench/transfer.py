@@ -13,7 +13,9 @@ state dict of `--mib` MiB three ways:
           fetch_model / submit_update) against the real fl_server AggregatorService,
           CoordinatorService and AuthInterceptor: manifest + digests (BLAKE3, as
           negotiated at Join), AES-256-GCM
-          STREAM sealing, mTLS, the server's spool file and finiteness check
+          STREAM sealing, mTLS, the server's spool file (kept for the next upload
+          of its size, as the server keeps it between rounds: fl_server/spool_pool.py;
+          the first sealed upload of a run writes a new one) and finiteness check
 
 For `sealed` the server process is the real ServerApp; only its round engine loop is
 replaced by one that keeps opening one-client TRAIN rounds, and its strategy by one
