@@ -92,23 +92,21 @@ class SpoolPool:
         once `mapping`, the spool's mapping its tensors read, is gone (None: nothing
         reads it). Deleted instead when keeping it would pass the pool's limits. A
         path that is no longer there (given back already) is left alone."""
-        with self._lock:
-            room = self._disk_has_room(size) and self._make_room(size)
+        with self._lock:  # held throughout: two files given back at once both count
             kept = self._dir / f"pool-{next(self._names)}.spool"
-        if not room:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return
-        try:
-            os.replace(path, kept)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning("could not keep the spool %s (%s): deleted", path, exc)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return
-        with self._lock:
+            try:
+                os.replace(path, kept)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                log.warning("could not keep the spool %s (%s): deleted", path, exc)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return
+            if not (self._disk_has_room(size) and self._make_room(size)):
+                with contextlib.suppress(OSError):
+                    kept.unlink()
+                return
             if mapping is None:
                 self._free[kept] = size
                 return

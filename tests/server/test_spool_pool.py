@@ -123,6 +123,25 @@ def test_the_pools_limits_delete_the_oldest_free_files_first(tmp_path: Path) -> 
     assert [p.stat().st_size for p in tmp_path.glob("*.spool")] == [900]
 
 
+def test_files_given_back_at_once_stay_within_the_limits(tmp_path: Path) -> None:
+    pool = SpoolPool(tmp_path, max_files=3, min_free_bytes=0)
+    paths = [tmp_path / f"{i}.spool" for i in range(16)]
+    for path in paths:
+        path.write_bytes(bytes(64))
+    start = threading.Barrier(len(paths))
+
+    def give(path: Path) -> None:
+        start.wait(timeout=10)
+        pool.give_back(path, 64)
+
+    threads = [threading.Thread(target=give, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert pool.free_files == 3 and len(list(tmp_path.glob("*.spool"))) == 3
+
+
 def test_a_file_is_not_kept_when_its_disk_is_nearly_full(tmp_path: Path) -> None:
     """Kept blocks must never be why a checkpoint cannot be written: below the free
     space asked for (here more than any disk has), the file is deleted as before."""
