@@ -190,7 +190,8 @@ SPOOL_SCRATCH_CHUNKS: Final = 4
 # next upload (fl_server/spool_pool.py), up to these many files and bytes in all; past
 # them it is deleted as before. A new spool's page cache is fresh memory, and on a
 # virtual machine whose host takes freed guest memory back (these Firecracker guests)
-# writing it cost up to ~5x the copy itself (issue 16 items 1 and 3).
+# writing it cost up to ~5x the copy itself while the guest was fresh from boot
+# (issue 16 items 1 and 3).
 SPOOL_POOL_MAX_FILES: Final = 64
 SPOOL_POOL_MAX_BYTES: Final = 2 << 30
 # ... and only while the spool's file system keeps this much free besides room for two

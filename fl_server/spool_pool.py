@@ -6,9 +6,10 @@ into new page cache, which is fresh memory: on a virtual machine whose host take
 guest memory back, as these Firecracker guests do (`page_reporting`), the kernel's copy
 into those pages cost up to five times the copy itself. `perf` put 29% of the server's
 CPU in it during sealed 256 MiB uploads, and the same upload took 0.43-0.54 s into a
-kept file against 0.55-1.42 s into a new one (issue 16 items 1 and 3). A file whose
-upload is done is therefore renamed into this pool, and the next upload of its size
-overwrites it in place.
+kept file against 0.55-1.42 s into a new one (issue 16 items 1 and 3). That is the
+price of memory a guest fresh from boot has to get from its host; once its memory is
+warm a new file costs no more. A file whose upload is done is therefore renamed into
+this pool, and the next upload of its size overwrites it in place.
 
 What a kept file must never do is change bytes something still reads. A finished
 upload's tensors are a private mapping of its file, and a private mapping's pages that
