@@ -298,9 +298,9 @@ UPLOAD_MEMORY_BUDGET_BYTES: Final = 64 << 20
 # item 2). The loop waits this long for the rest of a stream without holding a thread; a
 # stream not complete by then goes to a worker, under the streams' usual limits.
 LOOP_READ_WAIT_S: Final = 0.25
-# Decoded round metrics the store keeps for Status, bounded by their JSON text: a round's
-# metrics carry a summary per hospital, so an entry count (4,096 before) could hold ~1 GB
-# with thousands of hospitals a round; this keeps every round of a small federation and
-# the latest of a large one (the rest are decoded again when asked). Decoded, the same
-# metrics take a few times their text's size in Python objects.
-METRICS_CACHE_BYTES: Final = 16 << 20
+# Decoded round metrics the store keeps for Status, bounded by the memory they hold
+# (store.held_size: five to seven times their JSON text). A round's metrics carry a
+# summary per hospital, so an entry count (4,096 before) could hold ~1 GB with thousands
+# of hospitals a round; 32 MiB keeps ~7,000 rounds of a 10-hospital federation and the
+# latest ~800 of a 100-hospital one (the rest are decoded again when asked).
+METRICS_CACHE_BYTES: Final = 32 << 20

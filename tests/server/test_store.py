@@ -6,10 +6,13 @@ import array
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import sqlite3
+import sys
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from fl_server.store import (
     RoundSummary,
     Store,
     StoreError,
+    held_size,
     state_sha256,
 )
 
@@ -601,18 +605,52 @@ def test_database_write_failure_records_nothing(store: Store) -> None:
     assert_same(store.load_checkpoint("job1", 2)[0], model_state(2))
 
 
-def test_decoded_round_metrics_are_kept_within_a_budget_of_json_text() -> None:
+def _round_metrics_text(round_no: int, hospitals: int) -> str:
+    return json.dumps({"attempt": 1, "train_loss": 0.25, "wait_seconds": 0.001 * round_no,
+                       "failures": {}, "clients": {
+                           f"hospital_{k}": {"num_examples": 100 + k, "train_loss": 0.1 * k}
+                           for k in range(hospitals)}}, sort_keys=True)
+
+
+def test_decoded_round_metrics_are_kept_within_a_budget_of_memory() -> None:
     """Status decodes every round's metrics each time it is asked, so they are kept
     decoded; a round's metrics carry a summary per hospital, so what is kept is bounded
-    by its size, not by a count of rounds (thousands of hospitals a round)."""
-    cache = DecodedMetrics(max_bytes=100)
-    texts = [json.dumps({"round": i, "loss": 0.5}) for i in range(8)]  # 25 bytes each
+    by the memory it holds, not by a count of rounds (thousands of hospitals a round)."""
+    texts = [json.dumps({"round": i, "loss": 0.5}) for i in range(8)]
+    one = sys.getsizeof(texts[0]) + held_size(json.loads(texts[0]))
+    cache = DecodedMetrics(max_bytes=3 * one)
     first = cache.get(texts[0])
     assert first == {"round": 0, "loss": 0.5} and cache.get(texts[0]) is first
     for text in texts[1:]:
         assert cache.get(text) == json.loads(text)
-    assert cache.text_bytes <= 100 and len(cache) == 100 // len(texts[0])  # the latest fit
+    assert cache.held_bytes <= 3 * one and len(cache) == 3  # the latest fit
+    assert all(text in cache._items for text in texts[-3:])
     assert cache.get(texts[0]) is not first  # evicted, decoded again
     huge = json.dumps({"clients": {f"h{i}": {"loss": 0.1} for i in range(20)}})
-    assert len(huge) > 100 and cache.get(huge) == json.loads(huge)
-    assert huge not in cache._items and cache.text_bytes <= 100  # too large to keep
+    assert cache.get(huge) == json.loads(huge)
+    assert huge not in cache._items and cache.held_bytes <= 3 * one  # too large to keep
+
+
+def test_decoded_round_metrics_hold_no_more_memory_than_their_budget() -> None:
+    """What the cache holds, measured by the allocator, stays within its budget: decoded,
+    a round's metrics take several times their JSON text, which is what a budget of text
+    let through (16 MiB of text held ~80-110 MB)."""
+    budget = 2 << 20
+    texts = [_round_metrics_text(r, 10) for r in range(4000)]  # ~3 MB of text in all
+    cache = DecodedMetrics(max_bytes=budget)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for text in texts:
+            cache.get(text)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    kept = len(cache)
+    assert 0 < kept < len(texts) and cache.held_bytes <= budget
+    assert sum(len(t) for t in texts[-kept:]) * 4 < budget  # text alone would keep far more
+    # every text here was made before tracing: what is traced is the decoded objects
+    # and the cache's table, which held_size's count (with the texts) bounds
+    assert held <= budget, f"{held} bytes held for a budget of {budget}"
+    assert cache.get(texts[-1]) is cache.get(texts[-1])  # the latest is kept
