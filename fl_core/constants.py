@@ -301,6 +301,6 @@ LOOP_READ_WAIT_S: Final = 0.25
 # Decoded round metrics the store keeps for Status, bounded by the memory they hold
 # (store.held_size: five to seven times their JSON text). A round's metrics carry a
 # summary per hospital, so an entry count (4,096 before) could hold ~1 GB with thousands
-# of hospitals a round; 32 MiB keeps ~7,000 rounds of a 10-hospital federation and the
-# latest ~800 of a 100-hospital one (the rest are decoded again when asked).
+# of hospitals a round; 32 MiB keeps ~5,800 rounds of a 10-hospital federation and the
+# latest 400-600 of a 100-hospital one (the rest are decoded again when asked).
 METRICS_CACHE_BYTES: Final = 32 << 20
