@@ -63,11 +63,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.fft
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import Domain
 
-from fl_core.constants import PRV_EPS_ERROR, PRV_MAX_GRID_POINTS
+from fl_core.constants import PRV_EPS_ERROR, PRV_FFT_PLANS_EVICTED, PRV_MAX_GRID_POINTS
 
 LEDGER_FORMAT = "fl-privacy-ledger"
 LEDGER_VERSION = 2
@@ -235,7 +236,23 @@ def _epsilon(merged: tuple[Mechanism, ...], delta: float, accountant: str) -> fl
             eps = float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
     except (_PRVGridTooLarge, ValueError, FloatingPointError, OverflowError, MemoryError):
         return rdp
+    finally:
+        release_fft_plans()
     return min(eps, rdp) if math.isfinite(eps) else rdp
+
+
+def release_fft_plans() -> None:
+    """Drops the FFT plans PRV's composition leaves behind in scipy.fft.
+
+    Why: scipy.fft (pocketfft) keeps the plans of the last 16 transform lengths per
+    kind, process-wide and with no call to clear them, and a plan holds twiddle factors
+    the size of its transform. PRV's grid (up to PRV_MAX_GRID_POINTS) changes length as
+    the ledger grows, so a hospital daemon on the default accountant kept 16 plans of its
+    latest grids: its RSS rose by MBs a round, to GBs within a few hundred rounds.
+    Transforms of PRV_FFT_PLANS_EVICTED tiny lengths take every slot instead."""
+    for n in range(2, PRV_FFT_PLANS_EVICTED + 2):
+        scipy.fft.rfft(np.zeros(n))
+        scipy.fft.fft(np.zeros(n, dtype=np.complex128))
 
 
 def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:

@@ -143,6 +143,11 @@ PRV_EPS_ERROR: Final = 0.01
 # the ledger uses RDP instead of PRV: memory and time grow with it (FFTs over it).
 # Only huge epsilons or very many distinct rounds need so many.
 PRV_MAX_GRID_POINTS: Final = 5_000_000
+# After each PRV epsilon the ledger runs this many tiny real and complex FFTs of distinct
+# lengths: scipy.fft keeps the plans of its last 16 lengths (pocketfft, process-wide,
+# with no call to clear them), each the size of its transform, and PRV's grids left a
+# hospital daemon holding GBs of them. Four times the cache's 16 slots, ~1 ms.
+PRV_FFT_PLANS_EVICTED: Final = 64
 # The planner aims each hospital at [1 - tolerance, 1] x its epsilon per job.
 PLANNER_TOLERANCE: Final = 0.02
 
