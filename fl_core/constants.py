@@ -255,6 +255,10 @@ REVOCATION_POLL_S: Final = 1.0
 # (default 700): one gRPC call allocates a few hundred container objects, so the
 # default collects every call or two (fl_core/gc_policy.py).
 GC_GEN0_THRESHOLD: Final = 20_000
+# How often at most the round engine also collects the oldest generation, where a
+# round's state lands once it has outlived a young collection (fl_core/gc_policy.py):
+# what the rounds of this long leave in cycles is all the garbage a daemon holds.
+GC_FULL_INTERVAL_S: Final = 30.0
 # A global model of at most this many bytes travels sealed inside its TRAIN/EVALUATE
 # task (fl_server/model_stream.py): one FetchModel call less per hospital a round. One
 # transfer chunk: a task message stays far below MAX_MESSAGE_BYTES (8 MiB).
