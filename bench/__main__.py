@@ -22,7 +22,7 @@ import time
 from bench.common import REPO_ROOT, bench_env, machine_line
 
 BENCHES = ("transfer", "aggregation", "model_hash", "rounds", "round_floor", "status", "load",
-           "dp_step")
+           "dp_step", "client_memory")
 
 
 def commands(quick: bool) -> dict[str, list[str]]:
@@ -36,6 +36,7 @@ def commands(quick: bool) -> dict[str, list[str]]:
             "status": ["--rounds", "500", "--runs", "3"],
             "load": ["--quick"],
             "dp_step": ["--reps", "5", "--warmup", "1"],
+            "client_memory": ["--rounds", "60", "--every", "15"],
         }
     return {name: [] for name in BENCHES}
 

@@ -379,13 +379,13 @@ class RssSampler:
         vals = [int(s[field]) for s in self.samples if since <= s[0] <= until]
         return max(vals) if vals else 0
 
-    def at(self, when: float) -> int:
-        """RSS of the last sample at or before `when`."""
+    def at(self, when: float, field: int = 1) -> int:
+        """RSS (`field` 2: anonymous, 3: file) of the last sample at or before `when`."""
         best = 0
         for s in self.samples:
             if s[0] > when:
                 break
-            best = s[1]
+            best = int(s[field])
         return best
 
 

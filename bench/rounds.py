@@ -178,6 +178,13 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
                 if 1 in ends and last_round in ends:
                     client_cpu += ends[last_round] - ends[1]
         spans = last_round - 1
+        # What a long job adds: the server's anonymous memory from the middle round to the
+        # last (a daemon that runs for months must level off; --rounds in the thousands)
+        mid = last_round // 2 + 1
+        anon_growth = float("nan")
+        if last_round - mid >= 2 and mid in recorded:
+            anon_mid = sampler.at(recorded[mid], 2)
+            anon_growth = (sampler.at(recorded[last_round], 2) - anon_mid) / (last_round - mid)
         # Server CPU rate while rounds 2.. ran, times the median round time.
         span = [(t, c) for t, c in server_cpu
                 if recorded.get(1, 0) <= t <= recorded.get(last_round, 0)]
@@ -202,6 +209,7 @@ def run_scenario(work: Path, sc: Scenario) -> dict[str, Any]:
             "idle_rss": idle, "peak_rss": peak,
             "peak_anon": sampler.max(2), "peak_file": sampler.max(3),
             "peak_by_phase": _peak_by_phase(server, sampler),
+            "anon_growth_per_round": anon_growth, "growth_from_round": mid,
             "target_round_s": sc.target_round_s, "note": sc.note,
             "target_rss": sc.target_rss if sc.target_models_over_idle is None
             else int(idle + sc.target_models_over_idle * sc.model_bytes),
@@ -257,6 +265,10 @@ def report(results: list[dict[str, Any]]) -> None:
             parts.append("sampled peak RSS (anon/file) MB by phase, rounds 2..: " + ", ".join(
                 f"{ph} {v[0] / MB:.0f} ({v[1] / MB:.0f}/{v[2] / MB:.0f})"
                 for ph, v in r["peak_by_phase"].items()))
+        growth = r.get("anon_growth_per_round", float("nan"))
+        if growth == growth:  # not NaN: enough rounds
+            parts.append(f"server anonymous RSS {growth / 1024:+.1f} KB per round over rounds "
+                         f"{r['growth_from_round']}..{r['rounds']}")
         if parts:
             print(f"- {r['name']}: " + "; ".join(parts))
     small = [r for r in results if r["params"] <= 1_000_000]
