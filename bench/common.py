@@ -12,6 +12,7 @@ a peak can be taken over one phase of a long-lived process).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import shutil
@@ -381,12 +382,8 @@ class RssSampler:
 
     def at(self, when: float, field: int = 1) -> int:
         """RSS (`field` 2: anonymous, 3: file) of the last sample at or before `when`."""
-        best = 0
-        for s in self.samples:
-            if s[0] > when:
-                break
-            best = int(s[field])
-        return best
+        at = bisect.bisect_right(self.samples, when, key=lambda s: s[0])
+        return int(self.samples[at - 1][field]) if at else 0
 
 
 def connected_count(status: Any) -> int:

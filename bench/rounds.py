@@ -104,12 +104,16 @@ def _peak_by_phase(server: BenchServer, sampler: RssSampler) -> dict[str, tuple[
     round's memory peaks (the fold in `train`, the new model in `aggregate`, ...)."""
     events = sorted((when, phase) for when, rnd, phase in server.phase_times() if rnd > 1)
     out: dict[str, tuple[int, int, int]] = {}
+    samples = sampler.samples  # in time order, as the events: one sweep over both
+    i = 0
     for (start, phase), nxt in zip(events, events[1:] + [(float("inf"), "")], strict=True):
-        vals = [s for s in sampler.samples if start <= s[0] < nxt[0]]
-        if vals:
-            best = max(vals, key=lambda s: s[1])
-            if best[1] > out.get(phase, (0, 0, 0))[0]:
-                out[phase] = (best[1], best[2], best[3])
+        while i < len(samples) and samples[i][0] < start:
+            i += 1
+        while i < len(samples) and samples[i][0] < nxt[0]:
+            t, total, anon, file = samples[i]
+            if total > out.get(phase, (0, 0, 0))[0]:
+                out[phase] = (int(total), int(anon), int(file))
+            i += 1
     return out
 
 
