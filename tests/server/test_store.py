@@ -309,6 +309,28 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         Store(tmp_path)
 
 
+def test_a_round_finds_the_checkpointed_rounds_by_index_in_old_databases_too(
+        tmp_path: Path) -> None:
+    """Each recorded round looks up the rounds that still name a checkpoint; without an
+    index that scanned every round of the job, so a round's cost grew with the job. A
+    database made before the index gets it when opened."""
+    Store(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "server.db")
+    conn.execute("DROP INDEX rounds_with_checkpoint")  # as a database from before it
+    conn.commit()
+    conn.close()
+    queries = (
+        ("SELECT round FROM rounds WHERE job_id=? AND checkpoint IS NOT NULL "
+         "ORDER BY round DESC LIMIT -1 OFFSET ?", ("job1", 5)),
+        ("SELECT checkpoint FROM rounds WHERE job_id=? AND checkpoint IS NOT NULL", ("job1",)),
+    )
+    with Store(tmp_path) as store:
+        plans = [store._conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+                 for sql, args in queries]
+    for plan in plans:
+        assert any("rounds_with_checkpoint" in row[-1] for row in plan), plan
+
+
 # ---------------------------------------------------------------------------- pruning
 def test_only_the_last_k_checkpoints_and_round_zero_are_kept(tmp_path: Path) -> None:
     with Store(tmp_path, keep_checkpoints=3) as store:
