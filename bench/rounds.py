@@ -110,7 +110,7 @@ def _peak_by_phase(server: BenchServer, sampler: RssSampler) -> dict[str, tuple[
         while i < len(samples) and samples[i][0] < start:
             i += 1
         while i < len(samples) and samples[i][0] < nxt[0]:
-            t, total, anon, file = samples[i]
+            _, total, anon, file = samples[i]
             if total > out.get(phase, (0, 0, 0))[0]:
                 out[phase] = (int(total), int(anon), int(file))
             i += 1
