@@ -36,6 +36,7 @@ from fl_models.base import Task
 from fl_models.registry import TASK_NAMES, get_task
 
 TARGET_RATIO = 2.0
+CPU = torch.device("cpu")
 Step = Callable[[], None]
 
 
@@ -71,15 +72,15 @@ class Row:
         return min(modes)
 
 
-def _batch(task: Task, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(task: Task, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *task.input_shape), generator=g)
     y = torch.randint(0, task.num_classes, (batch,), generator=g)
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def _plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Step:
-    model = task.build_model().train()
+    model = task.build_model().to(x.device).train()
     opt = task.hyperparams.make_optimizer(model.parameters())
     criterion = nn.CrossEntropyLoss()
 
@@ -92,7 +93,7 @@ def _plain_step(task: Task, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 
 def _dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
-    model = task.build_model().train()
+    model = task.build_model().to(x.device).train()
     head = linear_head(model, task.input_shape) if mode == "linear" else None
     if mode == "linear" and head is None:
         raise ValueError(f"{task.name} is not parameter-free features then one Linear layer")
@@ -140,16 +141,22 @@ def _dp_step(task: Task, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
     return step
 
 
-def _time(step: Step) -> float:
+def _time(step: Step, device: torch.device) -> float:
+    """Wall time of one step; on a GPU, until its queued kernels have run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def measure(name: str, reps: int, warmup: int, batch: int | None) -> Row:
+def measure(name: str, reps: int, warmup: int, batch: int | None,
+            device: torch.device = CPU) -> Row:
     task = get_task(name)
     size = batch or task.hyperparams.batch_size
-    x, y = _batch(task, size)
+    x, y = _batch(task, size, device)
     steps: dict[str, Step] = {
         "plain": _plain_step(task, x, y),
         "hooks": _dp_step(task, x, y, "hooks"),
@@ -169,7 +176,7 @@ def measure(name: str, reps: int, warmup: int, batch: int | None) -> Row:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(reps):
         for key, step in steps.items():
-            times[key].append(_time(step))
+            times[key].append(_time(step, device))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     params = sum(p.numel() for p in task.build_model().parameters())
     return Row(name, params, size, med["plain"], med["hooks"], med.get("ghost"), ghost_error,
@@ -254,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: each task's own")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the steps run (cuda: synchronised around each step)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -264,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in args.tasks:
         try:
-            rows.append(measure(name, args.reps, args.warmup, args.batch))
+            rows.append(measure(name, args.reps, args.warmup, args.batch, device))
         except ModuleNotFoundError as exc:
             print(f"{name}: skipped ({exc})")
-    print(f"DP-SGD step vs non-private step, CPU, {torch.get_num_threads()} threads, "
-          f"median of {args.reps}, same batch per model")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"DP-SGD step vs non-private step, {where}, median of {args.reps}, "
+          "same batch per model")
     header = (f"{'task':<14}{'params':>10}{'batch':>7}{'plain ms':>10}{'hooks ms':>10}"
               f"{'ratio':>7}{'ghost ms':>10}{'ratio':>7}{'linear ms':>10}{'ratio':>7}")
     print(header)

@@ -67,6 +67,7 @@ from fl_core.statelock import StateLock, StateLockError
 from fl_core.tensor_codec import digest_name
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
+from fl_models.training import training_device
 from fl_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("fl_client.client")
@@ -179,7 +180,9 @@ class ClientDaemon:
         # checked first so a second daemon fails before it reads any data.
         self.state_lock = StateLock(state_dir, "fl-client").acquire()
         self.state_dir = state_dir
-        self.device = _device(args.device)
+        self.device = training_device(args.device)
+        self.device_name = (f"cuda ({torch.cuda.get_device_name(self.device)})"
+                            if self.device.type == "cuda" else self.device.type)
         self.studies = {mt: load_study(mt, path, policy) for mt, (path, policy)
                         in settings.items()}
         first = next(iter(self.studies.values()))
@@ -237,7 +240,7 @@ class ClientDaemon:
                 log_event(log, "connected", client=self.client_id, server=self.conn.target,
                           epsilon_spent=f"{self.ledger.spent():.3f}",
                           epsilon_budget=self.args.epsilon_budget,
-                          studies=",".join(self.studies),
+                          studies=",".join(self.studies), device=self.device_name,
                           server_jobs=",".join(self.conn.job_model_types) or "none")
                 if self._nothing_to_serve():
                     return 3
@@ -659,14 +662,6 @@ def _is_number(value: Any) -> bool:
     """Metrics worth sending: an undefined one (e.g. AUROC on a one-class test split
     is NaN) is left out rather than sent and refused as absurd."""
     return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
 
 
 def main(argv: list[str] | None = None) -> int:

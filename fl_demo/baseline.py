@@ -37,6 +37,8 @@ from fl_proto import coordinator_pb2 as cpb
 from fl_server.config import ServerConfig
 from fl_server.server import train_config
 
+CPU = torch.device("cpu")
+
 
 @dataclass
 class LocalResult:
@@ -73,7 +75,8 @@ def initial_state(task: Task, seed: int) -> dict[str, torch.Tensor]:
 
 def train_local_only(task: Task, hospital: str, data_path: Path, test_set: TensorDataset,
                      config: cpb.TrainConfig, rounds: int, seed: int,
-                     epsilon_budget: float = 1e6) -> LocalResult:
+                     epsilon_budget: float = 1e6,
+                     device: torch.device = CPU) -> LocalResult:
     """`rounds` private local rounds on one hospital's data, then the held-out metrics."""
     started = time.perf_counter()
     train_set = task.load_split(data_path, "train")
@@ -83,7 +86,7 @@ def train_local_only(task: Task, hospital: str, data_path: Path, test_set: Tenso
     with tempfile.TemporaryDirectory(prefix="fl-local-only-") as folder:
         ledger = PrivacyLedger(Path(folder), hospital, epsilon_budget, delta)
         for round_no in range(1, rounds + 1):
-            result = train_round(task, state, train_set, config, torch.device("cpu"), ledger,
+            result = train_round(task, state, train_set, config, device, ledger,
                                  allow_no_dp=not private, job_id="local-only",
                                  round=round_no)
             state = result.state
@@ -98,7 +101,8 @@ def train_local_only(task: Task, hospital: str, data_path: Path, test_set: Tenso
 def train_all_local(task: Task, data_dir: Path, hospitals: list[str], test_set: TensorDataset,
                     config: cpb.TrainConfig, rounds: int, seed: int,
                     on_done: Callable[[LocalResult], Any] | None = None,
-                    epsilon_budget: float = 1e6) -> list[LocalResult]:
+                    epsilon_budget: float = 1e6,
+                    device: torch.device = CPU) -> list[LocalResult]:
     """One local-only model per hospital, in order; `on_done` sees each as it finishes.
 
     Single-threaded, like the client daemons (the launcher gives them
@@ -110,7 +114,7 @@ def train_all_local(task: Task, data_dir: Path, hospitals: list[str], test_set: 
     try:
         for name in hospitals:
             result = train_local_only(task, name, data_dir / name, test_set, config, rounds,
-                                      seed, epsilon_budget)
+                                      seed, epsilon_budget, device)
             results.append(result)
             if on_done is not None:
                 on_done(result)

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " split (the server always scores it on the held-out test set)")
     p.add_argument("--timeout_s", type=float, default=600.0,
                    help="give up if the federation has not finished by then (default 600)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="where the hospitals train, in their daemons and for the local-only"
+                        " models (auto: cuda when available; default cpu)")
     p.add_argument("--server_arg", action="append", default=[], metavar="ARG",
                    help="extra flag passed to the server daemon, repeatable"
                         " (e.g. --server_arg=--quorum --server_arg=1.0)")
@@ -191,7 +194,7 @@ def parse_all(argv: Sequence[str] | None = None
         strategy=args.strategy or profile.strategy,
         secure_aggregation=not args.no_secure_aggregation,
         baseline=not args.no_baseline, fed_eval=args.fed_eval,
-        timeout_s=args.timeout_s,
+        timeout_s=args.timeout_s, device=args.device,
         extra_server_args=(() if args.strategy else profile.strategy_args)
         + tuple(args.server_arg))
     settings.validate()
@@ -299,7 +302,8 @@ def run_federation(settings: DemoSettings, fed: Federation, data_dir: Path, stat
         "--exit_when_done", "--eval_data", str(data_dir / "test"),
         "--strategy", settings.strategy, "--seed", str(settings.seed),
         "--round_deadline_s", "180", "--wait_for_clients_s", "120"]
-    client_args = ["--epsilon_budget", str(settings.epsilon_budget), "--max_reconnect_s", "60"]
+    client_args = ["--epsilon_budget", str(settings.epsilon_budget), "--max_reconnect_s", "60",
+                   "--device", settings.device]
     if settings.local_epochs:
         server_args += ["--local_epochs", str(settings.local_epochs)]
     if settings.epsilon_per_hospital is None:
@@ -460,6 +464,7 @@ def _record_exit_codes(fed: Federation, state: DemoState) -> None:
 def train_baselines(task: Any, settings: DemoSettings, data_dir: Path,
                     stream: TextIO) -> list[Any]:
     from fl_demo.baseline import federation_train_config, train_all_local
+    from fl_models.training import training_device
 
     config = federation_train_config(task, settings.local_epochs, settings.noise_multiplier,
                                      settings.learning_rate, settings.epsilon_per_hospital,
@@ -477,7 +482,8 @@ def train_baselines(task: Any, settings: DemoSettings, data_dir: Path,
 
     return train_all_local(task, data_dir, settings.hospital_names, test_set, config,
                            settings.rounds, settings.seed, on_done=done,
-                           epsilon_budget=settings.epsilon_budget)
+                           epsilon_budget=settings.epsilon_budget,
+                           device=training_device(settings.device))
 
 
 # --- data and report -----------------------------------------------------------------

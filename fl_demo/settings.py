@@ -12,6 +12,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imported here only when cuda is asked for)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -90,6 +99,7 @@ class DemoSettings:
     baseline: bool = True
     fed_eval: bool = False  # hospitals also score each global model on their own test split
     timeout_s: float = 600.0
+    device: str = "cpu"  # where the hospitals train: cpu, cuda or auto (fl-client --device)
     extra_server_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -126,5 +136,10 @@ class DemoSettings:
             problems.append("--learning_rate must be positive")
         if self.timeout_s <= 0:
             problems.append("--timeout_s must be positive")
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)}")
+        elif self.device == "cuda" and not cuda_available():
+            problems.append("--device cuda: no CUDA device is available on this machine"
+                            " (use cpu, or auto to take one when there is)")
         if problems:
             raise ValueError("; ".join(problems))

@@ -1,4 +1,5 @@
-"""Plain (non-private) training, for the centralised baseline and for tests.
+"""Plain (non-private) training, for the centralised baseline and for tests, and the
+device a hospital's training runs on.
 
 The federation's private local training lives in fl_client; this loop is the
 reference it is compared with, so it uses the task's own optimizer settings.
@@ -11,6 +12,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def training_device(name: str) -> torch.device:
+    """The device `--device NAME` means: cpu, cuda, or auto (cuda when there is one).
+
+    A cuda that is not there is an error here, at start-up, rather than in the middle
+    of a round the server is waiting for."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
 
 
 def concat(datasets: Sequence[TensorDataset]) -> TensorDataset:

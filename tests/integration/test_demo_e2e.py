@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from fl_demo.demo import DemoError, prepare_out_dir, projected_epsilon
+from fl_demo.demo import DemoError, parse_args, prepare_out_dir, projected_epsilon
 from fl_demo.live import _summary_epsilon
 from fl_models.registry import get_task
 
@@ -64,7 +65,8 @@ def test_demo_two_hospitals_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "fl_demo", "--hospitals", "2", "--rounds", "2", "--out", str(out)],
+        [sys.executable, "-m", "fl_demo", "--hospitals", "2", "--rounds", "2", "--out", str(out),
+         "--device", "auto"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=220)
     seconds = time.monotonic() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,6 +113,11 @@ def test_demo_two_hospitals_two_rounds(tmp_path: Path) -> None:
     png = out / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 20_000  # four panels, not an empty canvas
+    # --device auto reached the daemons, which say where they train
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in HOSPITALS:
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert f"device={where}" in log or f'device="{where} (' in log, name
     # The live table and the closing comparison were printed.
     assert "eval acc" in proc.stdout and "eps h2" in proc.stdout
     assert "federated (global)" in proc.stdout and "hospital_2 alone" in proc.stdout
@@ -183,3 +190,13 @@ def test_round_summary_epsilon_and_projection() -> None:
     # The projection is the trainer's own accounting: 136 examples, batch 32 -> 5
     # Poisson batches per epoch, 2 epochs, noise 1.0 (5.75 in a real round 1).
     assert projected_epsilon(136, 32, 2, 1.0, 1e-5) == pytest.approx(5.754, abs=0.01)
+
+
+def test_device_flag() -> None:
+    assert parse_args([]).device == "cpu"
+    assert parse_args(["--device", "auto"]).device == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device"):
+            parse_args(["--device", "cuda"])
