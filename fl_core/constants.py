@@ -266,8 +266,9 @@ INLINE_MODEL_MAX_BYTES: Final = 1 << 20
 # After each round of a model of at least this many bytes, the server hands glibc's
 # free heap pages back to the system (malloc_trim, ~3 ms at 100 MB): the round's
 # 1 MiB chunk buffers, freed across many threads' heaps, otherwise stay resident
-# (~30 MB at 100 MB x 4, issue 16 item 3). Below it a trim would cost more than it
-# gives back on the small round.
+# (~30 MB at 100 MB x 4, issue 16 item 3). Below it a trim after every round would
+# cost more than it gives back; the heaps are trimmed with the full collection instead
+# (GC_FULL_INTERVAL_S, fl_server/rounds.py).
 TRIM_HEAP_MIN_MODEL_BYTES: Final = 16 << 20
 
 # --- issue 16 item 4 (memory helper) ---

@@ -406,3 +406,32 @@ def test_a_report_of_refusal_is_recorded_with_its_reason() -> None:
     summary, model = store.completed[1]
     assert summary.metrics["failures"] == {"b": "REFUSED: budget exceeded"}
     assert torch.allclose(model["w"], torch.full((4,), 2.0))  # only a's update
+
+
+def test_a_small_models_rounds_trim_the_heaps_with_the_periodic_full_collection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below TRIM_HEAP_MIN_MODEL_BYTES a round does not trim the heaps every time (the
+    trim would cost more than it gives back), but with the full collection, at most
+    every GC_FULL_INTERVAL_S: otherwise the free holes the small rounds leave in the
+    threads' heaps stayed resident for as long as the job ran."""
+    import fl_core.gc_policy as policy
+    import fl_server.rounds as rounds
+    from fl_core.allocator import release_free_heap
+    from fl_core.constants import GC_FULL_INTERVAL_S
+
+    trims: list[int] = []
+
+    def counted() -> bool:
+        trims.append(engine.round)
+        return release_free_heap()
+
+    monkeypatch.setattr(rounds, "release_free_heap", counted)
+    # the interval has passed: the first round's collection is a full one
+    monkeypatch.setitem(policy._full, "at", time.monotonic() - GC_FULL_INTERVAL_S)
+    engine, registry, store = make_engine(["a"], rounds=3)
+    thread = run_in_thread(engine)
+    for round_no in (1, 2, 3):
+        send(engine, registry, "a", round_no, 1.0, 10, 0.5)
+    thread.join(TIMEOUT_S)
+    assert sorted(store.completed) == [1, 2, 3]
+    assert len(trims) == 1  # with round 1's full collection; rounds 2-3 within the interval
