@@ -55,6 +55,7 @@ from fl_client.budget_planner import plan_round
 from fl_client.linear_dp import clipped_grad_sum, linear_head, noise_and_account, split_head
 from fl_client.privacy_ledger import DEFAULT_ACCOUNTANT, PrivacyLedger, compose_epsilon
 from fl_models.base import HyperParams, Task
+from fl_models.training import release_device_memory
 from fl_proto import coordinator_pb2
 
 # The engine's own accountant only keeps the run's history (the ledger composes it) and
@@ -277,20 +278,24 @@ def train_round(
         for name, _ in model.named_parameters()
     }
 
-    if settings.dp_enabled:
-        run = _train_private(
-            model, global_params, dataset, settings, device, ledger, job_id, round,
-            on_progress, max_physical_batch_size, private_seed, grad_sample_mode, stop,
-        )
-    else:
-        if ledger is not None:
-            # Recorded before training: once started, the data has been used without DP.
-            per_epoch = math.ceil(len(dataset) / settings.hyperparams.batch_size)
-            ledger.record(job_id, round, 0.0, 1.0 / per_epoch,
-                          settings.hyperparams.local_epochs * per_epoch, dp_enabled=False)
-        run = _train_plain(model, global_params, dataset, settings, device, on_progress, stop)
-
-    model.to("cpu")
+    try:
+        if settings.dp_enabled:
+            run = _train_private(
+                model, global_params, dataset, settings, device, ledger, job_id, round,
+                on_progress, max_physical_batch_size, private_seed, grad_sample_mode, stop,
+            )
+        else:
+            if ledger is not None:
+                # Recorded before training: once started, the data has been used without DP.
+                per_epoch = math.ceil(len(dataset) / settings.hyperparams.batch_size)
+                ledger.record(job_id, round, 0.0, 1.0 / per_epoch,
+                              settings.hyperparams.local_epochs * per_epoch, dp_enabled=False)
+            run = _train_plain(model, global_params, dataset, settings, device, on_progress,
+                               stop)
+    finally:
+        model.to("cpu")
+        global_params.clear()
+        release_device_memory(device)
     state = _update_from(model, global_state, settings.update_kind)
     metrics = dict(run.metrics)
     if notes:
@@ -318,7 +323,11 @@ def evaluate_state(
     model = task.build_model()
     load_state_strict(model, state)
     model.to(device)
-    return task.evaluate(model, dataset)
+    try:
+        return task.evaluate(model, dataset)
+    finally:
+        model.to("cpu")
+        release_device_memory(device)
 
 
 # --- internals ---------------------------------------------------------------------

@@ -28,6 +28,17 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def release_device_memory(device: torch.device) -> None:
+    """Give the GPU memory a round cached back to the driver once its tensors are gone.
+
+    Why: PyTorch keeps freed GPU blocks reserved for the process. A hospital daemon idles
+    between rounds, and a simulation shares one GPU between several hospitals' workers,
+    so a round's peak held for good would starve the GPU's other users (and, for the
+    simulation's workers, each other). Nothing to do on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def concat(datasets: Sequence[TensorDataset]) -> TensorDataset:
     """One TensorDataset holding all rows, e.g. every hospital's training split."""
     if not datasets:
