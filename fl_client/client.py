@@ -175,14 +175,14 @@ class ClientDaemon:
         self.args = args
         self.client_id: str = args.client_id
         settings = study_settings(args)
+        self.device = training_device(args.device)
+        self.device_name = (f"cuda ({torch.cuda.get_device_name(self.device)})"
+                            if self.device.type == "cuda" else self.device.type)
         state_dir = args.state_dir or Path("client_state") / self.client_id
         # One daemon per state folder (two would charge the privacy ledger twice),
         # checked first so a second daemon fails before it reads any data.
         self.state_lock = StateLock(state_dir, "fl-client").acquire()
         self.state_dir = state_dir
-        self.device = training_device(args.device)
-        self.device_name = (f"cuda ({torch.cuda.get_device_name(self.device)})"
-                            if self.device.type == "cuda" else self.device.type)
         self.studies = {mt: load_study(mt, path, policy) for mt, (path, policy)
                         in settings.items()}
         first = next(iter(self.studies.values()))

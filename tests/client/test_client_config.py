@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_client.client import build_parser
 from fl_client.config import parse_args
@@ -93,3 +94,20 @@ def test_log_file_rotates_by_size(tmp_path: Path) -> None:
     assert files == ["client.log", "client.log.1", "client.log.2"]
     assert all(p.stat().st_size <= 2000 for p in log_file.parent.iterdir())
     assert "round=99" in log_file.read_text()  # the newest line is in the live file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused_at_start(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Not at the first round the server waits for; and before the state folder is
+    locked or any data read."""
+    from fl_client.client import main
+
+    state = tmp_path / "state"
+    code = main(["--client_id", "hospital_1", "--server_url", "127.0.0.1:1",
+                 "--data_path", str(tmp_path / "absent"), "--model_type", "breast_cancer",
+                 "--state_dir", str(state), "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda was asked for but no CUDA device is available" in \
+        capsys.readouterr().err
+    assert not state.exists()
