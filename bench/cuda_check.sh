@@ -7,7 +7,8 @@
 # 1. the CUDA tests (tests/client/test_cuda_training.py: the device's update equals the
 #    CPU's without DP, accounts the same with DP, the closed form equals Opacus's hooks
 #    there) and the closed form's own tests;
-# 2. bench.dp_step on the GPU (the DP step against the plain one, item 5 of issue 16);
+# 2. bench.dp_step on the GPU (the DP step against the plain one, item 5 of issue 16),
+#    and bench.train_round (one hospital's round per task, on the CPU and the GPU);
 # 3. whole federations on loopback whose hospitals train on the GPU
 #    (python -m fl_demo --device cuda): the tabular model with its local-only models,
 #    and the pneumonia CNN; each must finish and report its accuracy.
@@ -44,6 +45,7 @@ EOF
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs \
     tests/client/test_cuda_training.py tests/client/test_linear_dp.py
 step dp_step_cuda 150 python3 -m bench.dp_step --device cuda --reps 20
+step train_round 240 python3 -m bench.train_round --runs 3
 demo=$(mktemp -d)
 step demo_breast_cancer 150 python3 -m fl_demo --device cuda --model_type breast_cancer \
     --out "$demo/bc" --timeout_s 140
