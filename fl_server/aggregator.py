@@ -206,17 +206,18 @@ class AggregatorService(apb_grpc.AggregatorServicer):
     def FetchModel(self, request: apb.FetchModelRequest, context: grpc.ServicerContext
                    ) -> Iterator[apb.ModelStreamMessage | bytes]:
         client_id, session = self._session(context)
-        # a completed job's final model, offered in the STOP task (fl_server/final_model.py)
-        final = self.engine.final.task_of(client_id, request.task_id)
+        # a completed job's final model, offered in the STOP task (fl_server/final_model.py):
+        # served from the delivery desk, since the next job's engine may already run
+        final = self.engine.final.offer_of(client_id, request.task_id)
         try:
             if final is not None:
-                task, job_id, round_no, wanted_version = final, final.job_id, final.round, \
-                    final.round
+                task, model = final
+                job_id, round_no, wanted_version = task.job_id, task.round, task.round
             else:
                 rs, task = self.engine.task_of(client_id, request.task_id)
                 job_id, round_no = rs.job_id, rs.round
                 wanted_version = model_version_for(task, rs.round)
-            model = self.engine.current_model()
+                model = self.engine.current_model()
         except RoundRefusal as refusal:
             abort_refusal(context, refusal)
         if model.version != wanted_version or request.round != round_no \

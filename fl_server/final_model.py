@@ -21,10 +21,14 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from fl_proto import coordinator_pb2 as cpb
 from fl_proto import tensors_pb2 as tpb
 from fl_server.store import Store
+
+if TYPE_CHECKING:  # rounds.py imports this module
+    from fl_server.rounds import ModelVersion
 
 
 def participants(store: Store, job_id: str) -> set[str]:
@@ -54,6 +58,7 @@ class FinalDelivery:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tasks: dict[str, cpb.Task] = {}
+        self._model: ModelVersion | None = None  # the offered model, whatever runs next
         self._pending: set[str] = set()
         self._model_type = ""
         self._strategy = ""
@@ -70,12 +75,19 @@ class FinalDelivery:
             self._strategy = strategy
             self._store = store
 
-    def open(self, job_id: str, round_no: int,
+    def open(self, job_id: str, round_no: int, model: ModelVersion,
              manifest_of: Callable[[str], tpb.TensorManifest], clients: set[str]) -> None:
-        """Offer the model of ``round_no`` (the job's last) to ``clients``;
-        ``manifest_of(client)`` is the model's manifest in that hospital's digest."""
+        """Offer ``model``, the job's last round's (``round_no``), to ``clients``;
+        ``manifest_of(client)`` is the model's manifest in that hospital's digest.
+
+        The model is kept here, not looked up in the engine when a hospital fetches it:
+        the next queued job starts as soon as this one completes, and its engine serves
+        its own model from then on, while this job's hospitals are still fetching
+        theirs (a hospital's fetch used to be refused FAILED_PRECONDITION then). A large
+        model is its checkpoint file's mapping, so keeping it costs page cache only."""
         figures = final_metrics(self._store, job_id) if self._store is not None else {}
         with self._lock:
+            self._model = model
             self._tasks = {
                 cid: cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id,
                               round=round_no, model_manifest=manifest_of(cid),
@@ -94,11 +106,14 @@ class FinalDelivery:
         return cpb.Task(task_id=uuid.uuid4().hex, kind=cpb.STOP, job_id=job_id, round=round_no,
                         model_type=model_type)
 
-    def task_of(self, client_id: str, task_id: str) -> cpb.Task | None:
-        """The final-model task ``task_id`` of ``client_id``, or None when it is not one."""
+    def offer_of(self, client_id: str, task_id: str) -> tuple[cpb.Task, ModelVersion] | None:
+        """The final-model task ``task_id`` of ``client_id`` and the model it offers, or
+        None when it is not one."""
         with self._lock:
-            task = self._tasks.get(client_id)
-        return task if task is not None and task.task_id == task_id else None
+            task, model = self._tasks.get(client_id), self._model
+        if task is None or task.task_id != task_id or model is None:
+            return None
+        return task, model
 
     def awaited(self, connected: Iterable[str]) -> bool:
         """True while an offered hospital that has not fetched the model yet is still

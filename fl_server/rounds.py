@@ -753,7 +753,7 @@ class RoundEngine:
     def _broadcast_stop(self) -> None:
         if self.job_state == "completed":  # its hospitals fetch the final model (final_model.py)
             model = self.current_model()
-            self.final.open(self.job_id, model.version,
+            self.final.open(self.job_id, model.version, model,
                             lambda cid: model.manifest_for(self.registry.digest_of(cid)),
                             participants(self.store, self.job_id))
         self.registry.broadcast(lambda cid: self.final.stop_task(cid, self.job_id, self.round))

@@ -119,3 +119,48 @@ def test_sigint_during_local_training_exits_fast_and_charges_once(
     status = fed.status()
     reasons = {c.client_id: c.last_report_reason for c in status.clients}
     assert reasons.get("hospital_1") == "stopped by the operator", status
+
+
+def test_a_late_fetch_gets_the_final_model_while_the_next_job_runs(tmp_path: Path) -> None:
+    """A queued job starts as soon as the one before completes, and its engine serves
+    its own model from then on. A hospital that fetches the completed job's final model
+    only after that (it was busy, or its STOP came late) still gets that job's model:
+    it was refused FAILED_PRECONDITION ("needs the model of job ... round ...") and the
+    hospital was left without it."""
+    import torch
+
+    from fl_demo.launcher import make_pki
+    from fl_proto import coordinator_pb2 as cpb
+    from tests.hostile.kit import HostileClient, site_identity
+
+    make_pki(tmp_path, ["hospital_1"])
+    fed = Federation(tmp_path, [], "breast_cancer")
+    client: HostileClient | None = None
+    try:
+        port = fed.start_server(["--no_job", "--round_deadline_s", "60",
+                                 "--wait_for_clients_s", "60"])
+        client = HostileClient(port, site_identity(tmp_path, "hospital_1"), "hospital_1")
+        client.open_tasks()
+        for name in ("job-a", "job-b"):  # the second waits in the queue
+            path = tmp_path / f"{name}.toml"
+            path.write_text(f'job_id = "{name}"\nmodel_type = "breast_cancer"\nrounds = 1\n'
+                            "min_clients = 1\nfed_eval = false\n")
+            run = subprocess.run(
+                [sys.executable, "-m", "fl_server.admin", "submit", str(path),
+                 "--server_url", f"127.0.0.1:{port}", "--keys_dir", str(tmp_path / "keys")],
+                cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+            assert run.returncode == 0, run.stderr
+        task = client.next_task(cpb.TRAIN, timeout=60)
+        assert task.job_id == "job-a"
+        client.submit(client.sealed(task, client.zero_delta(task)).messages())
+        stop = client.next_task(cpb.STOP, timeout=60)
+        assert stop.job_id == "job-a" and stop.HasField("model_manifest")
+        assert client.next_task(cpb.TRAIN, timeout=60).job_id == "job-b"  # b's engine runs
+        final = client.fetch_model(stop, stop.model_manifest)
+        expected = checkpoint_state(tmp_path / "server_state", "job-a", stop.round)
+        assert list(final) == list(expected)
+        assert all(torch.equal(final[k], expected[k]) for k in expected)
+    finally:
+        if client is not None:
+            client.close()
+        fed.stop_all()

@@ -7,27 +7,54 @@ import torch
 from fl_core.tensor_codec import build_manifest
 from fl_proto import coordinator_pb2 as cpb
 from fl_server.final_model import FinalDelivery
+from fl_server.rounds import ModelVersion
+
+
+def model_version(version: int, value: float) -> ModelVersion:
+    state = {"w": torch.full((3,), value)}
+    return ModelVersion(version, state, build_manifest(state), f"sha-{version}")
 
 
 def test_only_participants_get_the_model_and_only_connected_ones_are_awaited() -> None:
     final = FinalDelivery()
     assert not final.awaited(["h1"])  # nothing offered yet
     assert not final.stop_task("h1", "job", 3).HasField("model_manifest")
-    manifest = build_manifest({"w": torch.ones(3)})
-    final.open("job", 3, lambda _client: manifest, {"h1", "h2"})
+    model = model_version(3, 1.0)
+    manifest = model.manifest
+    final.open("job", 3, model, lambda _client: manifest, {"h1", "h2"})
     offered = final.stop_task("h1", "job", 3)
     assert offered.kind == cpb.STOP and (offered.job_id, offered.round) == ("job", 3)
     assert offered.model_manifest == manifest
     assert final.stop_task("h1", "job", 3).task_id == offered.task_id  # stable on re-send
     outsider = final.stop_task("h3", "job", 3)
     assert outsider.kind == cpb.STOP and not outsider.HasField("model_manifest")
-    assert final.task_of("h1", offered.task_id) == offered
-    assert final.task_of("h2", offered.task_id) is None  # another hospital's task id
-    assert final.task_of("h3", outsider.task_id) is None  # a plain STOP fetches nothing
+    assert final.offer_of("h1", offered.task_id) == (offered, model)
+    assert final.offer_of("h2", offered.task_id) is None  # another hospital's task id
+    assert final.offer_of("h3", outsider.task_id) is None  # a plain STOP fetches nothing
     assert final.awaited(["h1", "h3"])
     assert not final.awaited(["h3"])  # the ones left are gone: not waited for
     final.fetched("h1")
     assert not final.awaited(["h1", "h3"]) and final.awaited(["h2"])
+
+
+def test_the_offered_model_is_served_while_the_next_job_runs() -> None:
+    """The next queued job starts as soon as one completes, and from then on its engine
+    serves its own model; a hospital still fetching the completed job's final model gets
+    that one (it was refused FAILED_PRECONDITION, and left without it, when the model
+    was looked up in the engine)."""
+    final = FinalDelivery()
+    done = model_version(2, 5.0)
+    final.open("job-a", 2, done, lambda _client: done.manifest, {"h1"})
+    offered = final.stop_task("h1", "job-a", 2)
+    final.begin_job("job-b", "symptom")  # the next job's engine now serves round 0 of b
+    assert final.offer_of("h1", offered.task_id) == (offered, done)
+    assert final.stop_task("h1", "job-a", 2) == offered  # still offered, as before
+    # once the next job completes, its model replaces the offer
+    newer = model_version(1, 7.0)
+    final.open("job-b", 1, newer, lambda _client: newer.manifest, {"h1"})
+    assert final.offer_of("h1", offered.task_id) is None
+    task = final.stop_task("h1", "job-b", 1)
+    assert final.offer_of("h1", task.task_id) == (task, newer)
 
 
 def test_a_stop_is_not_swallowed_by_the_next_jobs_first_task() -> None:
