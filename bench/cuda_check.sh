@@ -6,7 +6,7 @@
 #
 # 1. the CUDA tests (tests/client/test_cuda_training.py: the device's update equals the
 #    CPU's without DP, accounts the same with DP, the closed form equals Opacus's hooks
-#    there) and the closed form's own tests;
+#    there, a round leaves no GPU memory behind) and the closed form's own tests;
 # 2. bench.dp_step on the GPU (the DP step against the plain one, item 5 of issue 16),
 #    and bench.train_round (one hospital's round per task, on the CPU and the GPU);
 # 3. whole federations on loopback whose hospitals train on the GPU
