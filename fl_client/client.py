@@ -60,6 +60,7 @@ from fl_core.constants import (
     RECONNECT_MAX_S,
     SESSION_CONFLICT_ATTEMPTS,
     SESSION_CONFLICT_RETRY_S,
+    TRAINING_DEVICES,
 )
 from fl_core.logs import add_log_file_flags, log_event, setup_logging_from_args
 from fl_core.secagg import SecAggError
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with <client_id>.key, <client_id>.crt and ca.crt")
     p.add_argument("--state_dir", type=Path, default=None,
                    help="folder for the privacy ledger (default: client_state/<client_id>)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+    p.add_argument("--device", default="cpu", choices=TRAINING_DEVICES,
                    help="where to train; auto picks cuda when available")
     p.add_argument("--target_epsilon", type=float, default=0.0,
                    help="epsilon per round; overrides the server's setting when set")

@@ -314,3 +314,7 @@ LOOP_READ_WAIT_S: Final = 0.25
 # of hospitals a round; 32 MiB keeps ~5,800 rounds of a 10-hospital federation and the
 # latest 400-600 of a 100-hospital one (the rest are decoded again when asked).
 METRICS_CACHE_BYTES: Final = 32 << 20
+
+# --- where a hospital trains (fl-client --device, python -m fl_demo --device) ---
+# auto: the CUDA GPU when torch sees one, else the CPU (fl_models/training.py).
+TRAINING_DEVICES: Final = ("cpu", "cuda", "auto")

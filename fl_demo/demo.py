@@ -46,10 +46,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from fl_core.constants import TRAINING_DEVICES
 from fl_demo.launcher import Federation, LaunchError, make_pki
 from fl_demo.live import RoundRow, StatusWatcher, finite
 from fl_demo.report import LABELS, plot, print_summary, second_metric, write_json
-from fl_demo.settings import DEVICES, FALLBACK_PROFILE, PROFILES, DemoSettings
+from fl_demo.settings import FALLBACK_PROFILE, PROFILES, DemoSettings
 from fl_demo.table import Table, fmt, short_name
 from fl_server.store import DB_NAME
 
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         " split (the server always scores it on the held-out test set)")
     p.add_argument("--timeout_s", type=float, default=600.0,
                    help="give up if the federation has not finished by then (default 600)")
-    p.add_argument("--device", default="cpu", choices=DEVICES,
+    p.add_argument("--device", default="cpu", choices=TRAINING_DEVICES,
                    help="where the hospitals train, in their daemons and for the local-only"
                         " models (auto: cuda when available; default cpu)")
     p.add_argument("--server_arg", action="append", default=[], metavar="ARG",

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEVICES = ("cpu", "cuda", "auto")
+from fl_core.constants import TRAINING_DEVICES
 
 
 def cuda_available() -> bool:
@@ -136,8 +136,8 @@ class DemoSettings:
             problems.append("--learning_rate must be positive")
         if self.timeout_s <= 0:
             problems.append("--timeout_s must be positive")
-        if self.device not in DEVICES:
-            problems.append(f"--device must be one of {', '.join(DEVICES)}")
+        if self.device not in TRAINING_DEVICES:
+            problems.append(f"--device must be one of {', '.join(TRAINING_DEVICES)}")
         elif self.device == "cuda" and not cuda_available():
             problems.append("--device cuda: no CUDA device is available on this machine"
                             " (use cpu, or auto to take one when there is)")

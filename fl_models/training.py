@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fl_core.constants import TRAINING_DEVICES
+
 
 def training_device(name: str) -> torch.device:
     """The device `--device NAME` means: cpu, cuda, or auto (cuda when there is one).
@@ -21,7 +23,7 @@ def training_device(name: str) -> torch.device:
     of a round the server is waiting for."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
+    if name not in TRAINING_DEVICES:
         raise ValueError(f"device must be cpu, cuda or auto, not {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
