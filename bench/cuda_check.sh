@@ -9,7 +9,9 @@
 #    there, a round leaves no GPU memory behind) and the closed form's own tests;
 # 2. bench.dp_step on the GPU (the DP step against the plain one, item 5 of issue 16),
 #    and bench.train_round (one hospital's round per task, on the CPU and the GPU);
-# 3. whole federations on loopback whose hospitals train on the GPU
+# 3. the simulation on Ray with its workers on the GPU (tests/sim/test_gpu.py), when Ray
+#    is installed;
+# 4. whole federations on loopback whose hospitals train on the GPU
 #    (python -m fl_demo --device cuda): the tabular model with its local-only models,
 #    and the pneumonia CNN; each must finish and report its accuracy.
 # WHEEL_DIR: wheels of the packages that machine's Python lacks (pip install --target).
@@ -46,6 +48,13 @@ step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs \
     tests/client/test_cuda_training.py tests/client/test_linear_dp.py
 step dp_step_cuda 150 python3 -m bench.dp_step --device cuda --reps 20
 step train_round 240 python3 -m bench.train_round --runs 3
+if python3 -c "import ray" 2>/dev/null; then
+    # the simulation's workers sharing the GPU (--gpus_per_hospital), against the CPU
+    step sim_gpu 600 python3 -m pytest -q -p no:cacheprovider -o addopts= -rs \
+        tests/sim/test_gpu.py
+else
+    echo "== sim_gpu: skipped, Ray is not installed (its wheel belongs in WHEEL_DIR)"
+fi
 demo=$(mktemp -d)
 step demo_breast_cancer 150 python3 -m fl_demo --device cuda --model_type breast_cancer \
     --out "$demo/bc" --timeout_s 140

@@ -68,7 +68,7 @@ from fl_core.statelock import StateLock, StateLockError
 from fl_core.tensor_codec import digest_name
 from fl_core.tls import parse_server_url, target
 from fl_core.tls_diagnosis import Cause, TrustFailures, client_tls_files, explain
-from fl_models.training import training_device
+from fl_models.training import device_name, training_device
 from fl_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("fl_client.client")
@@ -177,8 +177,7 @@ class ClientDaemon:
         self.client_id: str = args.client_id
         settings = study_settings(args)
         self.device = training_device(args.device)
-        self.device_name = (f"cuda ({torch.cuda.get_device_name(self.device)})"
-                            if self.device.type == "cuda" else self.device.type)
+        self.device_name = device_name(self.device)
         state_dir = args.state_dir or Path("client_state") / self.client_id
         # One daemon per state folder (two would charge the privacy ledger twice),
         # checked first so a second daemon fails before it reads any data.

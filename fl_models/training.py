@@ -30,6 +30,14 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """How logs and reports name a training device: "cpu", or "cuda (<the GPU's model>)"
+    so an operator sees which card a hospital (or a simulation's worker) trained on."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def release_device_memory(device: torch.device) -> None:
     """Give the GPU memory a round cached back to the driver once its tensors are gone.
 

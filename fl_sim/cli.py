@@ -310,8 +310,10 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
         f" worker(s) x {settings.cpus_per_hospital:g} CPU{gpu_each} for"
         f" {settings.hospitals} hospitals")
     mark = time.monotonic()
-    actors = start_pool(ray, settings, spec, size)
+    actors, devices = start_pool(ray, settings, spec, size)
     phases["pool_start"] = time.monotonic() - mark
+    worker_devices = sorted(set(devices))
+    say(f"workers train on {', '.join(worker_devices)}")
     say(f"job {job_id}: {cfg.rounds} rounds x {config.local_epochs} local epochs,"
         f" {cfg.strategy}, {sim_report.privacy_text(config)}, fraction {cfg.fraction:g},"
         f" quorum {cfg.quorum:g},"
@@ -341,6 +343,7 @@ def _simulate(ray: Any, settings: SimSettings, say: Callable[[str], None], start
             "workers_at_end": len(simulation.actors),
             "cpus_per_hospital": settings.cpus_per_hospital,
             "gpus_per_hospital": settings.gpus_per_hospital,
+            "worker_devices": worker_devices,
             "state_dir": str(out / "state"), "data_dir": str(data_dir),
             "hospital_rounds": sum(len(a.selected) for a in outcome.attempts),
             "phase_seconds": phases,

@@ -185,9 +185,11 @@ def pool_size(settings: SimSettings, resources: dict[str, float], most_tasks: in
     return max(1, min(fits, most_tasks))
 
 
-def start_pool(ray: Any, settings: SimSettings, spec: WorkerSpec, size: int) -> list[Any]:
-    """`size` actors, each reserving one hospital's CPUs and GPUs; returns once all
-    have started (so a worker that cannot import the project fails here, clearly)."""
+def start_pool(ray: Any, settings: SimSettings, spec: WorkerSpec,
+               size: int) -> tuple[list[Any], list[str]]:
+    """`size` actors, each reserving one hospital's CPUs and GPUs, and the device each
+    trains on; returns once all have started (so a worker that cannot import the
+    project, or cannot see the GPU it reserved, fails here, clearly)."""
     from fl_sim.worker import HospitalWorker
 
     remote_cls = ray.remote(HospitalWorker).options(
@@ -195,8 +197,8 @@ def start_pool(ray: Any, settings: SimSettings, spec: WorkerSpec, size: int) -> 
         max_restarts=0)
     actors = [remote_cls.remote(spec) for _ in range(size)]
     try:
-        ray.get([a.ready.remote() for a in actors])
+        devices = [str(d) for d in ray.get([a.ready.remote() for a in actors])]
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise SimError(f"the Ray workers could not start: {first}") from None
-    return actors
+    return actors, devices

@@ -82,15 +82,20 @@ class HospitalWorker:
         import fl_client.client  # noqa: F401
         import fl_client.local_training  # noqa: F401
         from fl_models.registry import get_task
+        from fl_models.training import device_name, training_device
 
         torch.set_num_threads(max(1, spec.torch_threads))
         self.spec = spec
         self.task = get_task(spec.model_type, **spec.task_options)
-        self.device = torch.device(spec.device)
+        # a GPU the worker was promised but cannot see fails the pool's start, clearly,
+        # instead of every hospital's round
+        self.device = training_device(spec.device)
+        self.device_name = device_name(self.device)
 
-    def ready(self) -> bool:
-        """Returns once the worker has started (its imports done)."""
-        return True
+    def ready(self) -> str:
+        """Returns once the worker has started (its imports done): the device it trains
+        on, as logs name it (`fl_models.training.device_name`)."""
+        return self.device_name
 
     def train(self, hospital: str, job_id: str, round_no: int,
               global_state: Mapping[str, torch.Tensor], config_bytes: bytes,

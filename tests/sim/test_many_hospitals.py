@@ -31,6 +31,8 @@ def test_fifty_hospitals_with_dp_and_dropouts(tmp_path: Path) -> None:
     attempts = report["simulation"]["attempts"]
     assert [a["round"] for a in attempts if a["state"] == "completed"] == [1, 2, 3]
     assert report["simulation"]["workers"] == 2  # a bounded pool, not 50 processes
+    assert report["simulation"]["worker_devices"] == ["cpu"]  # no --gpus_per_hospital
+    assert "workers train on cpu" in result.stdout
     delta = report["settings"]["delta"]
 
     trained: dict[str, list[int]] = {f"hospital_{i}": [] for i in range(1, HOSPITALS + 1)}
