@@ -13,25 +13,16 @@ suits their buffers (fl_core/constants.py says which and why).
 A fixed mmap threshold also freezes glibc's trim threshold at its initial 128 KiB: a
 freed buffer above that size at the top of a thread's heap is handed back at once, and
 the next one faults its pages in again and has them zeroed. The server raises it
-(`fix_trim_threshold`) and gives its heaps back between rounds instead.
-
-glibc also gives each thread that meets a locked heap a heap (arena) of its own, up to
-8 per core. A long-running server's threads (gRPC's pollers, the executor's workers,
-the event loop) each then keep their own free space, and what one thread frees another
-cannot reuse: over 12,000 small rounds the server's heaps grew ~5 KB a round while what
-they held in use levelled off (BENCHMARKS.md). The server caps its arenas
-(`limit_arenas`) before its threads start."""
+(`fix_trim_threshold`) and gives its heaps back between rounds instead."""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 from typing import Any
 
 _M_TRIM_THRESHOLD = -1  # mallopt()'s parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 _madvise: Any = None  # libc's madvise once looked up; False where there is none
 
@@ -63,23 +54,6 @@ def fix_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     True where both took effect (False without glibc)."""
     fixed = fix_mmap_threshold(mmap_bytes)
     return fix_trim_threshold(trim_bytes) and fixed
-
-
-def limit_arenas(arenas: int) -> bool:
-    """At most ``arenas`` malloc heaps for the whole process; threads share them once
-    there are that many. Takes effect for threads that have not yet allocated, so call
-    it before starting any. True where it took effect (False without glibc)."""
-    if arenas < 1:
-        raise ValueError(f"arenas must be >= 1, got {arenas}")
-    return _mallopt(_M_ARENA_MAX, arenas)
-
-
-def arenas_set_by_environment() -> bool:
-    """True where the operator chose the arena count for glibc already
-    (MALLOC_ARENA_MAX, or glibc.malloc.arena_max in GLIBC_TUNABLES): their choice
-    stands over the daemon's own."""
-    return "MALLOC_ARENA_MAX" in os.environ or \
-        "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def release_free_heap() -> bool:

@@ -237,11 +237,6 @@ SERVER_TRIM_THRESHOLD_BYTES: Final = 8 << 20
 CLIENT_MMAP_THRESHOLD_BYTES: Final = 4 << 20
 CLIENT_TRIM_THRESHOLD_BYTES: Final = 64 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
-# malloc heaps (glibc arenas) the server's threads share (fl_core/allocator.py
-# limit_arenas). glibc's default, 8 per core, let each of the server's threads keep
-# its own free space: +5.0 KB a round over 12,000 small rounds, against +0.7 KB with
-# two (BENCHMARKS.md, "The small-model server's memory over a long job").
-SERVER_MALLOC_ARENAS: Final = 2
 # Elements of a new model's difference from the old taken at a time when the round
 # measures the step it made (fl_server/rounds.py step_and_size): 1 MiB of float32,
 # reused, instead of a fresh mapping per tensor faulted in and handed back.

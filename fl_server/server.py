@@ -25,7 +25,6 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fl_core.allocator import arenas_set_by_environment, limit_arenas
 from fl_core.constants import (
     CONCURRENT_RPCS_PER_WORKER,
     DEFAULT_EPSILON_PER_HOSPITAL,
@@ -34,7 +33,6 @@ from fl_core.constants import (
     MAX_TASK_STREAMS,
     METRICS_HOST,
     REVOCATION_POLL_S,
-    SERVER_MALLOC_ARENAS,
     SERVER_METRICS_PORT,
 )
 from fl_core.gc_policy import settle_after_startup
@@ -482,9 +480,6 @@ def _write_ready(path: Path, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # before any of the daemon's threads allocates: each would otherwise take a heap
-    if not arenas_set_by_environment():
-        limit_arenas(SERVER_MALLOC_ARENAS)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -24,29 +24,6 @@ def rss(field: str = "RssFile") -> int:
     raise AssertionError(f"no {field} in /proc/self/status")
 
 
-# A glibc thread heap (an arena other than the main one) is reserved as one anonymous
-# region of HEAP_MAX_SIZE, aligned to its size (64 MiB on 64-bit Linux by default).
-_THREAD_HEAP_BYTES = 64 * MiB
-
-
-def thread_heaps(pid: int) -> int:
-    """glibc arenas beyond the main one in process `pid`, read from its /proc maps:
-    anonymous regions that start on a 64 MiB boundary and fill exactly 64 MiB."""
-    regions: list[tuple[int, int]] = []
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 6:  # no path: anonymous
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            regions.append((start, end))
-    heaps = 0
-    for start, _ in regions:
-        if start % _THREAD_HEAP_BYTES:
-            continue
-        inside = sum(e - s for s, e in regions if s >= start and e <= start + _THREAD_HEAP_BYTES)
-        heaps += inside == _THREAD_HEAP_BYTES
-    return heaps
-
-
 def libc_heap() -> Any:
     """glibc with malloc and free typed, to take and free buffers as C code does."""
     libc = ctypes.CDLL(None)

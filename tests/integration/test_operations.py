@@ -11,9 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fl_core.constants import SERVER_MALLOC_ARENAS
 from fl_demo.launcher import REPO_ROOT, Federation
-from tests.memory_probe import thread_heaps
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +29,6 @@ def test_health_reflection_and_status(federation: Federation) -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         names = {s.name for a in answers for s in a.list_services_response.service}
         assert {"fl.v1.Coordinator", "fl.v1.Aggregator", "grpc.health.v1.Health"} <= names
-    # the daemon's threads (gRPC's, the executor's, the round engine's) have all
-    # allocated by now, and share the capped malloc heaps (fl_core/allocator.py)
-    if sys.platform == "linux":
-        assert fed.server is not None
-        assert thread_heaps(fed.server.pid) <= SERVER_MALLOC_ARENAS - 1
     status = fed.status()
     assert status.model_type == "breast_cancer"
     assert status.job_state == "running" and status.total_rounds == 1
