@@ -93,6 +93,7 @@ def test_worker_trains_records_and_drops_like_a_client(tmp_path: Path) -> None:
                       epsilon_budget=1e6, delta=task.hyperparams.delta, allow_no_dp=False,
                       device="cpu", torch_threads=1)
     worker = HospitalWorker(spec)
+    assert worker.ready() == "cpu"  # what the pool reports as the workers' device
     state = initial_state(task, 0)
     ok = worker.train("hospital_1", "job", 1, state, config, False)
     assert ok.status == OK and ok.num_examples > 0, ok.reason
@@ -111,3 +112,14 @@ def test_worker_trains_records_and_drops_like_a_client(tmp_path: Path) -> None:
     assert refused.status == REFUSED and "privacy budget exceeded" in refused.reason
     ledger = PrivacyLedger(tmp_path / "state", "hospital_1", spent * 1.0001, spec.delta)
     assert [e.round for e in ledger.entries()] == [1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU")
+def test_a_worker_promised_a_gpu_it_cannot_see_refuses_to_start(tmp_path: Path) -> None:
+    """A Ray cluster that advertises a GPU its worker cannot use (a wrong driver, a
+    hidden device) stops the pool's start with the reason, not every round."""
+    spec = WorkerSpec("breast_cancer", {}, tmp_path / "data", tmp_path / "state", 2,
+                      epsilon_budget=1.0, delta=1e-5, allow_no_dp=False, device="cuda",
+                      torch_threads=1)
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        HospitalWorker(spec)
