@@ -13,6 +13,7 @@ with the same reason.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,7 +90,11 @@ class HospitalWorker:
         self.task = get_task(spec.model_type, **spec.task_options)
         # a GPU the worker was promised but cannot see fails the pool's start, clearly,
         # instead of every hospital's round
-        self.device = training_device(spec.device)
+        try:
+            self.device = training_device(spec.device)
+        except ValueError:
+            raise ValueError(f"--gpus_per_hospital gave this worker a GPU, but torch sees no"
+                             f" CUDA device on {socket.gethostname()}") from None
         self.device_name = device_name(self.device)
 
     def ready(self) -> str:

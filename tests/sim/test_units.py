@@ -121,5 +121,6 @@ def test_a_worker_promised_a_gpu_it_cannot_see_refuses_to_start(tmp_path: Path) 
     spec = WorkerSpec("breast_cancer", {}, tmp_path / "data", tmp_path / "state", 2,
                       epsilon_budget=1.0, delta=1e-5, allow_no_dp=False, device="cuda",
                       torch_threads=1)
-    with pytest.raises(ValueError, match="no CUDA device is available"):
+    with pytest.raises(ValueError, match="--gpus_per_hospital gave this worker a GPU, but"
+                                         " torch sees no CUDA device on"):
         HospitalWorker(spec)
