@@ -197,7 +197,7 @@ def start_pool(ray: Any, settings: SimSettings, spec: WorkerSpec,
         max_restarts=0)
     actors = [remote_cls.remote(spec) for _ in range(size)]
     try:
-        devices = [str(d) for d in ray.get([a.ready.remote() for a in actors])]
+        devices: list[str] = ray.get([a.ready.remote() for a in actors])
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise SimError(f"the Ray workers could not start: {first}") from None

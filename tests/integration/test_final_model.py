@@ -18,10 +18,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_client.model_store import CARD_FILE, MODEL_FILE, load_model, model_sha256
 from fl_demo.launcher import Federation
-from tests.hostile.kit import checkpoint_state, read_jobs, read_rounds, wait_for
+from fl_proto import coordinator_pb2 as cpb
+from tests.hostile.kit import (
+    HostileClient,
+    checkpoint_state,
+    read_jobs,
+    read_rounds,
+    site_identity,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -121,25 +130,18 @@ def test_sigint_during_local_training_exits_fast_and_charges_once(
     assert reasons.get("hospital_1") == "stopped by the operator", status
 
 
-def test_a_late_fetch_gets_the_final_model_while_the_next_job_runs(tmp_path: Path) -> None:
+def test_a_late_fetch_gets_the_final_model_while_the_next_job_runs(
+        federation: Federation, tmp_path: Path) -> None:
     """A queued job starts as soon as the one before completes, and its engine serves
     its own model from then on. A hospital that fetches the completed job's final model
     only after that (it was busy, or its STOP came late) still gets that job's model:
     it was refused FAILED_PRECONDITION ("needs the model of job ... round ...") and the
     hospital was left without it."""
-    import torch
-
-    from fl_demo.launcher import make_pki
-    from fl_proto import coordinator_pb2 as cpb
-    from tests.hostile.kit import HostileClient, site_identity
-
-    make_pki(tmp_path, ["hospital_1"])
-    fed = Federation(tmp_path, [], "breast_cancer")
-    client: HostileClient | None = None
+    fed = federation
+    port = fed.start_server(["--no_job", "--round_deadline_s", "60",
+                             "--wait_for_clients_s", "60"])
+    client = HostileClient(port, site_identity(fed.workdir, "hospital_1"), "hospital_1")
     try:
-        port = fed.start_server(["--no_job", "--round_deadline_s", "60",
-                                 "--wait_for_clients_s", "60"])
-        client = HostileClient(port, site_identity(tmp_path, "hospital_1"), "hospital_1")
         client.open_tasks()
         for name in ("job-a", "job-b"):  # the second waits in the queue
             path = tmp_path / f"{name}.toml"
@@ -147,7 +149,7 @@ def test_a_late_fetch_gets_the_final_model_while_the_next_job_runs(tmp_path: Pat
                             "min_clients = 1\nfed_eval = false\n")
             run = subprocess.run(
                 [sys.executable, "-m", "fl_server.admin", "submit", str(path),
-                 "--server_url", f"127.0.0.1:{port}", "--keys_dir", str(tmp_path / "keys")],
+                 "--server_url", f"127.0.0.1:{port}", "--keys_dir", str(fed.workdir / "keys")],
                 cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
             assert run.returncode == 0, run.stderr
         task = client.next_task(cpb.TRAIN, timeout=60)
@@ -157,10 +159,8 @@ def test_a_late_fetch_gets_the_final_model_while_the_next_job_runs(tmp_path: Pat
         assert stop.job_id == "job-a" and stop.HasField("model_manifest")
         assert client.next_task(cpb.TRAIN, timeout=60).job_id == "job-b"  # b's engine runs
         final = client.fetch_model(stop, stop.model_manifest)
-        expected = checkpoint_state(tmp_path / "server_state", "job-a", stop.round)
+        expected = checkpoint_state(fed.workdir / "server_state", "job-a", stop.round)
         assert list(final) == list(expected)
         assert all(torch.equal(final[k], expected[k]) for k in expected)
     finally:
-        if client is not None:
-            client.close()
-        fed.stop_all()
+        client.close()
