@@ -52,6 +52,7 @@ from fl_core.constants import (
     PARALLEL_HASH_MIN_BYTES,
     SPOOL_SCRATCH_CHUNKS,
 )
+from fl_core.file_writes import pwrite_all
 from fl_core.receive_buffers import RECEIVE_BUFFERS
 from fl_proto import tensors_pb2
 
@@ -821,9 +822,7 @@ class StreamAssembler:
             self._view[start : start + len(view)] = view
             return
         assert self._fd is not None
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], start + done)
+        pwrite_all(self._fd, view, start)
 
     def _store_and_hash(self, view: memoryview, start: int) -> None:
         self._store(view, start)

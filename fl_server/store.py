@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from fl_core.constants import METRICS_CACHE_BYTES
+from fl_server.checkpoint_file import write_tensors_file
 
 SCHEMA_VERSION = 2  # 2: jobs.job_sha256 (issue 15); version 1 databases are migrated
 DB_NAME = "server.db"
@@ -261,7 +261,7 @@ def _write_temp_checkpoint(final: Path, job_id: str, round: int,
     fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp_name, metadata=metadata)
+        write_tensors_file(tensors, tmp_name, metadata=metadata)
         fd = os.open(tmp_name, os.O_RDONLY)
         try:
             os.fsync(fd)

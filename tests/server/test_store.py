@@ -374,13 +374,13 @@ def test_failed_checkpoint_write_leaves_previous_intact(
 ) -> None:
     new_job(store)
     store.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
-    real_save = store_mod.save_file
+    real_save = store_mod.write_tensors_file
 
     def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
         real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
         raise OSError(code, os.strerror(code), filename)
 
-    monkeypatch.setattr(store_mod, "save_file", failing_save)
+    monkeypatch.setattr(store_mod, "write_tensors_file", failing_save)
     with pytest.raises(StoreError, match=rf"round_000002.*{hint}.*not recorded"):
         store.complete_round("job1", 2, SUMMARY, model_state(2), {})
     monkeypatch.undo()
@@ -525,13 +525,13 @@ def test_a_checkpoint_written_ahead_that_fails_is_not_recorded(
 ) -> None:
     new_job(store)
     store.complete_round("job1", 1, SUMMARY, model_state(1), {})
-    real_save = store_mod.save_file
+    real_save = store_mod.write_tensors_file
 
     def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
         real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(store_mod, "save_file", failing_save)
+    monkeypatch.setattr(store_mod, "write_tensors_file", failing_save)
     pending = store.write_ahead("job1", 2, model_state(2), {})
     with pytest.raises(StoreError, match=r"round_000002.*\(disk full\).*not recorded"):
         store.complete_round("job1", 2, SUMMARY, pending.model_state, {}, pending=pending)
