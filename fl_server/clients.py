@@ -87,16 +87,31 @@ class ClientRegistry:
         self._clients: dict[str, ClientEntry] = {}
         self._closed = False
         self._model_type = ""  # the running job's: selection counts only its hospitals
+        # (connected, connected and serving the model type), both sorted; None once a
+        # stream opens or closes, a Join changes studies or the job's model type moves.
+        # Every round's selection read them off all entries: 3.5 ms a round at 5,000
+        # connected hospitals, on the round's critical path (issue 16 item 4).
+        self._views: tuple[list[str], list[str]] | None = None
 
     def set_model_type(self, model_type: str) -> None:
         """The job now running trains `model_type`: only hospitals serving it are
         waited for and selected, and their example count is that study's."""
         with self._lock:
             self._model_type = model_type
+            self._views = None
             self._lock.notify_all()
 
     def _serves(self, entry: ClientEntry) -> bool:
         return not self._model_type or not entry.studies or self._model_type in entry.studies
+
+    def _connected_views(self) -> tuple[list[str], list[str]]:
+        """(connected, connected and serving the job's model type), sorted; computed
+        once per change (call with the lock held; callers copy before handing out)."""
+        if self._views is None:
+            connected = sorted(c.client_id for c in self._clients.values() if c.streams_open > 0)
+            clients = self._clients
+            self._views = (connected, [cid for cid in connected if self._serves(clients[cid])])
+        return self._views
 
     def _entry(self, client_id: str) -> ClientEntry:
         """The client's entry, created if new (call with the lock held)."""
@@ -154,6 +169,7 @@ class ClientRegistry:
                 entry.epsilon_budget = epsilon_budget
             entry.num_examples = num_examples
             entry.studies = dict(studies or {})
+            self._views = None
             entry.digest = digest
             entry.last_seen = time.time()
             entry.sessions[session.session_id] = session
@@ -220,6 +236,7 @@ class ClientRegistry:
             entry = self._entry(client_id)
             entry.stream_generation += 1
             entry.streams_open += 1
+            self._views = None
             entry.stream_peer = peer
             entry.stream_since = time.time()
             generation = entry.stream_generation
@@ -266,6 +283,7 @@ class ClientRegistry:
         finally:
             with self._lock:
                 entry.streams_open -= 1
+                self._views = None
                 entry.last_seen = time.time()
                 self._lock.notify_all()
 
@@ -279,15 +297,14 @@ class ClientRegistry:
     # views ----------------------------------------------------------------------
     def connected(self) -> list[str]:
         with self._lock:
-            return sorted(c.client_id for c in self._clients.values() if c.streams_open > 0)
+            return list(self._connected_views()[0])
 
     def wait_for_connected(self, minimum: int, timeout_s: float,
                            stop: threading.Event) -> list[str]:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                ready = sorted(c.client_id for c in self._clients.values()
-                               if c.streams_open > 0 and self._serves(c))
+                ready = list(self._connected_views()[1])
                 remaining = deadline - time.monotonic()
                 if len(ready) >= minimum or remaining <= 0 or stop.is_set():
                     return ready

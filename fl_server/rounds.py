@@ -487,7 +487,8 @@ class RoundEngine:
         self._set_phase("select")
         available = self.registry.wait_for_connected(
             self.cfg.min_clients, self.cfg.wait_for_clients_s, self.stop_event)
-        available = [c for c in available if c not in self.excluded]
+        if self.excluded:
+            available = [c for c in available if c not in self.excluded]
         if self.stop_event.is_set():
             return None
         if len(available) < self.cfg.min_clients:
