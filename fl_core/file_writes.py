@@ -10,6 +10,7 @@ through here."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 from fl_core.constants import FILE_WRITE_PIECE_BYTES
@@ -17,9 +18,13 @@ from fl_core.constants import FILE_WRITE_PIECE_BYTES
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> int:
     """Writes all of `data` at `offset` in pieces, through short writes; returns the
-    offset after it."""
+    offset after it. A write that moves nothing is an error, not a retry."""
     piece = FILE_WRITE_PIECE_BYTES
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:done + piece], offset + done)
+        written = os.pwrite(fd, data[done:done + piece], offset + done)
+        if written <= 0:
+            raise OSError(errno.EIO, f"a write of {min(piece, len(data) - done)} bytes at "
+                                     f"offset {offset + done} wrote nothing")
+        done += written
     return offset + done

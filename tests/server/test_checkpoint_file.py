@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -106,3 +107,11 @@ def test_an_io_error_propagates_with_its_errno(tmp_path: Path,
     with pytest.raises(OSError) as caught:
         write_tensors_file({"w": torch.ones(3)}, str(tmp_path / "x.safetensors"))
     assert caught.value.errno == 28
+
+
+def test_a_write_that_moves_nothing_is_an_error_not_a_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    with pytest.raises(OSError, match="wrote nothing") as caught:
+        write_tensors_file({"w": torch.ones(3)}, str(tmp_path / "x.safetensors"))
+    assert caught.value.errno == errno.EIO
