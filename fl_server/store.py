@@ -567,10 +567,16 @@ class Store:
         return _job(rows[0]) if rows else None
 
     def jobs(self, states: tuple[str, ...] | None = None) -> list[Job]:
-        """Every job (or those in `states`), oldest first: the queue's order."""
-        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created, rowid")
-        found = [_job(r) for r in rows]
-        return found if states is None else [j for j in found if j.state in states]
+        """Every job (or those in `states`), oldest first: the queue's order. The states
+        are filtered by SQLite: every Join asks for the queue, and parsing every finished
+        job of a long-lived server cost 1.7 ms a Join at 300 jobs, under the store's lock."""
+        if states is None:
+            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created, rowid")
+        else:
+            marks = ", ".join("?" * len(states))
+            rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) "
+                               "ORDER BY created, rowid", tuple(states))
+        return [_job(r) for r in rows]
 
     def running_job(self) -> Job | None:
         """The job a (re)started server resumes: the newest one left running."""

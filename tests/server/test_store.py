@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import fl_server.store as store_mod
+from fl_server.checkpoint_file import write_tensors_file
 from fl_server.store import (
     CheckpointError,
     DecodedMetrics,
@@ -229,6 +230,22 @@ def test_jobs(store: Store) -> None:
     assert store.last_completed_round("a") == 0
 
 
+def test_jobs_by_state_keep_the_queue_order(store: Store) -> None:
+    states = {"j1": "completed", "j2": "queued", "j3": "running", "j4": "queued",
+              "j5": "failed", "j6": "queued"}
+    for job_id in ("j1", "j2", "j3", "j4", "j5", "j6"):
+        new_job(store, job_id)
+    for job_id, state in states.items():
+        store.set_job_state(job_id, state)
+    assert [j.job_id for j in store.jobs()] == ["j1", "j2", "j3", "j4", "j5", "j6"]
+    assert [j.job_id for j in store.jobs(("queued",))] == ["j2", "j4", "j6"]
+    assert [(j.job_id, j.state) for j in store.jobs(("failed", "running"))] == [
+        ("j3", "running"), ("j5", "failed")]
+    assert store.jobs(()) == [] and store.jobs(("cancelled",)) == []
+    queued = store.jobs(("queued",))[0]
+    assert queued.config == {"eta": 0.01, "rounds": 3} and queued.model_type == "pneumonia"
+
+
 # ------------------------------------------------------------------------ corruption
 def test_corrupt_checkpoint_is_an_error_naming_the_file(store: Store) -> None:
     new_job(store)
@@ -374,7 +391,7 @@ def test_failed_checkpoint_write_leaves_previous_intact(
 ) -> None:
     new_job(store)
     store.complete_round("job1", 1, SUMMARY, model_state(1), strategy_state(1))
-    real_save = store_mod.write_tensors_file
+    real_save = write_tensors_file
 
     def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
         real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
@@ -525,7 +542,7 @@ def test_a_checkpoint_written_ahead_that_fails_is_not_recorded(
 ) -> None:
     new_job(store)
     store.complete_round("job1", 1, SUMMARY, model_state(1), {})
-    real_save = store_mod.write_tensors_file
+    real_save = write_tensors_file
 
     def failing_save(tensors: dict[str, torch.Tensor], filename: str, metadata: Any) -> None:
         real_save(tensors, filename, metadata=metadata)  # a partial file exists, then:
