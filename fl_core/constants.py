@@ -237,11 +237,8 @@ SERVER_TRIM_THRESHOLD_BYTES: Final = 8 << 20
 CLIENT_MMAP_THRESHOLD_BYTES: Final = 4 << 20
 CLIENT_TRIM_THRESHOLD_BYTES: Final = 64 << 20
 SIM_MMAP_THRESHOLD_BYTES: Final = 128 << 10
-# Files (the server's checkpoints, the spool files) are written in writes of at most
-# this size (fl_core/file_writes.py): a write of 2 MiB and more gets page-cache folios
-# that large, whose first touch faults on a virtual machine's host when its balloon has
-# reported those blocks free (a 100 MB checkpoint: 250-440 ms of CPU one round in two,
-# 30-50 ms in 1 MiB writes).
+# The largest single write to a file (checkpoints, spool files): longer writes cost a
+# ballooned VM host faults (fl_core/file_writes.py says why and how much).
 FILE_WRITE_PIECE_BYTES: Final = 1 << 20
 # Elements of a new model's difference from the old taken at a time when the round
 # measures the step it made (fl_server/rounds.py step_and_size): 1 MiB of float32,
